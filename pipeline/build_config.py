@@ -1,0 +1,98 @@
+"""Every setting of `python -m pipeline.build_laion_face`, with its documented default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import ConfigError, option
+
+DETECTORS = ("retinaface", "insightface", "none")
+LAION_COLUMNS = {
+    "sample_id": "SAMPLE_ID",
+    "url": "URL",
+    "caption": "TEXT",
+    "width": "WIDTH",
+    "height": "HEIGHT",
+    "license": "LICENSE",
+    "nsfw": "NSFW",
+    "similarity": "similarity",
+}
+
+
+@dataclass
+class BuildConfig:
+    # --- where ---
+    input: list[str] = option([], "LAION metadata parquet: a path, glob or fsspec URL (s3://, gs://); repeatable. "
+                                  "None: build the embedded demo")
+    output: str = option("out/demo", "output directory or fsspec URL")
+    address: str | None = option(None, "join an existing Ray cluster ('auto' or HOST:PORT); default: start a local one")
+
+    # --- source: column names (LAION-400M's by default) and metadata filters ---
+    sample_id_col: str = option(LAION_COLUMNS["sample_id"], "column holding the sample id ('' if absent)")
+    url_col: str = option(LAION_COLUMNS["url"], "column holding the image URL")
+    caption_col: str = option(LAION_COLUMNS["caption"], "column holding the caption")
+    width_col: str = option(LAION_COLUMNS["width"], "column holding the advertised width ('' if absent)")
+    height_col: str = option(LAION_COLUMNS["height"], "column holding the advertised height ('' if absent)")
+    license_col: str = option(LAION_COLUMNS["license"], "column holding the license ('' if absent)")
+    nsfw_col: str = option(LAION_COLUMNS["nsfw"], "column holding LAION's NSFW tag ('' if absent)")
+    similarity_col: str = option(LAION_COLUMNS["similarity"], "column holding the CLIP similarity ('' if absent)")
+    drop_nsfw: list[str] = option([], "NSFW tags to drop, e.g. NSFW and UNSURE; repeatable (LAION-Face kept all)")
+    min_similarity: float | None = option(None, "drop rows whose CLIP similarity is below this")
+    min_image_side: int | None = option(None, "drop rows whose advertised WIDTH or HEIGHT is below this")
+    min_caption_length: int | None = option(None, "drop rows whose caption has fewer characters")
+    sample_ids: str | None = option(None, "allow-list of SAMPLE_IDs (text file, one per line, or parquet with a "
+                                          "SAMPLE_ID column): only these rows are fetched, e.g. LAION-Face's ID lists")
+    shard_size: int = option(10000, "input rows per work unit, so at most this many samples per shard")
+
+    # --- fetch ---
+    threads_per_task: int = option(32, "concurrent downloads inside one fetch task")
+    connect_timeout: float = option(5.0, "seconds to open a connection")
+    read_timeout: float = option(10.0, "seconds of silence allowed while reading")
+    url_deadline: float = option(30.0, "total seconds per URL, retries and redirects included")
+    max_bytes: int = option(20_000_000, "largest response body accepted, enforced while streaming")
+    retries: int = option(2, "extra attempts after a timeout, 429, 5xx or connection error")
+    retry_backoff: float = option(1.0, "seconds before the first retry; doubles each time")
+    max_redirects: int = option(5, "redirect hops followed per URL")
+    respect_optout: bool = option(True, "honour X-Robots-Tag noai/noimageai/noindex/noimageindex")
+    allow_host: list[str] = option([], "HOST:PORT exempt from the private-address guard; repeatable",
+                                   flag="--allow-host")
+    user_agent: str = option("laion-face-builder/0.1 (research dataset; honours X-Robots-Tag: noai)",
+                             "User-Agent header sent with every request")
+
+    # --- decode ---
+    max_image_pixels: int = option(40_000_000, "images with more pixels (read from the header) are refused undecoded")
+    image_max_side: int = option(512, "re-encode images whose longer side exceeds this (0: keep every size)")
+    jpeg_quality: int = option(95, "JPEG quality when re-encoding")
+
+    # --- detect and filter ---
+    detector: str = option("retinaface", "face detector", choices=DETECTORS)
+    insightface_model: str = option("~/.insightface/models/buffalo_l/det_10g.onnx",
+                                    "insightface detector ONNX file (insightface backend only)")
+    detect_size: int = option(640, "images are letterboxed to this square for detection")
+    detect_batch_size: int = option(16, "images per detector call")
+    detect_actors: int = option(1, "detector actors (one per GPU on a GPU cluster)")
+    detect_gpus: float | None = option(None, "GPUs per detector actor; default: 1 if the cluster has GPUs, else 0")
+    min_face_score: float = option(0.9, "a face counts when its detector score is at least this")
+    min_face_size: int = option(32, "... and the shorter side of its box, in original pixels, is at least this")
+
+    # --- run ---
+    retry_failed: bool = option(False, "re-attempt only rows whose status is a transient failure, add what succeeds")
+    progress: bool = option(True, "show progress bars")
+
+    def validate(self) -> None:
+        if self.shard_size < 1:
+            raise ConfigError("shard_size must be at least 1")
+        if self.detect_batch_size < 1 or self.detect_actors < 1 or self.threads_per_task < 1:
+            raise ConfigError("detect_batch_size, detect_actors and threads_per_task must be at least 1")
+        if not self.url_col or not self.caption_col:
+            raise ConfigError("url_col and caption_col must name columns")
+        for host in self.allow_host:
+            if host.rpartition(":")[2].isdigit() is False:
+                raise ConfigError(f"--allow-host wants HOST:PORT, got '{host}'")
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"detector must be one of {', '.join(DETECTORS)}, got '{self.detector}'")
+
+    def source_columns(self) -> dict[str, str]:
+        """Our column name -> the input's column name, for the columns this input has."""
+        mapping = {name: getattr(self, f"{name}_col") for name in LAION_COLUMNS}
+        return {ours: theirs for ours, theirs in mapping.items() if theirs}

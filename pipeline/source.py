@@ -1,0 +1,174 @@
+"""Stage 1, source: LAION metadata parquet -> work units -> Samples with metadata filters applied.
+
+Input files are numbered once per output directory (`OUT/inputs.json`) so that keys, which
+are (file number, row), stay the same across reruns even when files are added later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.build_config import BuildConfig
+from pipeline.config import ConfigError
+from pipeline.schema import Sample, make_key
+from pipeline.storage import Output
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows [start, stop) of one input file; becomes shard `unit`."""
+
+    unit: int
+    file_index: int
+    path: str
+    start: int
+    stop: int
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Paths, globs and fsspec URLs -> sorted list of parquet files, each with its protocol."""
+    files: list[str] = []
+    for pattern in patterns:
+        fs, _ = fsspec.core.url_to_fs(pattern)
+        matches = sorted(fs.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        matches = [m for m in matches if fs.exists(m)]
+        if not matches:
+            raise ConfigError(f"input not found: {pattern}")
+        protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+        files += [m if m.startswith(protocol) else protocol + m for m in matches]
+    return list(dict.fromkeys(files))
+
+
+def _open_parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(fsspec.open(path, "rb").open())
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(f"cannot read parquet file {path}: {err}") from None
+
+
+def check_inputs(paths: list[str], config: BuildConfig) -> dict[str, int]:
+    """Row count of every input, after checking it is readable parquet with the configured columns."""
+    rows = {}
+    for path in paths:
+        parquet = _open_parquet(path)
+        names = parquet.schema_arrow.names
+        for ours, theirs in config.source_columns().items():
+            if theirs not in names:
+                raise ConfigError(f"{path}: missing column '{theirs}' (has: {', '.join(names)}; "
+                                  f"remap with --{ours.replace('_', '-')}-col)")
+        rows[path] = parquet.metadata.num_rows
+    return rows
+
+
+def register_inputs(output: Output, rows: dict[str, int]) -> list[dict]:
+    """Number the input files for this output, stable across reruns; returns their entries."""
+    known = output.read_json("inputs.json") or []
+    by_path = {entry["path"]: entry for entry in known}
+    for path, count in rows.items():
+        if path in by_path and by_path[path]["rows"] != count:
+            raise ConfigError(f"{path} has {count} rows but had {by_path[path]['rows']} when first built into "
+                              f"{output.url}; use a new output directory")
+        if path not in by_path:
+            by_path[path] = {"path": path, "index": len(known), "rows": count}
+            known.append(by_path[path])
+    output.write_json("inputs.json", known)
+    return [by_path[p] for p in rows]
+
+
+def plan_units(inputs: list[dict], shard_size: int) -> list[Unit]:
+    """Fixed-size slices of every input; a file's units are numbered after earlier files'.
+
+    Unit numbers must not move when files are added later, so each file owns a block of
+    numbers sized by its row count (file i starts after every file with a smaller index).
+    """
+    ordered = sorted(inputs, key=lambda e: e["index"])
+    units, first = [], 0
+    for entry in ordered:
+        for start in range(0, entry["rows"], shard_size):
+            units.append(Unit(first + start // shard_size, entry["index"], entry["path"], start,
+                              min(start + shard_size, entry["rows"])))
+        first += -(-entry["rows"] // shard_size)
+    return units
+
+
+def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
+    parquet = _open_parquet(path)
+    groups, offset, first_offset = [], 0, None
+    for i in range(parquet.num_row_groups):
+        n = parquet.metadata.row_group(i).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(i)
+            first_offset = offset if first_offset is None else first_offset
+        offset += n
+    table = parquet.read_row_groups(groups, columns=columns)
+    return table.slice(start - (first_offset or 0), stop - start)
+
+
+def load_allowlist(path: str) -> np.ndarray:
+    """Sorted int64 SAMPLE_IDs from a text file (one per line) or a parquet file."""
+    try:
+        if path.endswith(".parquet"):
+            table = pq.read_table(fsspec.open(path, "rb").open())
+            column = "SAMPLE_ID" if "SAMPLE_ID" in table.column_names else table.column_names[0]
+            ids = table[column].to_numpy()
+        else:
+            with fsspec.open(path, "rt") as f:
+                ids = np.array([int(line) for line in f if line.strip()], dtype=np.int64)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise ConfigError(f"cannot read SAMPLE_ID allow-list {path}: {err}") from None
+    return np.unique(ids.astype(np.int64))
+
+
+def _metadata_reject(row: dict, config: BuildConfig) -> str | None:
+    """Why the metadata filters drop this row, or None."""
+    if row.get("nsfw") in config.drop_nsfw:
+        return f"NSFW tag {row['nsfw']}"
+    if config.min_similarity is not None and (row.get("similarity") or 0.0) < config.min_similarity:
+        return f"similarity {row.get('similarity')} < {config.min_similarity}"
+    if config.min_image_side is not None:
+        side = min(row.get("width") or 0, row.get("height") or 0)
+        if side < config.min_image_side:
+            return f"advertised size {row.get('width')}x{row.get('height')} < {config.min_image_side}"
+    if config.min_caption_length is not None and len(row.get("caption") or "") < config.min_caption_length:
+        return f"caption shorter than {config.min_caption_length} characters"
+    return None
+
+
+def read_unit(unit: Unit, config: BuildConfig, allowlist: np.ndarray | None,
+              url_duplicates: dict[str, str], only_rows: set[int] | None = None) -> list[Sample]:
+    """The unit's rows as Samples; rows decided here (filters, bad URLs) get their final status."""
+    columns = config.source_columns()
+    table = read_rows(unit.path, unit.start, unit.stop, list(columns.values()))
+    table = table.rename_columns(list(columns))
+    in_allowlist = None
+    if allowlist is not None and "sample_id" in columns:
+        ids = pc.fill_null(table["sample_id"], -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        in_allowlist = np.isin(ids, allowlist)
+    samples = []
+    for i, row in enumerate(table.to_pylist()):
+        input_row = unit.start + i
+        if only_rows is not None and input_row not in only_rows:
+            continue
+        key = make_key(unit.file_index, input_row)
+        sample = Sample(key=key, unit=unit.unit, input_file=unit.path, input_row=input_row,
+                        url=row.get("url"), caption=row.get("caption"), sample_id=row.get("sample_id"),
+                        license=row.get("license"), nsfw=row.get("nsfw"), similarity=row.get("similarity"))
+        if in_allowlist is not None and not in_allowlist[i]:
+            sample.fail("not_in_allowlist", "SAMPLE_ID not in the allow-list")
+        elif reason := _metadata_reject(row, config):
+            sample.fail("filtered_metadata", reason)
+        elif not sample.url or urlsplit(sample.url).scheme not in ("http", "https"):
+            sample.fail("invalid_url", f"not an http(s) URL: {str(sample.url)[:200]!r}")
+        elif key in url_duplicates:
+            sample.fail("duplicate_url", f"same URL as {url_duplicates[key]}")
+            sample.duplicate_of = url_duplicates[key]
+        samples.append(sample)
+    return samples

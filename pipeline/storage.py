@@ -1,0 +1,93 @@
+"""The output directory, local or fsspec (s3://, gs://): paths, atomic writes, listings.
+
+Every file appears atomically: it is written under a temporary name in the same folder and
+renamed into place, so a reader never sees half a shard and a killed run leaves only
+`*.tmp-*` files, which the next run deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_MARK = ".tmp-"
+
+
+class Output:
+    """OUT/{shards,metadata,status}/ plus the small JSON files at its top."""
+
+    def __init__(self, root: str):
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.url = root
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def shard_path(self, shard: str) -> str:
+        return self.path("shards", f"{shard}.tar")
+
+    def metadata_path(self, shard: str) -> str:
+        return self.path("metadata", f"{shard}.parquet")
+
+    def status_path(self, unit: int) -> str:
+        return self.path("status", f"{unit:05d}.parquet")
+
+    def make_dirs(self) -> None:
+        for sub in ("shards", "metadata", "status"):
+            self.fs.makedirs(self.path(sub), exist_ok=True)
+
+    def write_atomic(self, path: str, write: Callable[[IO[bytes]], Any]) -> None:
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+        with self.fs.open(tmp, "wb") as f:
+            write(f)
+        if isinstance(self.fs, LocalFileSystem):
+            os.replace(tmp, path)  # atomic on POSIX, and overwrites (fsspec's mv may not)
+        else:
+            self.fs.mv(tmp, path)
+
+    def write_json(self, name: str, value: Any) -> None:
+        data = json.dumps(value, indent=2, sort_keys=True).encode()
+        self.write_atomic(self.path(name), lambda f: f.write(data))
+
+    def read_json(self, name: str) -> Any | None:
+        path = self.path(name)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            return json.load(f)
+
+    def write_table(self, path: str, table: pa.Table) -> None:
+        self.write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def list(self, sub: str, suffix: str) -> list[str]:
+        """Committed files of OUT/sub ending in suffix (temporary files excluded), sorted."""
+        folder = self.path(sub)
+        if not self.fs.exists(folder):
+            return []
+        names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+        return sorted(n for n in names if n.endswith(suffix) and TMP_MARK not in n)
+
+    def remove_temporaries(self) -> int:
+        """Delete what a killed run left half-written; returns how many."""
+        removed = 0
+        for sub in ("shards", "metadata", "status", "."):
+            folder = self.path(sub) if sub != "." else self.root
+            if not self.fs.exists(folder):
+                continue
+            for path in self.fs.ls(folder, detail=False):
+                if TMP_MARK in path.rsplit("/", 1)[-1]:
+                    self.fs.rm(path)
+                    removed += 1
+        return removed

@@ -1,0 +1,76 @@
+"""Stage 6, write: commit one unit as a shard, its metadata and its status rows.
+
+Commit order makes every state a kill can leave recoverable: the tar and the metadata
+parquet first, the status parquet last. A unit is done when OUT/status/UNIT.parquet exists;
+a shard that no status file points to is an orphan of a killed run and is deleted on restart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import IO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import webdataset as wds
+
+from pipeline.schema import METADATA_SCHEMA, STATUS_SCHEMA, Sample
+from pipeline.storage import Output
+
+
+def sample_json(sample: Sample) -> dict:
+    """KEY.json in the tar: everything about the sample but its bytes and caption file."""
+    meta = sample.metadata(shard="")
+    meta.pop("shard")
+    return meta
+
+
+def write_tar(f: IO[bytes], samples: list[Sample]) -> None:
+    with wds.TarWriter(f) as sink:
+        for s in samples:
+            sink.write({"__key__": s.key, "jpg": s.content, "txt": s.caption or "",
+                        "json": json.dumps(sample_json(s)).encode()})
+
+
+def commit_unit(output: Output, unit: int, shard: str, samples: list[Sample],
+                previous_status: pa.Table | None = None) -> dict[str, int]:
+    """Write what passed (pending samples become 'ok'), then the unit's status; returns counts.
+
+    With `previous_status` (a --retry-failed pass), the unit's other rows keep their status.
+    """
+    written = sorted((s for s in samples if s.pending), key=lambda s: s.key)
+    for sample in written:
+        sample.status, sample.reason = "ok", None
+    if written:
+        output.write_atomic(output.shard_path(shard), lambda f: write_tar(f, written))
+        output.write_table(output.metadata_path(shard),
+                           pa.Table.from_pylist([s.metadata(shard) for s in written], schema=METADATA_SCHEMA))
+    status = pa.Table.from_pylist([s.status_row(shard) for s in samples], schema=STATUS_SCHEMA)
+    if previous_status is not None:
+        redone = pa.array([s.input_row for s in samples], pa.int64())
+        kept = previous_status.filter(pc.invert(pc.is_in(previous_status["input_row"], redone)))
+        status = pa.concat_tables([kept, status]).sort_by("input_row")
+    output.write_table(output.status_path(unit), status)
+    return dict(Counter(s.status for s in samples))
+
+
+def referenced_shards(output: Output) -> set[str]:
+    """Shards that some committed status file points to."""
+    shards: set[str] = set()
+    for name in output.list("status", ".parquet"):
+        column = output.read_table(output.path("status", name), columns=["shard"])["shard"]
+        shards.update(s for s in column.unique().to_pylist() if s)
+    return shards
+
+
+def remove_orphans(output: Output) -> int:
+    """Delete shards and metadata of units a killed run wrote but never committed."""
+    live = referenced_shards(output)
+    removed = 0
+    for sub, suffix in (("shards", ".tar"), ("metadata", ".parquet")):
+        for name in output.list(sub, suffix):
+            if name[: -len(suffix)] not in live:
+                output.fs.rm(output.path(sub, name))
+                removed += 1
+    return removed
