@@ -118,8 +118,8 @@ def plan_url_dedupe(output: Output, units: list[Unit], config: BuildConfig, allo
     candidates = candidates.map_batches(url_candidates, fn_kwargs={"config": config, "allowlist": allowlist_ref},
                                         batch_size=1)
     if output.list("metadata", ".parquet"):  # samples written by earlier runs, whatever their input
-        written = ray.data.read_parquet(output.url.rstrip("/") + "/metadata", columns=["key", "url", "shard"],
-                                        file_extensions=["parquet"])
+        written = ray.data.read_parquet(output.url.rstrip("/") + "/metadata", file_extensions=["parquet"])
+        written = written.select_columns(["key", "url", "shard"])
         written = written.map_batches(
             lambda t: t.append_column("unit", pa.array([int(s[:5]) for s in t["shard"].to_pylist()], pa.int64())),
             batch_format="pyarrow")

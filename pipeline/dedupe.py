@@ -112,8 +112,8 @@ def remove_duplicate_images(output: Output) -> int:
     """Global sha256 dedupe over every written sample; returns how many were removed."""
     if not output.list("metadata", ".parquet"):
         return 0
-    written = ray.data.read_parquet(output.url.rstrip("/") + "/metadata", columns=["key", "sha256", "shard"],
-                                    file_extensions=["parquet"])
+    written = ray.data.read_parquet(output.url.rstrip("/") + "/metadata", file_extensions=["parquet"]).select_columns(
+        ["key", "sha256", "shard"])
     written = written.map_batches(
         lambda t: t.append_column("unit", pc.cast(pc.utf8_slice_codeunits(t["shard"], 0, 5), pa.int64())),
         batch_format="pyarrow")

@@ -96,7 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         query = {key: values[-1] for key, values in parse_qs(split.query).items()}
         app = self.server.app
-        app._count(split.path)
+        app._count(split.path, self.headers.get("User-Agent", ""))
         try:
             if split.path.startswith("/fault/"):
                 route = _ROUTES.get(split.path.removeprefix("/fault/"), _Handler._not_found)
@@ -229,7 +229,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _optout(self, query: dict[str, str]) -> None:
         data, content_type = self._image(query)
-        self._send(200, data, content_type, {"X-Robots-Tag": query.get("tag", "noai")})
+        headers = {"X-Robots-Tag": query.get("tag", "noai")}
+        if "stall" not in query:
+            self._send(200, data, content_type, headers)
+            return
+        # headers now, body only after stall_seconds: a client that decides from the
+        # headers returns at once, one that reads the body first times out
+        self._head(200, content_type, {"Content-Length": str(len(data)), **headers})
+        self.wfile.flush()
+        if not self._stop.wait(self.server.app.stall_seconds):
+            self.wfile.write(data)
 
 
 _ROUTES = {
@@ -264,6 +273,7 @@ class ImageServer:
             raise ValueError("ImageServer serves loopback only (host='127.0.0.1')")
         self.stall_seconds = stall_seconds
         self.requests: collections.Counter[str] = collections.Counter()
+        self.user_agents: dict[str, str] = {}  # path -> User-Agent of its latest request
         self._files: dict[str, tuple[bytes, str, dict[str, str]]] = {}
         self._lock = threading.Lock()
         self._attempts: collections.Counter[str] = collections.Counter()
@@ -300,9 +310,10 @@ class ImageServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _count(self, path: str) -> None:
+    def _count(self, path: str, user_agent: str) -> None:
         with self._lock:
             self.requests[path] += 1
+            self.user_agents[path] = user_agent
 
     def _attempt(self, key: str) -> int:
         with self._lock:
