@@ -137,8 +137,11 @@ def detect_samples(samples: list[Sample], detector, batch_size: int) -> list[Sam
         chunk = pending[start:start + batch_size]
         for sample, faces in zip(chunk, detector([load_rgb(s.content) for s in chunk])):
             sx, sy = sample.original_width / sample.width, sample.original_height / sample.height
-            for face in faces:
-                face.box = [face.box[0] * sx, face.box[1] * sy, face.box[2] * sx, face.box[3] * sy]
+            w, h = sample.original_width, sample.original_height
+            for face in faces:  # boxes of faces at the border reach past it: clip them to the image
+                x1, y1, x2, y2 = face.box
+                face.box = [min(max(x1 * sx, 0), w), min(max(y1 * sy, 0), h), min(max(x2 * sx, 0), w),
+                            min(max(y2 * sy, 0), h)]
                 face.landmarks = [[x * sx, y * sy] for x, y in face.landmarks]
             sample.faces = faces
     return samples

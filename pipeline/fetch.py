@@ -102,11 +102,13 @@ class Fetcher:
             return self.http.request("GET", url, preload_content=False, redirect=False, timeout=timeout)
         except BlockedAddress as err:
             raise FetchFailure("blocked_address", str(err)) from None
+        except (NameResolutionError, NewConnectionError) as err:  # before ConnectTimeoutError: they subclass it
+            raise FetchFailure("connection_error", f"{type(err).__name__}: {err}"[:300]) from None
         except ConnectTimeoutError:
             raise FetchFailure("timeout", f"connect timed out after {timeout.connect_timeout}s") from None
         except (ReadTimeoutError, TimeoutError):
             raise FetchFailure("timeout", f"no response within {timeout.read_timeout}s") from None
-        except (NameResolutionError, NewConnectionError, ProtocolError, SSLError, OSError) as err:
+        except (ProtocolError, SSLError, OSError) as err:
             raise FetchFailure("connection_error", f"{type(err).__name__}: {err}"[:300]) from None
         except (HTTPError, ValueError) as err:  # ValueError: a URL urllib3 cannot parse
             raise FetchFailure("invalid_url", f"{type(err).__name__}: {err}"[:300]) from None

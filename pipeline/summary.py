@@ -52,6 +52,7 @@ def finish(output: Output, started: float, timings: dict[str, float], rows_done:
         },
     }
     output.write_json("sizes.json", sizes)
+    output.write_json("shards/sizes.json", sizes)  # where open_clip's loader looks: beside the shards
     output.write_json("stats.json", stats)
     return stats
 

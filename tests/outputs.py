@@ -1,0 +1,60 @@
+"""Readers for a build's output, shared by the end-to-end tests: Parquet and tar read back raw."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def status_table(out: Path) -> pa.Table:
+    return pa.concat_tables(pq.read_table(p) for p in sorted((out / "status").glob("*.parquet")))
+
+
+def metadata_table(out: Path) -> pa.Table:
+    files = sorted((out / "metadata").glob("*.parquet"))
+    return pa.concat_tables(pq.read_table(p) for p in files) if files else None
+
+
+def tar_samples(out: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: bytes} over every shard, asserting no key is in two shards."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for path in sorted((out / "shards").glob("*.tar")):
+        seen_here: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                seen_here.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        assert not set(seen_here) & set(samples), f"a key is in two shards ({path.name})"
+        samples.update(seen_here)
+    return samples
+
+
+def check_consistent(out: Path, input_rows: int) -> tuple[pa.Table, pa.Table, dict]:
+    """The cross-checks every build must pass; returns (status, metadata, tar samples)."""
+    status = status_table(out)
+    rows = list(zip(status["input_file"].to_pylist(), status["input_row"].to_pylist()))
+    assert len(rows) == input_rows and len(set(rows)) == input_rows, "every input row exactly once"
+    metadata = metadata_table(out)
+    samples = tar_samples(out)
+    ok_keys = sorted(k for k, s in zip(status["key"].to_pylist(), status["status"].to_pylist()) if s == "ok")
+    assert ok_keys == sorted(metadata["key"].to_pylist()) == sorted(samples)
+    assert all(set(s) == {"jpg", "txt", "json"} for s in samples.values())
+    for row in metadata.to_pylist():
+        sample = samples[row["key"]]
+        meta = json.loads(sample["json"])
+        assert meta["url"] == row["url"] and meta["sha256"] == row["sha256"] and len(meta["faces"]) == row["num_faces"]
+        assert sample["txt"].decode() == (row["caption"] or "")
+    assert len(set(metadata["sha256"].to_pylist())) == metadata.num_rows, "no image twice"
+    assert len(set(metadata["url"].to_pylist())) == metadata.num_rows, "no URL twice"
+    by_shard: dict[str, int] = {}
+    for shard in metadata["shard"].to_pylist():
+        by_shard[f"{shard}.tar"] = by_shard.get(f"{shard}.tar", 0) + 1
+    assert json.loads((out / "sizes.json").read_text()) == by_shard
+    assert json.loads((out / "shards" / "sizes.json").read_text()) == by_shard
+    assert sorted(p.name for p in (out / "shards").glob("*.tar")) == sorted(by_shard)
+    assert not list(out.rglob("*.tmp-*")), "no temporary file left"
+    return status, metadata, samples

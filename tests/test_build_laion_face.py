@@ -1,0 +1,239 @@
+"""The builder end to end: real loopback server, real Ray, real detector, Parquet and tar read back."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from outputs import check_consistent, metadata_table, status_table
+from pipeline.build_config import BuildConfig
+from pipeline.build_laion_face import build
+from pipeline.demo_data import make_demo_images
+from pipeline.demo_server import ImageServer
+from pipeline.schema import STATUSES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def laion_parquet(path: Path, urls: list[str], **extra_columns) -> Path:
+    n = len(urls)
+    pq.write_table(pa.table({
+        "SAMPLE_ID": pa.array(range(1000, 1000 + n), pa.int64()), "URL": urls,
+        "TEXT": [f"caption {i}" for i in range(n)], "WIDTH": [512] * n, "HEIGHT": [512] * n,
+        "LICENSE": ["?"] * n, "NSFW": ["UNLIKELY"] * n, "similarity": [0.3] * n, **extra_columns,
+    }), path, row_group_size=7)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ImageServer]:
+    """Distinct real photos at /p/0.jpg, /p/1.jpg, ... (faces and non-faces)."""
+    with ImageServer(stall_seconds=30) as srv:
+        srv.photos = []
+        for i, image in enumerate(make_demo_images(seed=1)):
+            srv.add(f"/p/{i}", image.data, image.content_type)
+            srv.photos.append((f"/p/{i}", image))
+        yield srv
+
+
+def settings(server: ImageServer, out: Path, **changes) -> BuildConfig:
+    base = dict(output=str(out), allow_host=[f"127.0.0.1:{server.port}"], shard_size=8, progress=False,
+                read_timeout=1.0, url_deadline=3.0, retry_backoff=0.05, retries=1)
+    return BuildConfig(**{**base, **changes})
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.build_laion_face", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+# --- the demo build --------------------------------------------------------------------------------
+
+def test_demo_build_is_consistent_and_covers_every_fault(built_output: Path) -> None:
+    rows = pq.read_metadata(built_output / "demo_input" / "laion_demo.parquet").num_rows
+    status, metadata, samples = check_consistent(built_output, rows)
+    counts = Counter(status["status"].to_pylist())
+    assert set(counts) <= set(STATUSES)
+    for expected in ("ok", "no_face", "duplicate_url", "duplicate_image", "blocked_address", "opted_out",
+                     "timeout", "too_large", "image_too_large", "decode_error", "too_many_redirects",
+                     "invalid_url", "http_error", "server_error", "rate_limited"):
+        assert counts[expected] > 0, f"the demo never produced '{expected}'"
+    stats = json.loads((built_output / "stats.json").read_text())
+    assert stats["counts"] == dict(counts) and stats["written"] == metadata.num_rows
+    t1 = [r for r in metadata.to_pylist() if r["url"].endswith("/img/t1.jpg")]
+    assert len(t1) == 1 and t1[0]["num_faces"] == 6
+    for row in metadata.to_pylist():
+        assert row["num_faces"] >= 1 and all(f["score"] >= 0.9 for f in row["faces"])
+        with Image.open(io.BytesIO(samples[row["key"]]["jpg"])) as image:
+            assert image.mode == "RGB" and image.size == (row["width"], row["height"])
+        x1, y1, x2, y2 = row["faces"][0]["box"]
+        assert 0 <= x1 < x2 <= row["original_width"] and 0 <= y1 < y2 <= row["original_height"]
+
+
+def test_shards_read_with_webdataset(built_output: Path) -> None:
+    shards = sorted(str(p) for p in (built_output / "shards").glob("*.tar"))
+    dataset = wds.WebDataset(shards, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json")
+    seen = [(key, image.size, meta["faces"]) for key, image, _, meta in dataset]
+    assert len(seen) == metadata_table(built_output).num_rows
+    assert all(faces for _, _, faces in seen)
+
+
+def test_shards_read_with_open_clip_training_loader(built_output: Path) -> None:
+    import open_clip
+    from open_clip_train.data import get_dataset_size, get_wds_dataset
+
+    shards = sorted(str(p) for p in (built_output / "shards").glob("*.tar"))
+    args = argparse.Namespace(train_data="::".join(shards), train_num_samples=None, dataset_resampled=False,
+                              train_data_upsampling_factors=None, seed=0, batch_size=4, workers=1, world_size=1,
+                              distributed=False)
+    _, preprocess, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    data = get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    images, texts = next(iter(data.dataloader))
+    assert images.shape == (4, 3, 224, 224) and texts.shape == (4, 77)
+    assert get_dataset_size(args.train_data) == (metadata_table(built_output).num_rows, len(shards))  # sizes.json
+
+
+# --- dedupe across input files and reruns --------------------------------------------------------------
+
+def test_dedupe_is_global_across_files_and_reruns(server: ImageServer, ray_address: str, tmp_path: Path) -> None:
+    faces = [path for path, image in server.photos if image.has_face][:4]
+    first = laion_parquet(tmp_path / "a.parquet", [server.url(faces[0]), server.url(faces[1])])
+    out = tmp_path / "out"
+    build(settings(server, out, input=[str(first)]))
+    before = metadata_table(out)
+    tar_before = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
+    # a second file, added later: the same URL, the same bytes at a new URL, a new photo, and a
+    # URL repeated inside the file
+    server.add("/copy-of-first.jpg", dict(server.photos)[faces[0]].data)
+    second = laion_parquet(tmp_path / "b.parquet", [server.url(faces[1]), server.url("/copy-of-first.jpg"),
+                                                    server.url(faces[2]), server.url(faces[2])])
+    build(settings(server, out, input=[str(first), str(second)]))
+    status, metadata, _ = check_consistent(out, 6)
+    by_row = {(Path(f).name, r): (s, d) for f, r, s, d in zip(status["input_file"].to_pylist(),
+              status["input_row"].to_pylist(), status["status"].to_pylist(), status["duplicate_of"].to_pylist())}
+    key_of = dict(zip(before["url"].to_pylist(), before["key"].to_pylist()))
+    assert by_row[("b.parquet", 0)] == ("duplicate_url", key_of[server.url(faces[1])])
+    assert by_row[("b.parquet", 1)] == ("duplicate_image", key_of[server.url(faces[0])])
+    assert by_row[("b.parquet", 2)][0] == "ok" and by_row[("b.parquet", 3)][0] == "duplicate_url"
+    assert metadata.num_rows == 3
+    assert all((out / "shards" / name).read_bytes() == data for name, data in tar_before.items())
+
+
+# --- resume after kill -9, and --retry-failed --------------------------------------------------------
+
+def resume_input(server: ImageServer, tmp_path: Path) -> Path:
+    """Units that each take a second or more (a stalled URL in every one), for a kill to land mid-run."""
+    urls = []
+    for i, (path, _) in enumerate(server.photos[:40]):
+        urls.append(server.url(f"/fault/stall?id={i}") if i % 8 == 3 else server.url(path))
+    urls += [server.url(server.photos[0][0]), server.url("/fault/404")]
+    return laion_parquet(tmp_path / "resume.parquet", urls)
+
+
+def summary_of(out: Path) -> tuple[list, dict[str, bytes]]:
+    status = status_table(out).sort_by([("input_row", "ascending")])
+    rows = list(zip(status["input_row"].to_pylist(), status["key"].to_pylist(), status["status"].to_pylist(),
+                    status["duplicate_of"].to_pylist()))
+    images = {r["key"]: r["sha256"] for r in metadata_table(out).to_pylist()}
+    return rows, images
+
+
+def test_resume_after_kill_minus_9_matches_an_uninterrupted_run(server: ImageServer, ray_address: str,
+                                                                 tmp_path: Path) -> None:
+    parquet = resume_input(server, tmp_path)
+    out = tmp_path / "killed"
+    args = ["--input", str(parquet), "--output", str(out), "--allow-host", f"127.0.0.1:{server.port}",
+            "--shard-size", "6", "--read-timeout", "1", "--url-deadline", "2", "--retries", "0",
+            "--no-progress", "--address", ray_address]
+    for wait_for_units in (1, 4):  # kill once early, once later: both reruns must pick up the pieces
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.build_laion_face", *args], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((out / "status").glob("*.parquet"))) >= wait_for_units:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the build finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    reference = tmp_path / "reference"
+    build(settings(server, reference, input=[str(parquet)], shard_size=6, read_timeout=1.0, url_deadline=2.0,
+                   retries=0))
+    check_consistent(out, 42)
+    assert summary_of(out) == summary_of(reference)
+
+
+def test_retry_failed_adds_what_now_succeeds(server: ImageServer, ray_address: str, tmp_path: Path) -> None:
+    photos = [path for path, image in server.photos if image.has_face][:6]
+    urls = [server.url(p) for p in photos[:3]]
+    urls += [server.url(f"/fault/flaky?id=retry-{tmp_path.name}-{i}&fail=1&src={p}") for i, p in enumerate(photos[3:])]
+    parquet = laion_parquet(tmp_path / "flaky.parquet", urls + [server.url("/fault/404")])
+    out = tmp_path / "out"
+    build(settings(server, out, input=[str(parquet)], retries=0, shard_size=4))
+    status, _, _ = check_consistent(out, 7)
+    assert Counter(status["status"].to_pylist()) == {"ok": 3, "server_error": 3, "http_error": 1}
+
+    build(settings(server, out, input=[str(parquet)], retries=0, shard_size=4, retry_failed=True))
+    status, metadata, _ = check_consistent(out, 7)
+    assert Counter(status["status"].to_pylist()) == {"ok": 6, "http_error": 1}
+    assert {"00000_1", "00001_1"} & set(metadata["shard"].to_pylist())
+    assert server.requests["/fault/404"] >= 1
+    shards_before = sorted(p.name for p in (out / "shards").glob("*.tar"))
+    build(settings(server, out, input=[str(parquet)], retries=0, shard_size=4, retry_failed=True))
+    assert sorted(p.name for p in (out / "shards").glob("*.tar")) == shards_before  # nothing left to retry
+
+
+# --- the command line: bad input gives one line, exit 2, and leaves nothing ---------------------------
+
+def test_bad_input_gives_one_clear_line_and_leaves_nothing(tmp_path: Path) -> None:
+    good = laion_parquet(tmp_path / "good.parquet", ["http://example.invalid/a.jpg"])
+    no_caption = tmp_path / "no_caption.parquet"
+    pq.write_table(pq.read_table(good).drop_columns(["TEXT"]), no_caption)
+    not_parquet = tmp_path / "notes.parquet"
+    not_parquet.write_text("hello")
+    config = tmp_path / "bad.yaml"
+    config.write_text("min_face_scor: 0.5\n")
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("x")
+    cases = {
+        "missing.parquet": (["--input", str(tmp_path / "missing.parquet")], "input not found"),
+        "column": (["--input", str(no_caption)], "missing column 'TEXT'"),
+        "not parquet": (["--input", str(not_parquet)], "cannot read parquet file"),
+        "config key": (["--input", str(good), "--config", str(config)], "unknown config key 'min_face_scor'"),
+        "allow-host": (["--input", str(good), "--allow-host", "127.0.0.1"], "HOST:PORT"),
+        "allowlist": (["--input", str(good), "--sample-ids", str(tmp_path / "ids.txt")], "allow-list"),
+    }
+    for name, (args, message) in cases.items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        result = cli(*args, "--output", str(out))
+        assert result.returncode == 2, (name, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, lines)
+        assert not out.exists(), f"{name}: output created"
+    unwritable = cli("--input", str(good), "--output", str(a_file / "out"))
+    assert unwritable.returncode == 2 and "not writable" in unwritable.stderr
+
+
+def test_help_documents_every_setting() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    for flag in ("--input", "--output", "--config", "--detector", "--allow-host", "--address", "--min-face-score",
+                 "--min-face-size", "--retry-failed", "--sample-ids", "--max-bytes", "--shard-size"):
+        assert flag in result.stdout

@@ -1,0 +1,191 @@
+"""The decode stage (pipeline.decode) on real photos: what is stored, its size, orientation and colour,
+and the refusals (decompression bombs, truncated or non-image bytes)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+
+import insightface
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from pipeline.build_config import BuildConfig
+from pipeline.decode import EXIF_ORIENTATION, decode_samples
+from pipeline.demo_server import BOMB_SIDE, bomb_png
+from pipeline.schema import Sample
+
+T1_JPG = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")  # 1280 x 886 group photo
+
+
+def encode(pixels: np.ndarray, fmt: str = "JPEG", orientation: int | None = None, **params) -> bytes:
+    image = Image.fromarray(pixels)
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        params["exif"] = exif.tobytes()
+    out = io.BytesIO()
+    image.save(out, format=fmt, **params)
+    return out.getvalue()
+
+
+def decode(data: bytes, **settings) -> Sample:
+    sample = Sample(key="00000000000000", unit=0, input_file="in.parquet", input_row=0,
+                    url="https://img.example.com/a.jpg", caption="a photo", content=data)
+    [sample] = decode_samples([sample], BuildConfig(**settings))
+    return sample
+
+
+def pixels(sample: Sample) -> np.ndarray:
+    """The stored image, checked to be an RGB JPEG of the recorded size."""
+    with Image.open(io.BytesIO(sample.content)) as image:
+        assert image.format == "JPEG" and image.mode == "RGB"
+        assert image.size == (sample.width, sample.height)
+        return np.asarray(image).astype(np.int16)
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+@pytest.fixture(scope="module")
+def t1_bytes() -> bytes:
+    with open(T1_JPG, "rb") as f:
+        return f.read()
+
+
+def test_canonical_jpeg_within_max_side_is_stored_byte_identical() -> None:
+    data = encode(skimage.data.astronaut(), quality=90)  # 512 x 512, max side 512
+    sample = decode(data, image_max_side=512)
+    assert sample.pending
+    assert sample.content == data
+    assert sample.sha256 == hashlib.sha256(data).hexdigest()
+    assert (sample.width, sample.height, sample.original_width, sample.original_height) == (512, 512, 512, 512)
+
+
+def test_larger_jpeg_is_shrunk_to_max_side(t1_bytes: bytes) -> None:
+    sample = decode(t1_bytes, image_max_side=512)
+    assert sample.pending and sample.content != t1_bytes
+    assert (sample.original_width, sample.original_height) == (1280, 886)
+    assert sample.width == 512 and abs(sample.height - 886 * 512 / 1280) <= 1
+    original = Image.open(T1_JPG).convert("RGB").resize((sample.width, sample.height), Image.Resampling.LANCZOS)
+    assert mean_abs_diff(pixels(sample), np.asarray(original)) < 6
+
+
+def test_portrait_image_is_shrunk_by_its_height() -> None:
+    portrait = np.ascontiguousarray(np.rot90(skimage.data.coffee()))  # 400 wide, 600 high
+    sample = decode(encode(portrait, "PNG"), image_max_side=300)
+    assert (sample.width, sample.height) == (200, 300)
+    assert (sample.original_width, sample.original_height) == (400, 600)
+
+
+def test_max_side_zero_keeps_the_size(t1_bytes: bytes) -> None:
+    sample = decode(t1_bytes, image_max_side=0)
+    assert (sample.width, sample.height) == (1280, 886)
+    assert sample.content == t1_bytes  # t1.jpg is already an upright RGB JPEG
+
+
+def test_png_is_reencoded_as_jpeg() -> None:
+    photo = skimage.data.astronaut()
+    sample = decode(encode(photo, "PNG"))
+    assert sample.content[:2] == b"\xff\xd8"
+    assert mean_abs_diff(pixels(sample), photo) < 4
+
+
+@pytest.mark.parametrize("max_side", [0, 512])
+def test_exif_orientation_6_is_stored_upright(max_side: int) -> None:
+    upright = skimage.data.coffee()  # 600 wide, 400 high
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # as a camera held sideways stores it: 400 x 600
+    data = encode(stored, orientation=6, quality=95)  # 6: rotate 90 degrees clockwise to display
+    sample = decode(data, image_max_side=max_side)
+    assert sample.pending and sample.content != data
+    assert (sample.original_width, sample.original_height) == (600, 400)
+    got = pixels(sample)
+    assert got.shape[1] > got.shape[0]  # landscape again
+    expected = np.asarray(Image.fromarray(upright).resize((sample.width, sample.height), Image.Resampling.LANCZOS))
+    assert mean_abs_diff(got, expected) < 6
+    assert mean_abs_diff(got, np.asarray(Image.fromarray(upright).rotate(180).resize(
+        (sample.width, sample.height)))) > 30  # and not upside down
+
+
+def test_exif_rotated_large_photo_is_shrunk_and_upright(t1_bytes: bytes) -> None:
+    upright = np.asarray(Image.open(T1_JPG).convert("RGB"))
+    data = encode(np.ascontiguousarray(np.rot90(upright, k=1)), orientation=6)
+    sample = decode(data, image_max_side=512)
+    assert (sample.original_width, sample.original_height) == (1280, 886)
+    assert sample.width == 512 and abs(sample.height - 354) <= 1
+    expected = np.asarray(Image.fromarray(upright).resize((sample.width, sample.height), Image.Resampling.LANCZOS))
+    assert mean_abs_diff(pixels(sample), expected) < 8
+
+
+def test_grayscale_becomes_rgb() -> None:
+    gray = skimage.data.camera()
+    data = encode(gray, quality=95)
+    sample = decode(data)
+    assert sample.content != data
+    got = pixels(sample)
+    assert got.shape == (512, 512, 3)
+    assert np.abs(got[..., 0] - got[..., 2]).max() <= 2  # grey stays grey
+    assert mean_abs_diff(got[..., 1], gray) < 4
+
+
+def test_transparent_png_is_flattened_on_white() -> None:
+    photo = skimage.data.astronaut()
+    alpha = np.full(photo.shape[:2], 255, np.uint8)
+    alpha[:, :256] = 0  # left half fully transparent
+    sample = decode(encode(np.dstack([photo, alpha]), "PNG"))
+    got = pixels(sample)
+    assert got[:, :240].min() >= 245  # white, away from JPEG ringing at the edge
+    assert mean_abs_diff(got[:, 272:], photo[:, 272:]) < 5
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    return bomb_png()
+
+
+def test_decompression_bomb_is_refused_from_its_header(bomb: bytes) -> None:
+    started = time.perf_counter()
+    sample = decode(bomb)
+    elapsed = time.perf_counter() - started
+    assert sample.status == "image_too_large"
+    assert f"{BOMB_SIDE}x{BOMB_SIDE}" in sample.reason
+    assert sample.content is None and sample.sha256 is None
+    assert elapsed < 1.0  # decoding 900 M pixels would take many seconds and gigabytes
+
+
+def test_max_image_pixels_is_configurable(t1_bytes: bytes) -> None:
+    assert decode(t1_bytes, max_image_pixels=1280 * 886 - 1).status == "image_too_large"
+    assert decode(t1_bytes, max_image_pixels=1280 * 886).pending
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_jpeg_is_a_decode_error(t1_bytes: bytes, cut: float) -> None:
+    for max_side in (0, 512):  # the stored-as-is path and the draft-and-shrink path
+        sample = decode(t1_bytes[: int(len(t1_bytes) * cut)], image_max_side=max_side)
+        assert sample.status == "decode_error", (max_side, sample.reason)
+        assert sample.content is None
+
+
+@pytest.mark.parametrize("data", [b"<!DOCTYPE html><html><body>Not found</body></html>", b"", b"\xff\xd8\xff"])
+def test_non_image_bytes_are_a_decode_error(data: bytes) -> None:
+    sample = decode(data)
+    assert sample.status == "decode_error"
+    assert sample.content is None
+
+
+def test_sha256_is_of_the_stored_bytes(t1_bytes: bytes) -> None:
+    sample = decode(t1_bytes, image_max_side=256)
+    assert sample.sha256 == hashlib.sha256(sample.content).hexdigest()
+    assert sample.sha256 != hashlib.sha256(t1_bytes).hexdigest()
+
+
+def test_samples_already_decided_are_left_alone() -> None:
+    sample = Sample(key="k", unit=0, input_file="f", input_row=0, url=None, caption=None)
+    sample.fail("invalid_url", "no URL")
+    [after] = decode_samples([sample], BuildConfig())
+    assert after.status == "invalid_url" and after.reason == "no URL" and after.sha256 is None

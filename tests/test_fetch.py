@@ -1,0 +1,153 @@
+"""The fetch stage against a real loopback server with fault injection (pipeline/demo_server.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline.build_config import BuildConfig
+from pipeline.demo_server import ImageServer, synthetic_jpeg
+from pipeline.fetch import Fetcher, fetch_samples, optout_directive
+from pipeline.schema import Sample
+
+STALL = 20.0  # the server's stall; every client limit below is far shorter
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ImageServer]:
+    with ImageServer(stall_seconds=STALL) as srv:
+        srv.add("/img/a.jpg", synthetic_jpeg())
+        srv.add("/img/big.jpg", b"\xff" * 3_000_000)
+        yield srv
+
+
+def config_for(server: ImageServer, **changes) -> BuildConfig:
+    settings = dict(allow_host=[f"127.0.0.1:{server.port}"], connect_timeout=1.0, read_timeout=1.0,
+                    url_deadline=4.0, retries=2, retry_backoff=0.05, max_bytes=1_000_000)
+    return BuildConfig(**{**settings, **changes})
+
+
+def fetch(url: str, config: BuildConfig) -> Sample:
+    sample = Sample(key="k", unit=0, input_file="f", input_row=0, url=url, caption=None)
+    Fetcher(config).fetch(sample)
+    return sample
+
+
+def test_ok_download_returns_the_bytes_and_names_the_project(server: ImageServer) -> None:
+    sample = fetch(server.url("/img/a.jpg"), config_for(server))
+    assert sample.pending and sample.content == synthetic_jpeg() and sample.http_status == 200
+    assert server.user_agents["/img/a.jpg"].startswith("laion-face-builder/")
+
+
+@pytest.mark.parametrize("route, status, requests", [
+    ("/fault/404", "http_error", 1),  # permanent: never retried
+    ("/fault/500", "server_error", 3),  # transient: 1 + 2 retries
+    ("/fault/429", "rate_limited", 3),
+    ("/fault/html", "ok-bytes", 1),  # HTTP is fine; decode rejects it later
+])
+def test_http_statuses_and_which_are_retried(server: ImageServer, route: str, status: str, requests: int) -> None:
+    before = server.requests[route]
+    sample = fetch(server.url(route), config_for(server, retry_backoff=0.01))
+    if status == "ok-bytes":
+        assert sample.pending and sample.content.startswith(b"<!doctype html>")
+    else:
+        assert sample.status == status, sample.reason
+    assert server.requests[route] - before == requests
+
+
+def test_429_honours_retry_after_within_the_deadline(server: ImageServer) -> None:
+    started = time.monotonic()
+    sample = fetch(server.url("/fault/429"), config_for(server, retries=1, url_deadline=5.0))
+    assert sample.status == "rate_limited"
+    assert time.monotonic() - started >= 1.0  # the server's Retry-After: 1
+
+
+def test_flaky_server_succeeds_on_retry(server: ImageServer) -> None:
+    sample = fetch(server.url("/fault/flaky?id=retry-me&fail=2"), config_for(server))
+    assert sample.pending and sample.content, sample.reason
+
+
+def test_stall_times_out_and_drip_hits_the_url_deadline(server: ImageServer) -> None:
+    started = time.monotonic()
+    stalled = fetch(server.url("/fault/stall"), config_for(server, retries=0))
+    assert stalled.status == "timeout" and time.monotonic() - started < 3
+    started = time.monotonic()
+    dripped = fetch(server.url("/fault/drip"), config_for(server, retries=0, url_deadline=2.0))
+    assert dripped.status == "timeout" and "deadline" in dripped.reason
+    assert time.monotonic() - started < 4  # every byte came within read_timeout: only the deadline stops it
+
+
+def test_body_cap_from_the_header_and_while_streaming(server: ImageServer) -> None:
+    declared = fetch(server.url("/fault/oversize?mb=5"), config_for(server))
+    assert declared.status == "too_large" and "Content-Length" in declared.reason
+    chunked = fetch(server.url("/fault/oversize-chunked?mb=5"), config_for(server))
+    assert chunked.status == "too_large" and "exceeds" in chunked.reason
+    assert fetch(server.url("/img/big.jpg"), config_for(server, max_bytes=4_000_000)).pending
+
+
+def test_optout_is_decided_from_headers_before_the_body(server: ImageServer) -> None:
+    started = time.monotonic()
+    sample = fetch(server.url("/fault/optout?tag=noimageai&stall=1"), config_for(server, read_timeout=5.0))
+    assert sample.status == "opted_out" and "noimageai" in sample.reason
+    assert time.monotonic() - started < 2  # the body only comes after 20 s: it was never read
+    assert fetch(server.url("/fault/optout?tag=noai"), config_for(server, respect_optout=False)).pending
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["noai"], "noai"), (["noindex, nofollow"], "noindex"), (["otherbot: noimageindex"], "noimageindex"),
+    (["nofollow", "NoImageAI"], "noimageai"), (["nofollow"], None), ([], None),
+])
+def test_optout_directive_parsing(values: list[str], expected: str | None) -> None:
+    assert optout_directive(values) == expected
+
+
+def test_redirects_are_followed_and_bounded(server: ImageServer) -> None:
+    assert fetch(server.url("/fault/redirect-chain?n=3"), config_for(server)).pending
+    too_long = fetch(server.url("/fault/redirect-chain?n=8"), config_for(server, max_redirects=5))
+    assert too_long.status == "too_many_redirects"
+    loop = fetch(server.url("/fault/loop"), config_for(server))
+    assert loop.status == "too_many_redirects" and "loop" in loop.reason
+
+
+def test_ssrf_guard_refuses_loopback_unless_allow_listed(server: ImageServer) -> None:
+    before = server.requests["/img/a.jpg"]
+    refused = fetch(server.url("/img/a.jpg"), config_for(server, allow_host=[]))
+    assert refused.status == "blocked_address" and "loopback" in refused.reason
+    other_port = fetch(server.url("/img/a.jpg"), config_for(server, allow_host=[f"127.0.0.1:{server.port + 1}"]))
+    assert other_port.status == "blocked_address"
+    assert server.requests["/img/a.jpg"] == before  # refused before connecting
+
+
+def test_ssrf_guard_checks_every_redirect_hop(server: ImageServer) -> None:
+    before = server.requests["/img/a.jpg"]
+    # an allow-listed server redirecting to a loopback port that is not allow-listed
+    hop = fetch(server.url("/fault/redirect?to=http://127.0.0.1:1/secret"), config_for(server))
+    assert hop.status == "blocked_address" and "127.0.0.1:1" in hop.reason
+    metadata = fetch(server.url("/fault/redirect?to=http://169.254.169.254/latest/meta-data/"), config_for(server))
+    assert metadata.status == "blocked_address" and "link-local" in metadata.reason
+    localhost = fetch(server.url("/fault/redirect?to=http://localhost:%d/img/a.jpg" % server.port), config_for(server))
+    assert localhost.status == "blocked_address"  # allow-listed as 127.0.0.1:PORT, not as localhost:PORT
+    assert server.requests["/img/a.jpg"] == before
+
+
+def test_redirect_to_file_url_is_refused(server: ImageServer) -> None:
+    sample = fetch(server.url("/fault/redirect?to=file:///etc/passwd"), config_for(server))
+    assert sample.status == "invalid_url" and sample.content is None
+
+
+def test_unreachable_port_is_a_connection_error() -> None:
+    config = BuildConfig(allow_host=["127.0.0.1:1"], retries=0, connect_timeout=1.0)
+    assert fetch("http://127.0.0.1:1/x.jpg", config).status == "connection_error"
+
+
+def test_fetch_samples_downloads_concurrently_and_skips_decided_rows(server: ImageServer) -> None:
+    samples = [Sample(key=str(i), unit=0, input_file="f", input_row=i, url=server.url("/fault/stall"), caption=None)
+               for i in range(8)]
+    samples[0].fail("invalid_url", "decided earlier")
+    started = time.monotonic()
+    fetch_samples(samples, config_for(server, retries=0, threads_per_task=8))
+    assert time.monotonic() - started < 3  # 7 stalls of 1 s each, side by side
+    assert samples[0].reason == "decided earlier"
+    assert all(s.status == "timeout" for s in samples[1:])
