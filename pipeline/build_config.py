@@ -86,9 +86,12 @@ class BuildConfig:
             raise ConfigError("detect_batch_size, detect_actors and threads_per_task must be at least 1")
         if not self.url_col or not self.caption_col:
             raise ConfigError("url_col and caption_col must name columns")
-        for host in self.allow_host:
-            if host.rpartition(":")[2].isdigit() is False:
-                raise ConfigError(f"--allow-host wants HOST:PORT, got '{host}'")
+        for entry in self.allow_host:
+            host, _, port = entry.rpartition(":")
+            if not host.strip("[]") or not port.isdigit():
+                raise ConfigError(f"--allow-host wants HOST:PORT, got '{entry}'")
+        if self.sample_ids and not self.sample_id_col:
+            raise ConfigError("--sample-ids needs a SAMPLE_ID column: set --sample-id-col")
         if self.detector not in DETECTORS:
             raise ConfigError(f"detector must be one of {', '.join(DETECTORS)}, got '{self.detector}'")
 

@@ -52,18 +52,24 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if is_list:
         values = value if isinstance(value, list) else [value]
         return [_coerce(name, v, base) for v in values]
+    if isinstance(value, str) and base is not str:  # from the command line, or quoted in YAML
+        return _parse(name, value, base)
+    if base is float and type(value) is int:
+        return float(value)
+    if type(value) is not base:  # bool is an int subclass: `type` keeps `true` out of int fields
+        raise ConfigError(f"config key '{name}' must be {base.__name__}, got {value!r}")
+    return value
+
+
+def _parse(name: str, text: str, base: type) -> Any:
     try:
-        if base is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        if base is float and isinstance(value, int):
-            return float(value)
-        if base in (int, float, str, bool) and not isinstance(value, base):
-            return base(value)
-        return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key '{name}' must be {base.__name__}, got {value!r}") from None
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        return base(text)
+    except ValueError:
+        raise ConfigError(f"config key '{name}' must be {base.__name__}, got {text!r}") from None
 
 
 def _flag(field: dataclasses.Field) -> str:

@@ -34,7 +34,7 @@ def letterbox(images: list[np.ndarray], size: int) -> tuple[np.ndarray, list[flo
     scales = []
     for i, image in enumerate(images):
         scale = size / max(image.shape[:2])
-        h, w = round(image.shape[0] * scale), round(image.shape[1] * scale)
+        h, w = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))  # banners stay 1 px
         interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         batch[i, :h, :w] = cv2.resize(image, (w, h), interpolation=interpolation)
         scales.append(scale)
@@ -105,6 +105,9 @@ def insightface_model_path(config: BuildConfig) -> Path:
     path = Path(config.insightface_model).expanduser()
     if path.exists():
         return path
+    if path.parent.parent.name != "models":  # not ROOT/models/PACK/FILE: insightface's store cannot fill it
+        raise ConfigError(f"insightface detector not found at {path}: give the path of an insightface model "
+                          f"pack's detector (e.g. buffalo_l's det_10g.onnx) with --insightface-model PATH")
     try:
         from insightface.utils.storage import ensure_available
 

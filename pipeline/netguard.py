@@ -25,8 +25,10 @@ class BlockedAddress(Exception):
 
 def why_blocked(ip: IPAddress) -> str | None:
     """The kind of non-public address `ip` is, or None for a public unicast address."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):  # IPv4 inside IPv6 (mapped, 6to4, Teredo) is judged as IPv4
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            return why_blocked(embedded)
     for kind in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
@@ -39,13 +41,16 @@ class AddressGuard:
     """Resolves hosts and refuses non-public addresses, except for allow-listed HOST:PORT."""
 
     def __init__(self, allow: list[str]):
-        self.allow = {entry.lower() for entry in allow}
+        self.allow = set()
+        for entry in allow:  # HOST:PORT, IPv6 hosts with or without brackets
+            host, _, port = entry.rpartition(":")
+            self.allow.add((host.strip("[]").lower(), int(port)))
 
     def resolve(self, host: str, port: int) -> list[str]:
         """Addresses to connect to. Raises BlockedAddress, or socket.gaierror."""
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
-        if f"{host.lower()}:{port}" in self.allow:
+        if (host.strip("[]").lower(), port) in self.allow:
             return addresses
         for address in addresses:
             kind = why_blocked(ipaddress.ip_address(address.split("%", 1)[0]))

@@ -67,35 +67,35 @@ def check_inputs(paths: list[str], config: BuildConfig) -> dict[str, int]:
     return rows
 
 
-def register_inputs(output: Output, rows: dict[str, int]) -> list[dict]:
-    """Number the input files for this output, stable across reruns; returns their entries."""
-    known = output.read_json("inputs.json") or []
+def register_inputs(output: Output, rows: dict[str, int], shard_size: int) -> list[dict]:
+    """Number the input files and their units for this output, once and for good.
+
+    OUT/inputs.json records every file ever built into OUT with its row count and first unit,
+    so a file keeps its units whichever files a later run is given.
+    """
+    registry = output.read_json("inputs.json") or {"shard_size": shard_size, "files": []}
+    if registry["shard_size"] != shard_size:
+        raise ConfigError(f"{output.url} was built with shard_size {registry['shard_size']}, not {shard_size}; "
+                          f"keep it or use a new output directory")
+    known = registry["files"]
     by_path = {entry["path"]: entry for entry in known}
     for path, count in rows.items():
         if path in by_path and by_path[path]["rows"] != count:
             raise ConfigError(f"{path} has {count} rows but had {by_path[path]['rows']} when first built into "
                               f"{output.url}; use a new output directory")
         if path not in by_path:
-            by_path[path] = {"path": path, "index": len(known), "rows": count}
+            first_unit = max((e["first_unit"] + -(-e["rows"] // shard_size) for e in known), default=0)
+            by_path[path] = {"path": path, "index": len(known), "rows": count, "first_unit": first_unit}
             known.append(by_path[path])
-    output.write_json("inputs.json", known)
+    output.write_json("inputs.json", registry)
     return [by_path[p] for p in rows]
 
 
 def plan_units(inputs: list[dict], shard_size: int) -> list[Unit]:
-    """Fixed-size slices of every input; a file's units are numbered after earlier files'.
-
-    Unit numbers must not move when files are added later, so each file owns a block of
-    numbers sized by its row count (file i starts after every file with a smaller index).
-    """
-    ordered = sorted(inputs, key=lambda e: e["index"])
-    units, first = [], 0
-    for entry in ordered:
-        for start in range(0, entry["rows"], shard_size):
-            units.append(Unit(first + start // shard_size, entry["index"], entry["path"], start,
-                              min(start + shard_size, entry["rows"])))
-        first += -(-entry["rows"] // shard_size)
-    return units
+    """Fixed-size slices of every input file, numbered from the file's registered first unit."""
+    return [Unit(entry["first_unit"] + start // shard_size, entry["index"], entry["path"], start,
+                 min(start + shard_size, entry["rows"]))
+            for entry in sorted(inputs, key=lambda e: e["index"]) for start in range(0, entry["rows"], shard_size)]
 
 
 def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:

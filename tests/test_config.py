@@ -147,9 +147,6 @@ def test_wrong_flag_type_names_the_key() -> None:
         load("--min-face-size", "big")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG pipeline/config.py _coerce: a value of another type is passed through "
-                                       "int()/str()/bool() instead of being refused: 2.5 -> 2, true -> True for an int, "
-                                       "a mapping or list -> its repr for a str, 5 -> True for a bool")
 @pytest.mark.parametrize("text", ["shard_size: 2.5\n", "shard_size: true\n", "output: {a: 1}\n",
                                   "output: [a, b]\n", "progress: 5\n"])
 def test_yaml_value_of_another_type_is_refused(tmp_path: Path, text: str) -> None:
@@ -204,8 +201,6 @@ def test_unknown_detector_in_yaml_is_refused(tmp_path: Path) -> None:
         load("--config", yaml_file(tmp_path, "detector: yolo\n"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG pipeline/build_config.py validate: '8080'.rpartition(':')[2] is '8080', "
-                                       "so a bare port with no host passes the HOST:PORT check")
 def test_validate_rejects_allow_host_without_host() -> None:
     with pytest.raises(ConfigError, match="HOST:PORT"):
         load("--allow-host", "8080")
@@ -218,9 +213,6 @@ def test_source_columns_skip_empty_names() -> None:
     assert columns["caption"] == "TEXT"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG pipeline/build_config.py validate: --sample-ids with --sample-id-col '' is "
-                                       "accepted, and source.read_unit then silently skips the allow-list "
-                                       "(it only applies it when a sample_id column is mapped), fetching every row")
 def test_allowlist_without_sample_id_column_is_refused() -> None:
     with pytest.raises(ConfigError, match="sample"):
         load("--sample-ids", "ids.txt", "--sample-id-col", "")

@@ -48,9 +48,6 @@ def test_why_blocked_names_the_kind(address: str, kind: str) -> None:
     assert why_blocked(ipaddress.ip_address(address)) == kind
 
 
-@pytest.mark.xfail(strict=True, reason="BUG pipeline/netguard.py why_blocked: a 6to4 address (2002::/16) embeds an "
-                                       "IPv4 address (here 10.0.0.1) but only IPv4-mapped ones are unwrapped, and "
-                                       "Python 3.11's ipaddress calls 2002::/16 global")
 def test_6to4_address_embedding_a_private_ipv4_is_blocked() -> None:
     assert why_blocked(ipaddress.ip_address("2002:a00:1::")) is not None
 
