@@ -48,8 +48,11 @@ class Work:
                 "shard": self.shard, "only_rows": self.only_rows}
 
 
-def _rows(batch: dict) -> list[dict]:
-    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+def _work_rows(batch: dict) -> list[tuple[Unit, dict]]:
+    """The units of a batch of Work.row() dicts, with their rows."""
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    return [(Unit(int(r["unit"]), int(r["file_index"]), str(r["path"]), int(r["start"]), int(r["stop"])), r)
+            for r in rows]
 
 
 # --- the stages as Ray Data runs them: plain functions over batches of work units ----------------
@@ -58,8 +61,7 @@ def source_fetch_decode(batch: dict, config: BuildConfig, output_url: str, allow
     """One CPU task per unit: read its rows, download them, decode them."""
     output = Output(output_url)
     packed: dict[str, list] = {"unit": [], "shard": [], "samples": []}
-    for row in _rows(batch):
-        unit = Unit(int(row["unit"]), int(row["file_index"]), str(row["path"]), int(row["start"]), int(row["stop"]))
+    for unit, row in _work_rows(batch):
         only_rows = {int(r) for r in row["only_rows"]} or None
         samples = read_unit(unit, config, allowlist, dedupe.read_url_plan(output, unit.unit), only_rows)
         samples = decode_samples(fetch_samples(samples, config), config)
@@ -84,8 +86,7 @@ def filter_and_commit(batch: dict, config: BuildConfig, output_url: str) -> dict
 def url_candidates(batch: dict, config: BuildConfig, allowlist: np.ndarray | None) -> dict:
     """(key, url) of every row that would be fetched, for the URL dedupe plan."""
     out: dict[str, list] = {"key": [], "url": [], "unit": [], "shard": []}
-    for row in _rows(batch):
-        unit = Unit(int(row["unit"]), int(row["file_index"]), str(row["path"]), int(row["start"]), int(row["stop"]))
+    for unit, _ in _work_rows(batch):
         for sample in read_unit(unit, config, allowlist, url_duplicates={}):
             if sample.pending:
                 out["key"].append(sample.key), out["url"].append(sample.url)

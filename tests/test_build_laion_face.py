@@ -237,3 +237,15 @@ def test_help_documents_every_setting() -> None:
     for flag in ("--input", "--output", "--config", "--detector", "--allow-host", "--address", "--min-face-score",
                  "--min-face-size", "--retry-failed", "--sample-ids", "--max-bytes", "--shard-size"):
         assert flag in result.stdout
+
+
+def test_fsspec_urls_and_no_detector(server: ImageServer, ray_address: str, tmp_path: Path) -> None:
+    """Input and output as fsspec URLs (file:// here; s3:// and gs:// take the same path), no detector:
+    every decodable image is written, with no faces."""
+    photos = [path for path, _ in server.photos[:5]]
+    laion_parquet(tmp_path / "in.parquet", [server.url(p) for p in photos] + [server.url("/fault/html")])
+    out = tmp_path / "out"
+    build(settings(server, f"file://{out}", input=[f"file://{tmp_path}/*.parquet"], detector="none"))
+    status, metadata, _ = check_consistent(out, 6)
+    assert Counter(status["status"].to_pylist()) == {"ok": 5, "decode_error": 1}
+    assert metadata["num_faces"].to_pylist() == [0] * 5
