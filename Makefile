@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q pip==26.3 setuptools==84.2.1 wheel==0.48.0
 	# --no-deps: the lock is complete, and it keeps a second OpenCV wheel out (see pyproject.toml).
 	$(PY) -m pip install -q --no-deps -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
