@@ -75,6 +75,13 @@ class BuildConfig:
     min_face_score: float = option(0.9, "a face counts when its detector score is at least this")
     min_face_size: int = option(32, "... and the shorter side of its box, in original pixels, is at least this")
 
+    # --- quality: near-duplicates and benchmark decontamination ---
+    near_dedupe: bool = option(True, "remove near-duplicates (perceptual hashes within near_duplicate_distance)")
+    near_duplicate_distance: int = option(8, "largest Hamming distance between 64-bit pHashes of near-duplicates")
+    exclude_images: list[str] = option([], "folder or glob of benchmark test images (e.g. CelebAMask-HQ, LaPa, 300W, "
+                                           "AFLW-19, WFLW test splits) whose near-copies, mirrored too, are removed; "
+                                           "repeatable", flag="--exclude-images")
+
     # --- run ---
     retry_failed: bool = option(False, "re-attempt only rows whose status is a transient failure, add what succeeds")
     progress: bool = option(True, "show progress bars")
@@ -90,6 +97,8 @@ class BuildConfig:
             host, _, port = entry.rpartition(":")
             if not host.strip("[]") or not port.isdigit():
                 raise ConfigError(f"--allow-host wants HOST:PORT, got '{entry}'")
+        if not 0 <= self.near_duplicate_distance <= 12:  # past 12, 4 bands need over 2,000 probes each
+            raise ConfigError("near_duplicate_distance must be between 0 and 12")
         if self.sample_ids and not self.sample_id_col:
             raise ConfigError("--sample-ids needs a SAMPLE_ID column: set --sample-id-col")
         if self.detector not in DETECTORS:

@@ -28,6 +28,7 @@ from pipeline.decode import decode_samples
 from pipeline.detect import DetectActor, insightface_model_path
 from pipeline.fetch import fetch_samples
 from pipeline.filter import filter_samples
+from pipeline.near_dedupe import exclusion_sets, remove_near_duplicates
 from pipeline.schema import TRANSIENT_STATUSES, iter_units, pack, shard_name
 from pipeline.source import Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_unit, register_inputs
 from pipeline.storage import Output
@@ -175,6 +176,7 @@ def build(config: BuildConfig) -> dict:
     started = time.time()
     paths = expand_inputs(config.input)
     allowlist = load_allowlist(config.sample_ids) if config.sample_ids else None
+    exclusion_sets(config.exclude_images)  # a bad --exclude-images fails now, before any work
     if config.detector == "insightface":
         config.insightface_model = str(insightface_model_path(config))
     rows = check_inputs(paths, config)  # every input is checked before anything is written
@@ -211,7 +213,11 @@ def build(config: BuildConfig) -> dict:
     t0 = time.time()
     removed = dedupe.remove_duplicate_images(output)
     timings["image_dedupe_s"] = time.time() - t0
-    stats = summary.finish(output, started, timings, rows_done, len(work), url_duplicates, removed)
+    t0 = time.time()
+    removed_near = remove_near_duplicates(output, config.near_duplicate_distance, config.exclude_images,
+                                          config.near_dedupe)
+    timings["near_dedupe_s"] = time.time() - t0
+    stats = summary.finish(output, started, timings, rows_done, len(work), url_duplicates, removed, removed_near)
     if config.progress:
         print(summary.describe(output, stats), file=sys.stderr)
     return stats

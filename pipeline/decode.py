@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 
+import imagehash
+
 from PIL import Image, ImageOps
 
 from pipeline.build_config import BuildConfig
@@ -29,8 +31,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def decode_image(data: bytes, config: BuildConfig) -> tuple[bytes, int, int, int, int]:
-    """(stored JPEG bytes, width, height, original width, original height). Raises ValueError."""
+def phash_hex(image: Image.Image) -> str:
+    """64-bit perceptual hash as 16 hex digits (imagehash's own string form)."""
+    return str(imagehash.phash(image))
+
+
+def decode_image(data: bytes, config: BuildConfig) -> tuple[bytes, int, int, int, int, str]:
+    """(stored JPEG bytes, width, height, original width, original height, phash). Raises ValueError."""
     with Image.open(io.BytesIO(data)) as image:  # reads the header only
         width, height = image.size
         if width * height > config.max_image_pixels:
@@ -47,13 +54,13 @@ def decode_image(data: bytes, config: BuildConfig) -> tuple[bytes, int, int, int
             image.draft("RGB", (int(image.size[0] * scale) + 1, int(image.size[1] * scale) + 1))
         image.load()  # a truncated or corrupt file fails here
         if canonical:
-            return data, width, height, width, height
+            return data, width, height, width, height, phash_hex(image)
         image = _to_rgb(ImageOps.exif_transpose(image))
         if shrink:
             image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=config.jpeg_quality)
-        return out.getvalue(), image.width, image.height, width, height
+        return out.getvalue(), image.width, image.height, width, height, phash_hex(image)
 
 
 def decode_samples(samples: list[Sample], config: BuildConfig) -> list[Sample]:
@@ -61,7 +68,7 @@ def decode_samples(samples: list[Sample], config: BuildConfig) -> list[Sample]:
         if not sample.pending:
             continue
         try:
-            stored, sample.width, sample.height, sample.original_width, sample.original_height = \
+            stored, sample.width, sample.height, sample.original_width, sample.original_height, sample.phash = \
                 decode_image(sample.content, config)
         except (OverflowError, Image.DecompressionBombError) as err:
             sample.fail("image_too_large", str(err))

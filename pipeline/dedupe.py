@@ -75,17 +75,21 @@ def read_url_plan(output: Output, unit: int) -> dict[str, str]:
     return dict(zip(table["key"].to_pylist(), table["duplicate_of"].to_pylist()))
 
 
-def _rewrite_shard(output: Output, losers: pa.Table) -> pa.Table:
-    """Drop the losers from one shard: status first, then tar, then metadata (the dedupe's input),
-    so that a kill in between is repaired by the next run recomputing the same losers."""
-    shard = losers["shard"][0].as_py()
+REMOVED_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("status", pa.string()),
+                            ("reason", pa.string()), ("duplicate_of", pa.string()), ("distance", pa.int32()),
+                            ("overlap_set", pa.string())])
+
+
+def _rewrite_shard(output: Output, removed: pa.Table) -> pa.Table:
+    """Drop rows (REMOVED_SCHEMA) from one shard: status first, then tar, then metadata (the
+    dedupe's input), so that a kill in between is repaired by the next run recomputing them."""
+    shard = removed["shard"][0].as_py()
     unit = int(shard.split("_")[0])
-    duplicate_of = dict(zip(losers["key"].to_pylist(), losers["duplicate_of"].to_pylist()))
+    changes = {row.pop("key"): row for row in removed.to_pylist()}
     status = output.read_table(output.status_path(unit)).to_pylist()
     for row in status:
-        if row["key"] in duplicate_of:
-            row.update(status="duplicate_image", reason=f"same image bytes as {duplicate_of[row['key']]}",
-                       duplicate_of=duplicate_of[row["key"]], key=None, shard=None)
+        if row["key"] in changes:
+            row.update(changes[row["key"]], key=None, shard=None)
     output.write_table(output.status_path(unit), pa.Table.from_pylist(status, schema=STATUS_SCHEMA))
 
     with output.fs.open(output.shard_path(shard), "rb") as f:
@@ -94,33 +98,52 @@ def _rewrite_shard(output: Output, losers: pa.Table) -> pa.Table:
     def rewrite(out) -> None:
         with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w") as dst:
             for member in src:
-                if member.name.split(".", 1)[0] not in duplicate_of:
+                if member.name.split(".", 1)[0] not in changes:
                     dst.addfile(member, src.extractfile(member))
 
     metadata = output.read_table(output.metadata_path(shard))
-    metadata = metadata.filter(pc.invert(pc.is_in(metadata["key"], losers["key"])))
+    metadata = metadata.filter(pc.invert(pc.is_in(metadata["key"], removed["key"])))
     if metadata.num_rows == 0:  # nothing left: the shard goes, as no status row points to it any more
         output.fs.rm(output.shard_path(shard))
         output.fs.rm(output.metadata_path(shard))
     else:
         output.write_atomic(output.shard_path(shard), rewrite)
         output.write_table(output.metadata_path(shard), metadata)
-    return pa.table({"shard": [shard], "removed": [len(duplicate_of)]})
+    return pa.table({"shard": [shard], "removed": [len(changes)]})
+
+
+def remove_from_shards(output: Output, removed: ray.data.Dataset, partitions: int) -> int:
+    """Apply REMOVED_SCHEMA rows to their shards, one task per shard; returns how many."""
+    if not removed.count():
+        return 0
+    done = removed.groupby("shard", num_partitions=max(1, min(partitions, 200))).map_groups(
+        lambda group: _rewrite_shard(output, group), batch_format="pyarrow")
+    return int(sum(done.to_pandas()["removed"]))
+
+
+def written_samples(output: Output, columns: list[str]) -> ray.data.Dataset | None:
+    if not output.list("metadata", ".parquet"):
+        return None
+    return ray.data.read_parquet(output.url.rstrip("/") + "/metadata", file_extensions=["parquet"]).select_columns(
+        columns)
 
 
 def remove_duplicate_images(output: Output) -> int:
     """Global sha256 dedupe over every written sample; returns how many were removed."""
-    if not output.list("metadata", ".parquet"):
+    written = written_samples(output, ["key", "sha256", "shard"])
+    if written is None:
         return 0
-    written = ray.data.read_parquet(output.url.rstrip("/") + "/metadata", file_extensions=["parquet"]).select_columns(
-        ["key", "sha256", "shard"])
     written = written.map_batches(
         lambda t: t.append_column("unit", pc.cast(pc.utf8_slice_codeunits(t["shard"], 0, 5), pa.int64())),
         batch_format="pyarrow")
     shards = len(output.list("metadata", ".parquet"))
-    losers = find_duplicates(written, "sha256", shards).materialize()
-    if not losers.count():
-        return 0
-    removed = losers.groupby("shard", num_partitions=max(1, min(shards, 200))).map_groups(
-        lambda group: _rewrite_shard(output, group), batch_format="pyarrow")
-    return int(sum(removed.to_pandas()["removed"]))
+    losers = find_duplicates(written, "sha256", shards)
+
+    def as_removed(t: pa.Table) -> pa.Table:
+        n = t.num_rows
+        return pa.table({"key": t["key"], "shard": t["shard"], "status": ["duplicate_image"] * n,
+                         "reason": pc.binary_join_element_wise("same image bytes as ", t["duplicate_of"], ""),
+                         "duplicate_of": t["duplicate_of"], "distance": pa.nulls(n, pa.int32()),
+                         "overlap_set": pa.nulls(n, pa.string())}, schema=REMOVED_SCHEMA)
+
+    return remove_from_shards(output, losers.map_batches(as_removed, batch_format="pyarrow").materialize(), shards)

@@ -26,11 +26,11 @@ def filter_samples(samples: list[Sample], config: BuildConfig) -> list[Sample]:
         if sample.faces:
             continue
         if not found:
-            sample.fail("no_face", "the detector found no face")
+            sample.fail("no_face", "the detector found no face", keep_content=True)
         else:
             best = max(found, key=lambda f: f.score)
             biggest = max(found, key=face_side)
             sample.fail("face_rejected", f"{len(found)} faces, none passing: best score {best.score:.2f} "
                                          f"(min {config.min_face_score}), largest side {face_side(biggest):.0f}px "
-                                         f"(min {config.min_face_size})")
+                                         f"(min {config.min_face_size})", keep_content=True)
     return samples

@@ -36,6 +36,8 @@ STATUSES: dict[str, str] = {
     "no_face": "the detector found no face",
     "face_rejected": "faces found, none passing min_face_score and min_face_size",
     "duplicate_image": "same image bytes (sha256) as another written row (duplicate_of names it)",
+    "near_duplicate": "perceptual hash within near_duplicate_distance of a kept image (duplicate_of names it)",
+    "benchmark_overlap": "perceptual hash within near_duplicate_distance of an --exclude-images image or its mirror",
 }
 TRANSIENT_STATUSES = frozenset({"timeout", "rate_limited", "server_error", "connection_error"})
 
@@ -56,6 +58,7 @@ METADATA_SCHEMA = pa.schema([
     ("original_width", pa.int32()),  # image as downloaded (after EXIF orientation)
     ("original_height", pa.int32()),
     ("sha256", pa.string()),  # of the stored bytes
+    ("phash", pa.string()),  # 64-bit perceptual hash (imagehash.phash) of the stored image, 16 hex digits
     ("num_faces", pa.int32()),
     ("faces", pa.list_(FACE_TYPE)),
     ("license", pa.string()),
@@ -73,8 +76,10 @@ STATUS_SCHEMA = pa.schema([
     ("shard", pa.string()),  # set when written
     ("status", pa.string()),
     ("reason", pa.string()),
-    ("duplicate_of", pa.string()),  # key of the kept copy, for duplicate_* statuses
+    ("duplicate_of", pa.string()),  # key of the kept copy (duplicates), path of the excluded image (overlaps)
     ("http_status", pa.int32()),
+    ("distance", pa.int32()),  # Hamming distance of the perceptual hashes, for near_duplicate and benchmark_overlap
+    ("overlap_set", pa.string()),  # name of the --exclude-images set, for benchmark_overlap
 ])
 
 
@@ -122,22 +127,27 @@ class Sample:
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
+    phash: str | None = None
     faces: list[Face] = field(default_factory=list)
 
     @property
     def pending(self) -> bool:
         return self.status is None
 
-    def fail(self, status: str, reason: str) -> None:
+    def fail(self, status: str, reason: str, keep_content: bool = False) -> None:
+        """Give the sample its final status; keep_content keeps a decoded image for the report's
+        thumbnails of rejected images."""
         assert status in STATUSES, status
-        self.status, self.reason, self.content = status, reason, None
+        self.status, self.reason = status, reason
+        if not keep_content:
+            self.content = None
 
     def metadata(self, shard: str) -> dict[str, Any]:
         return {
             "key": self.key, "shard": shard, "url": self.url, "caption": self.caption,
             "sample_id": self.sample_id, "width": self.width, "height": self.height,
             "original_width": self.original_width, "original_height": self.original_height,
-            "sha256": self.sha256, "num_faces": len(self.faces), "faces": [f.to_dict() for f in self.faces],
+            "sha256": self.sha256, "phash": self.phash, "num_faces": len(self.faces), "faces": [f.to_dict() for f in self.faces],
             "license": self.license, "nsfw": self.nsfw, "similarity": self.similarity,
         }
 
@@ -148,7 +158,7 @@ class Sample:
             "sample_id": self.sample_id, "url": self.url,
             "key": self.key if written else None, "shard": shard if written else None,
             "status": self.status, "reason": self.reason, "duplicate_of": self.duplicate_of,
-            "http_status": self.http_status,
+            "http_status": self.http_status, "distance": None, "overlap_set": None,
         }
 
 

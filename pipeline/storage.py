@@ -41,7 +41,7 @@ class Output:
         return self.path("status", f"{unit:05d}.parquet")
 
     def make_dirs(self) -> None:
-        for sub in ("shards", "metadata", "status"):
+        for sub in ("shards", "metadata", "status", "rejects"):
             self.fs.makedirs(self.path(sub), exist_ok=True)
 
     def write_atomic(self, path: str, write: Callable[[IO[bytes]], Any]) -> None:
@@ -82,7 +82,7 @@ class Output:
     def remove_temporaries(self) -> int:
         """Delete what a killed run left half-written; returns how many."""
         removed = 0
-        for sub in ("shards", "metadata", "status", "."):
+        for sub in ("shards", "metadata", "status", "rejects", "."):
             folder = self.path(sub) if sub != "." else self.root
             if not self.fs.exists(folder):
                 continue

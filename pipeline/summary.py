@@ -30,7 +30,7 @@ def status_counts(output: Output) -> Counter:
 
 
 def finish(output: Output, started: float, timings: dict[str, float], rows_done: int, units_done: int,
-           url_duplicates: int, images_removed: int) -> dict:
+           url_duplicates: int, images_removed: int, near_removed: int) -> dict:
     """Write sizes.json and stats.json (totals over every run into OUT, plus this run's speed)."""
     sizes = shard_sizes(output)
     counts = status_counts(output)
@@ -49,6 +49,7 @@ def finish(output: Output, started: float, timings: dict[str, float], rows_done:
             "rows_per_second": round(rows_done / seconds, 2) if seconds else 0.0,
             "url_duplicates_planned": url_duplicates,
             "image_duplicates_removed": images_removed,
+            "near_duplicates_and_overlaps_removed": near_removed,
         },
     }
     output.write_json("sizes.json", sizes)

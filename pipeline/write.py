@@ -7,6 +7,7 @@ a shard that no status file points to is an orphan of a killed run and is delete
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from typing import IO
@@ -14,9 +15,15 @@ from typing import IO
 import pyarrow as pa
 import pyarrow.compute as pc
 import webdataset as wds
+from PIL import Image
 
 from pipeline.schema import METADATA_SCHEMA, STATUS_SCHEMA, Sample
 from pipeline.storage import Output
+
+REJECT_EXAMPLES = 3  # thumbnails kept per status per unit, for the report
+THUMBNAIL_SIDE = 160
+REJECTS_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+                            ("url", pa.string()), ("thumbnail", pa.binary())])
 
 
 def sample_json(sample: Sample) -> dict:
@@ -33,6 +40,32 @@ def write_tar(f: IO[bytes], samples: list[Sample]) -> None:
                         "json": json.dumps(sample_json(s)).encode()})
 
 
+def thumbnail(data: bytes) -> bytes | None:
+    """A small JPEG of an image, or None when the bytes are no image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            small = image.convert("RGB")
+            small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            out = io.BytesIO()
+            small.save(out, format="JPEG", quality=85)
+            return out.getvalue()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def reject_examples(samples: list[Sample]) -> pa.Table:
+    """The first few rejected-but-decoded images of each status, as thumbnails."""
+    rows, per_status = [], Counter()
+    for s in sorted(samples, key=lambda s: s.key):
+        if s.status == "ok" or s.content is None or per_status[s.status] >= REJECT_EXAMPLES:
+            continue
+        if small := thumbnail(s.content):
+            per_status[s.status] += 1
+            rows.append({"key": s.key, "status": s.status, "reason": s.reason, "url": s.url, "thumbnail": small})
+    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
+
+
 def commit_unit(output: Output, unit: int, shard: str, samples: list[Sample],
                 previous_status: pa.Table | None = None) -> dict[str, int]:
     """Write what passed (pending samples become 'ok'), then the unit's status; returns counts.
@@ -46,6 +79,9 @@ def commit_unit(output: Output, unit: int, shard: str, samples: list[Sample],
         output.write_atomic(output.shard_path(shard), lambda f: write_tar(f, written))
         output.write_table(output.metadata_path(shard),
                            pa.Table.from_pylist([s.metadata(shard) for s in written], schema=METADATA_SCHEMA))
+    examples = reject_examples(samples)
+    if examples.num_rows:
+        output.write_table(output.path("rejects", f"{shard}.parquet"), examples)
     status = pa.Table.from_pylist([s.status_row(shard) for s in samples], schema=STATUS_SCHEMA)
     if previous_status is not None:
         redone = pa.array([s.input_row for s in samples], pa.int64())
@@ -65,9 +101,14 @@ def referenced_shards(output: Output) -> set[str]:
 
 
 def remove_orphans(output: Output) -> int:
-    """Delete shards and metadata of units a killed run wrote but never committed."""
+    """Delete shards, metadata and reject examples of units a killed run wrote but never committed."""
     live = referenced_shards(output)
+    committed = {name[:5] for name in output.list("status", ".parquet")}
     removed = 0
+    for name in output.list("rejects", ".parquet"):
+        if name[:5] not in committed:
+            output.fs.rm(output.path("rejects", name))
+            removed += 1
     for sub, suffix in (("shards", ".tar"), ("metadata", ".parquet")):
         for name in output.list(sub, suffix):
             if name[: -len(suffix)] not in live:

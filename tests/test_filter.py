@@ -49,12 +49,12 @@ def test_just_below_a_threshold_is_rejected(score: float, side: float) -> None:
 
 def test_no_face_at_all() -> None:
     out = filtered(sample())
-    assert out.status == "no_face" and out.content is None
+    assert out.status == "no_face" and out.content == b"jpeg"  # kept for the report's reject thumbnails
 
 
 def test_low_score_face_is_rejected_naming_the_best_score() -> None:
     out = filtered(sample(face(0.62, 100, 120), face(0.871, 80, 80)))
-    assert out.status == "face_rejected" and out.content is None
+    assert out.status == "face_rejected" and out.content == b"jpeg"
     assert "best score 0.87" in out.reason and "(min 0.9)" in out.reason
     assert "2 faces" in out.reason
 

@@ -1,0 +1,232 @@
+"""Near-duplicates and benchmark decontamination, global, by multi-index hashing of 64-bit pHashes.
+
+Two images are near-duplicates when their perceptual hashes differ in at most k bits
+(`near_duplicate_distance`). To find every such pair without comparing all pairs, each hash
+is cut into 4 bands of 16 bits: two hashes within k bits agree within r = k // 4 bits on at
+least one band (pigeonhole). Every image is filed under its exact band values and probes the
+band values within r bits of its own; a Ray Data groupby on (band, value) brings candidates
+together, where the full 64-bit distance is checked. No process ever holds every hash.
+
+The kept copy is deterministic: the larger image (original pixels), then the smaller key. An
+image is removed when any image of higher priority is within k bits of it. Images of the
+--exclude-images sets (and their mirrors) always win, and what they catch is a
+`benchmark_overlap` instead of a `near_duplicate`.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from PIL import Image, ImageOps
+
+from pipeline.config import ConfigError
+from pipeline.decode import phash_hex
+from pipeline.dedupe import REMOVED_SCHEMA, remove_from_shards, written_samples
+from pipeline.storage import Output
+
+BANDS, BAND_BITS = 4, 16
+REFERENCE_AREA = np.iinfo(np.int64).max  # excluded images outrank every dataset image
+
+ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("area", pa.int64()),
+                          ("shard", pa.string()), ("overlap_set", pa.string())])
+PAIRS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("winner", pa.string()),
+                          ("winner_area", pa.int64()), ("distance", pa.int32()), ("overlap_set", pa.string())])
+
+
+def phash_to_int(hex_digits: str) -> int:
+    """16 hex digits -> the same 64 bits as a signed int64 (Arrow has no uint64 groupby keys)."""
+    return int(np.array(int(hex_digits, 16), dtype=np.uint64).view(np.int64))
+
+
+def _probe_masks(radius: int) -> np.ndarray:
+    masks = [0]
+    for r in range(1, radius + 1):
+        masks += [sum(1 << b for b in bits) for bits in combinations(range(BAND_BITS), r)]
+    return np.array(masks, dtype=np.int64)
+
+
+def band_rows(items: pa.Table, k: int) -> pa.Table:
+    """One row per (item, band, probed value): the exact value (probe = False) and its neighbours."""
+    masks = _probe_masks(k // BANDS)
+    hashes = items["phash"].to_numpy().view(np.uint64)
+    parts = []
+    for band in range(BANDS):
+        values = ((hashes >> np.uint64(band * BAND_BITS)) & np.uint64(0xFFFF)).astype(np.int64)
+        probed = (values[:, None] ^ masks[None, :]).ravel()
+        index = np.repeat(np.arange(items.num_rows), len(masks))
+        part = items.take(pa.array(index))
+        parts.append(part.append_column("bucket", pa.array(band << BAND_BITS | probed, pa.int64()))
+                     .append_column("probe", pa.array(np.tile(masks != 0, items.num_rows))))
+    return pa.concat_tables(parts)
+
+
+def _outranks(area_a: np.ndarray, key_a: np.ndarray, area_b: np.ndarray, key_b: np.ndarray) -> np.ndarray:
+    return (area_a > area_b) | ((area_a == area_b) & (key_a < key_b))
+
+
+def _pairs_in_bucket(bucket: pa.Table, k: int) -> pa.Table | None:
+    """Within one bucket: every (loser, winner) pair within k bits, the winner filed here exactly."""
+    filed = bucket.filter(pc.invert(bucket["probe"]))
+    if filed.num_rows == 0:
+        return None
+    h_all, h_filed = bucket["phash"].to_numpy().view(np.uint64), filed["phash"].to_numpy().view(np.uint64)
+    distance = np.bitwise_count(h_all[:, None] ^ h_filed[None, :])
+    area_all, area_filed = bucket["area"].to_numpy(), filed["area"].to_numpy()
+    key_all = np.array(bucket["key"].to_pylist(), dtype=object)
+    key_filed = np.array(filed["key"].to_pylist(), dtype=object)
+    wins = _outranks(area_filed[None, :], key_filed[None, :], area_all[:, None], key_all[:, None])
+    losers, winners = np.nonzero((distance <= k) & wins & (area_all[:, None] != REFERENCE_AREA))
+    if losers.size == 0:
+        return None
+    lose, win = bucket.take(pa.array(losers)), filed.take(pa.array(winners))
+    return pa.table({"key": lose["key"], "shard": lose["shard"], "winner": win["key"], "winner_area": win["area"],
+                     "distance": pa.array(distance[losers, winners], pa.int32()),
+                     "overlap_set": win["overlap_set"]}, schema=PAIRS_SCHEMA)
+
+
+def bucket_pairs(rows: pa.Table, k: int) -> pa.Table:
+    """Candidate pairs of every bucket in `rows` (one shuffle partition holds many buckets)."""
+    rows = rows.sort_by("bucket")
+    buckets = rows["bucket"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+    sizes = np.diff(np.r_[starts, len(buckets)])
+    found = [_pairs_in_bucket(rows.slice(start, size), k) for start, size in zip(starts, sizes) if size > 1]
+    found = [f for f in found if f is not None]
+    return pa.concat_tables(found) if found else PAIRS_SCHEMA.empty_table()
+
+
+def best_winners(pairs: pa.Table) -> pa.Table:
+    """One row per loser: an excluded image if any (the closest), else the highest-priority winner."""
+    if pairs.num_rows == 0:
+        return PAIRS_SCHEMA.empty_table()
+    frame = pairs.to_pandas()
+    frame["not_overlap"] = frame["overlap_set"].isna()
+    frame["rank"] = np.where(frame["not_overlap"], -frame["winner_area"], frame["distance"])
+    frame = frame.sort_values(["key", "not_overlap", "rank", "winner"]).drop_duplicates("key")
+    return pa.Table.from_pandas(frame[PAIRS_SCHEMA.names], schema=PAIRS_SCHEMA, preserve_index=False)
+
+
+def _with_partition(table: pa.Table, column: str, partitions: int) -> pa.Table:
+    values = table[column].to_numpy() if column == "bucket" else np.array(
+        [int(key) for key in table[column].to_pylist()], dtype=np.int64)  # dataset keys are digits
+    return table.append_column("part", pa.array(values % partitions, pa.int64()))
+
+
+def find_near_duplicates(items: ray.data.Dataset, k: int, partitions: int) -> ray.data.Dataset:
+    """Losers among `items` (ITEMS_SCHEMA rows; excluded images have area REFERENCE_AREA).
+
+    Buckets are shuffled in `partitions` groups, not one group each: most buckets hold a single
+    hash, and a Ray task per bucket would cost far more than the comparisons.
+    """
+    partitions = max(1, min(partitions, 200))
+    bands = items.map_batches(lambda t: _with_partition(band_rows(t, k), "bucket", partitions),
+                              batch_format="pyarrow")
+    pairs = bands.groupby("part", num_partitions=partitions).map_groups(
+        lambda t: bucket_pairs(t, k), batch_format="pyarrow")
+    pairs = pairs.map_batches(lambda t: _with_partition(t, "key", partitions), batch_format="pyarrow")
+    return pairs.groupby("part", num_partitions=partitions).map_groups(
+        lambda t: best_winners(t.drop_columns(["part"])), batch_format="pyarrow")
+
+
+# --- the driver's side: excluded sets, then one pass over everything written --------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+EXCLUSIONS_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
+                               ("phash", pa.string()), ("phash_mirror", pa.string())])
+
+
+def exclusion_sets(patterns: list[str]) -> dict[str, list[str]]:
+    """{set name: image paths}; a folder's name, or the last folder before a glob's wildcards."""
+    sets: dict[str, list[str]] = {}
+    for pattern in patterns:
+        fs, root = fsspec.core.url_to_fs(pattern)
+        if fs.isdir(root):
+            files, name = fs.find(root), root.rstrip("/").rsplit("/", 1)[-1]
+        else:
+            files = fs.glob(root)
+            folder = root.split("*", 1)[0].split("?", 1)[0].rsplit("/", 1)[0]  # drop a partial file name
+            name = folder.rsplit("/", 1)[-1]
+        images = sorted(f for f in files if f.lower().endswith(IMAGE_SUFFIXES))
+        if not images:
+            raise ConfigError(f"--exclude-images {pattern}: no images found")
+        protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+        sets.setdefault(name, []).extend(protocol + f for f in images)
+    return sets
+
+
+def _hash_files(batch: dict) -> dict:
+    out: dict[str, list] = {name: [] for name in EXCLUSIONS_SCHEMA.names}
+    for path in batch["path"]:
+        fs, local = fsspec.core.url_to_fs(path)
+        info = fs.info(local)
+        with fs.open(local, "rb") as f, Image.open(f) as image:
+            upright = ImageOps.exif_transpose(image).convert("RGB")
+        out["path"].append(path), out["size"].append(int(info.get("size", 0)))
+        out["mtime"].append(float(info.get("mtime", 0) or 0))
+        out["phash"].append(phash_hex(upright)), out["phash_mirror"].append(phash_hex(ImageOps.mirror(upright)))
+    return out
+
+
+def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
+    """ITEMS_SCHEMA rows for every excluded image and its mirror; hashes cached in OUT/exclusions/."""
+    tables = []
+    for name, paths in exclusion_sets(patterns).items():
+        cache_path = output.path("exclusions", f"{name}.parquet")
+        cached = output.read_table(cache_path) if output.fs.exists(cache_path) else EXCLUSIONS_SCHEMA.empty_table()
+        known = {r["path"]: r for r in cached.to_pylist()}
+        todo = [p for p in paths if p not in known]  # a file is hashed once; delete the cache to redo
+        if todo:
+            fresh = ray.data.from_items([{"path": p} for p in todo]).map_batches(_hash_files, batch_size=64)
+            known.update({r["path"]: r for r in fresh.take_all()})
+            output.fs.makedirs(output.path("exclusions"), exist_ok=True)
+            output.write_table(cache_path, pa.Table.from_pylist(sorted(known.values(), key=lambda r: r["path"]),
+                                                                schema=EXCLUSIONS_SCHEMA))
+        rows = [known[p] for p in paths]
+        for column, suffix in (("phash", ""), ("phash_mirror", " (mirrored)")):
+            tables.append(pa.table({"key": [r["path"] + suffix for r in rows],
+                                    "phash": pa.array([phash_to_int(r[column]) for r in rows], pa.int64()),
+                                    "area": pa.array([REFERENCE_AREA] * len(rows), pa.int64()),
+                                    "shard": [""] * len(rows), "overlap_set": [name] * len(rows)},
+                                   schema=ITEMS_SCHEMA))
+    return pa.concat_tables(tables) if tables else ITEMS_SCHEMA.empty_table()
+
+
+def _written_items(t: pa.Table) -> pa.Table:
+    area = pc.multiply(pc.cast(t["original_width"], pa.int64()), pc.cast(t["original_height"], pa.int64()))
+    return pa.table({"key": t["key"], "phash": pa.array([phash_to_int(h) for h in t["phash"].to_pylist()], pa.int64()),
+                     "area": area, "shard": t["shard"], "overlap_set": pa.nulls(t.num_rows, pa.string())},
+                    schema=ITEMS_SCHEMA)
+
+
+def _as_removed(t: pa.Table) -> pa.Table:
+    rows = []
+    for r in t.to_pylist():
+        if r["overlap_set"]:
+            reason = f"within {r['distance']} bits of {r['overlap_set']} image {r['winner']}"
+            status = "benchmark_overlap"
+        else:
+            reason, status = f"perceptual hash within {r['distance']} bits of {r['winner']}", "near_duplicate"
+        rows.append({"key": r["key"], "shard": r["shard"], "status": status, "reason": reason,
+                     "duplicate_of": r["winner"], "distance": r["distance"], "overlap_set": r["overlap_set"]})
+    return pa.Table.from_pylist(rows, schema=REMOVED_SCHEMA)
+
+
+def remove_near_duplicates(output: Output, k: int, exclude: list[str], dedupe_within: bool) -> int:
+    """Remove benchmark overlaps, and near-duplicates when dedupe_within; returns how many."""
+    written = written_samples(output, ["key", "phash", "original_width", "original_height", "shard"])
+    if written is None or (not exclude and not dedupe_within):
+        return 0
+    items = written.map_batches(_written_items, batch_format="pyarrow")
+    references = exclusion_items(output, exclude)
+    if references.num_rows:
+        items = items.union(ray.data.from_arrow(references))
+    shards = len(output.list("metadata", ".parquet"))
+    losers = find_near_duplicates(items, k, shards)
+    if not dedupe_within:  # only what an excluded image caught
+        losers = losers.filter(lambda row: row["overlap_set"] is not None)
+    return remove_from_shards(output, losers.map_batches(_as_removed, batch_format="pyarrow").materialize(), shards)

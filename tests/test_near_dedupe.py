@@ -1,0 +1,93 @@
+"""Multi-index hashing of pHashes: it finds exactly the pairs brute force finds, decides the same
+way whatever the partitioning, and lets excluded images win."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from pipeline.config import ConfigError
+from pipeline.near_dedupe import (ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucket_pairs, exclusion_sets,
+                                  find_near_duplicates, phash_to_int)
+
+
+def random_items(n: int, k: int, seed: int = 0) -> pa.Table:
+    """n hashes, a third of them planted within 0..k+2 bits of an earlier one."""
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**63, size=n, dtype=np.int64).view(np.uint64) * np.uint64(2) + np.uint64(1)
+    for i in range(1, n, 3):
+        flips = rng.choice(64, size=rng.integers(0, k + 3), replace=False)
+        hashes[i] = hashes[rng.integers(0, i)] ^ np.uint64(sum(1 << int(b) for b in flips))
+    return pa.table({"key": [f"{i:05d}" for i in range(n)], "phash": pa.array(hashes.view(np.int64)),
+                     "area": pa.array(rng.integers(1, 4, size=n), pa.int64()), "shard": ["00000"] * n,
+                     "overlap_set": pa.nulls(n, pa.string())}, schema=ITEMS_SCHEMA)
+
+
+def brute_force_losers(items: pa.Table, k: int) -> set[str]:
+    h = items["phash"].to_numpy().view(np.uint64)
+    area, keys = items["area"].to_numpy(), items["key"].to_pylist()
+    distance = np.bitwise_count(h[:, None] ^ h[None, :])
+    losers = set()
+    for i in range(len(keys)):
+        for j in range(len(keys)):
+            outranks = area[j] > area[i] or (area[j] == area[i] and keys[j] < keys[i])
+            if i != j and distance[i, j] <= k and outranks:
+                losers.add(keys[i])
+    return losers
+
+
+@pytest.mark.parametrize("k", [0, 3, 5, 8])
+def test_band_buckets_find_exactly_the_brute_force_pairs(k: int) -> None:
+    items = random_items(120, k, seed=k)
+    pairs = bucket_pairs(band_rows(items, k), k)
+    found = set(pairs["key"].to_pylist())
+    assert all(d <= k for d in pairs["distance"].to_pylist())
+    assert found == brute_force_losers(items, k)
+    assert found  # the planted pairs are there
+
+
+def test_ray_result_does_not_depend_on_partitioning(ray_address: str) -> None:
+    items = random_items(200, 8, seed=3)
+    results = []
+    for blocks, partitions in ((1, 1), (5, 7)):
+        ds = ray.data.from_arrow(items).repartition(blocks)
+        losers = find_near_duplicates(ds, 8, partitions).to_pandas().sort_values("key")
+        results.append(list(zip(losers["key"], losers["winner"], losers["distance"])))
+    assert results[0] == results[1]
+    assert {key for key, _, _ in results[0]} == brute_force_losers(items, 8)
+    area = dict(zip(items["key"].to_pylist(), items["area"].to_pylist()))
+    for key, winner, _ in results[0]:  # the kept copy: larger image, then smaller key
+        assert area[winner] > area[key] or (area[winner] == area[key] and winner < key)
+
+
+def test_excluded_images_always_win_and_only_catch(ray_address: str) -> None:
+    items = random_items(30, 6, seed=5)
+    victim = items.slice(4, 1).to_pylist()[0]
+    reference = pa.table({"key": ["/bench/test/001.png"], "phash": [victim["phash"] ^ 0b101],
+                          "area": pa.array([REFERENCE_AREA], pa.int64()), "shard": [""],
+                          "overlap_set": ["bench"]}, schema=ITEMS_SCHEMA)
+    losers = find_near_duplicates(ray.data.from_arrow(pa.concat_tables([items, reference])), 6, 3).to_pandas()
+    caught = losers[losers["key"] == victim["key"]].iloc[0]
+    assert caught["winner"] == "/bench/test/001.png" and caught["overlap_set"] == "bench" and caught["distance"] == 2
+    assert "/bench/test/001.png" not in set(losers["key"])  # a reference never loses
+
+
+def test_phash_to_int_keeps_all_64_bits() -> None:
+    assert phash_to_int("ffffffffffffffff") == -1
+    assert phash_to_int("8000000000000001") == np.int64(-(2**63) + 1)
+    assert np.array(phash_to_int("0123456789abcdef")).view(np.uint64) == 0x0123456789ABCDEF
+
+
+def test_exclusion_sets_are_named_by_folder(tmp_path: Path) -> None:
+    for folder in ("celebamask_hq/test", "wflw"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "a.jpg").write_bytes(b"x")
+        (tmp_path / folder / "notes.txt").write_text("no image")
+    sets = exclusion_sets([str(tmp_path / "celebamask_hq/test/*.jpg"), str(tmp_path / "wflw")])
+    assert sets == {"test": [str(tmp_path / "celebamask_hq/test/a.jpg")], "wflw": [str(tmp_path / "wflw/a.jpg")]}
+    with pytest.raises(ConfigError, match="no images found"):
+        exclusion_sets([str(tmp_path / "nothing-*")])
