@@ -1,11 +1,18 @@
-"""`python -m bench.timed_build ARGS`: the builder's own CLI, with the detector actor timed.
+"""`python -m bench.timed_build ARGS`: the builder's own CLI, with its stages timed.
 
-Exactly `python -m pipeline.build_laion_face ARGS`, except that the detect stage runs
-`TimedDetectActor`, a subclass of `pipeline.detect.DetectActor` that appends one JSON line
-per call to `OUTPUT.detect-timing.jsonl` (a sibling of the output directory, so the output
-itself is untouched): wall start/end of the call, images detected, seconds inside the
-detector (letterbox + ONNX + post-processing) and the actor process's CPU seconds. The rest
-of a call is unpickling the unit, JPEG-decoding each image (`load_rgb`) and pickling it back.
+Exactly `python -m pipeline.build_laion_face ARGS`, except that each call of a per-unit stage
+appends one JSON line to `OUTPUT.stage-timing.jsonl` (a sibling of the output directory, so
+the output itself is untouched): the stage, wall start/end, the process's CPU seconds.
+
+- detect: `TimedDetectActor`, a subclass of `pipeline.detect.DetectActor`, also records the
+  images detected and the seconds inside the detector (letterbox + ONNX + post-processing).
+  The rest of a call is unpickling the unit, JPEG-decoding each image (`load_rgb`) and
+  pickling it back.
+- source_fetch_decode and filter_and_commit: thin wrappers around the pipeline's functions.
+
+What-if experiments without editing the pipeline: BENCH_DATA_CONTEXT='{"name": value, ...}'
+sets those ray.data.DataContext fields in the driver before the build starts (the build sets
+only its own few fields on the same context), e.g. '{"op_resource_reservation_enabled": false}'.
 
 No pipeline code is edited: the subclass is swapped in on the module the CLI runs. Run as
 `__main__`, the subclass travels to the Ray actor by value (cloudpickle), so workers need not
@@ -24,7 +31,7 @@ from pipeline.detect import DetectActor
 
 
 def timing_path(output: str) -> str:
-    return output.rstrip("/") + ".detect-timing.jsonl"
+    return output.rstrip("/") + ".stage-timing.jsonl"
 
 
 class TimedDetectActor(DetectActor):
@@ -55,12 +62,41 @@ class TimedDetectActor(DetectActor):
         return out
 
     def _write(self, record: dict) -> None:
-        with open(self._log, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append(self._log, {"stage": "detect", **record})
+
+
+def _append(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def timed_stage(fn, stage: str):
+    """`fn` (a per-unit Ray Data batch function taking output_url=) with each call logged."""
+
+    def timed(batch, **kwargs):
+        start, cpu = time.time(), time.process_time()
+        out = fn(batch, **kwargs)
+        _append(timing_path(kwargs["output_url"]), {"stage": stage, "event": "call", "start": start, "end": time.time(),
+                                                    "pid": os.getpid(), "units": len(out["unit"]),
+                                                    "cpu_s": time.process_time() - cpu})
+        return out
+
+    return timed
 
 
 def main(argv: list[str] | None = None) -> int:
-    builder.DetectActor = TimedDetectActor  # run_units looks the name up at call time
+    if overrides := os.environ.get("BENCH_DATA_CONTEXT"):
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        for name, value in json.loads(overrides).items():
+            if not hasattr(context, name):
+                raise SystemExit(f"BENCH_DATA_CONTEXT: DataContext has no field {name!r}")
+            setattr(context, name, value)
+    # run_units looks these names up at call time
+    builder.DetectActor = TimedDetectActor
+    builder.source_fetch_decode = timed_stage(builder.source_fetch_decode, "source_fetch_decode")
+    builder.filter_and_commit = timed_stage(builder.filter_and_commit, "filter_and_commit")
     return builder.main(argv)
 
 

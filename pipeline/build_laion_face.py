@@ -29,6 +29,7 @@ from pipeline.detect import DetectActor, insightface_model_path
 from pipeline.fetch import fetch_samples
 from pipeline.filter import filter_samples
 from pipeline.near_dedupe import exclusion_sets, remove_near_duplicates
+from pipeline.report import write_report
 from pipeline.schema import TRANSIENT_STATUSES, iter_units, pack, shard_name
 from pipeline.source import Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_unit, register_inputs
 from pipeline.storage import Output
@@ -135,6 +136,13 @@ def unit_memory(config: BuildConfig) -> int:
     return (600 << 20) + min(config.shard_size * 150_000, 4 << 30)
 
 
+def actor_cpus(actors: int) -> float:
+    """CPUs each CPU-only detector actor claims: one, but never so many that the actors hold every
+    CPU of the cluster, which would leave the fetch tasks none and hang the run."""
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(0.1, min(1.0, (total - 1.0) / actors))
+
+
 def run_units(work: list[Work], output: Output, config: BuildConfig, allowlist_ref, use_gpu: bool):
     """Stream the work units through every stage; yields (unit, status counts) as each commits."""
     ds = ray.data.from_items([w.row() for w in work], override_num_blocks=len(work))
@@ -146,7 +154,7 @@ def run_units(work: list[Work], output: Output, config: BuildConfig, allowlist_r
         gpus = config.detect_gpus if config.detect_gpus is not None else (1.0 if use_gpu else 0.0)
         ds = ds.map_batches(DetectActor, fn_constructor_args=(config, gpus > 0), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=config.detect_actors),
-                            num_gpus=gpus, num_cpus=0 if gpus else 1)
+                            num_gpus=gpus, num_cpus=0 if gpus else actor_cpus(config.detect_actors))
     # committing is light work: a fraction of a CPU keeps it from waiting behind the fetch tasks
     ds = ds.map_batches(filter_and_commit, batch_size=1, num_cpus=0.25,
                         fn_kwargs={"config": config, "output_url": output.url})
@@ -218,8 +226,9 @@ def build(config: BuildConfig) -> dict:
                                           config.near_dedupe)
     timings["near_dedupe_s"] = time.time() - t0
     stats = summary.finish(output, started, timings, rows_done, len(work), url_duplicates, removed, removed_near)
+    report = write_report(output.url)
     if config.progress:
-        print(summary.describe(output, stats), file=sys.stderr)
+        print(summary.describe(output, stats, report), file=sys.stderr)
     return stats
 
 

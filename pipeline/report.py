@@ -15,6 +15,7 @@ import html
 import io
 import math
 import random
+import sys
 import tarfile
 from collections import Counter
 from collections.abc import Sequence
@@ -299,17 +300,18 @@ h3{margin:18px 0 8px;font-size:15px} .muted{color:#666} code{font-size:12px}
 .cards{display:flex;flex-wrap:wrap;gap:12px;margin-top:16px}
 .card{background:#fff;border:1px solid #e2e4e8;border-radius:8px;padding:10px 16px;min-width:120px}
 .card b{display:block;font-size:22px}
-.two{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:24px;align-items:start}
+.two{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(480px,100%),1fr));gap:24px;align-items:start}
 table{border-collapse:collapse;background:#fff;width:100%}
 td,th{padding:4px 8px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
 .funnel .row{display:grid;grid-template-columns:96px 1fr;column-gap:8px;align-items:center;margin:2px 0}
-.funnel .track{grid-column:2;display:flex;align-items:center;gap:6px;white-space:nowrap;font-variant-numeric:tabular-nums}
+.funnel .track{grid-column:2;display:flex;align-items:center;gap:6px;white-space:nowrap}
+.funnel .track,.counts{font-variant-numeric:tabular-nums}
 .funnel .bar{background:#4c78a8;height:22px;border-radius:3px;flex:none}
 .funnel .count{font-weight:600}
 .funnel .lost{grid-column:2;font-size:12px;color:#b03030;margin:2px 0 0}
 .funnel .row>span{grid-row:span 2;align-self:end;padding-bottom:2px}
-.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:16px}
+.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(520px,100%),1fr));gap:16px}
 .charts img{width:100%;background:#fff;border:1px solid #e2e4e8;border-radius:6px}
 .sheet{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:12px}
 figure{margin:0;background:#fff;border:1px solid #e2e4e8;border-radius:6px;padding:6px;overflow:hidden}
@@ -320,7 +322,7 @@ figcaption{font-size:12px;margin-top:4px;overflow-wrap:anywhere}
 .rejects{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
 table.examples{table-layout:fixed;font-size:13px} table.examples td{overflow-wrap:anywhere}
 table.examples td:first-child,table.examples th:first-child{width:55%}
-nav{margin-top:16px} nav a{margin-right:14px;color:#2a5db0;text-decoration:none}
+nav{margin-top:16px;display:flex;flex-wrap:wrap;gap:4px 18px} nav a{color:#2a5db0;text-decoration:none}
 .dot{display:inline-block;width:10px;height:10px;border-radius:50%;border:1px solid #000;margin:0 4px 0 10px}
 """
 
@@ -330,6 +332,10 @@ def esc(value: Any, limit: int | None = None) -> str:
     if limit and len(text) > limit:
         text = text[: limit - 1] + "…"
     return html.escape(text)
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def render_funnel(counts: Counter) -> str:
@@ -354,7 +360,8 @@ def render_counts(counts: Counter) -> str:
         f'<td>{esc(STATUSES.get(s, "(a status this version of the report does not know)"))}</td></tr>'
         for s in order)
     return (f'<table class="counts"><tr><th>status</th><th>rows</th><th>share</th><th>meaning</th></tr>{rows}'
-            f'<tr><th>total</th><td class="n">{sum(counts.values()):,}</td><td class="n">100%</td><td></td></tr></table>')
+            f'<tr><th>total</th><td class="n">{sum(counts.values()):,}</td><td class="n">100%</td><td></td></tr>'
+            '</table>')
 
 
 def render_rejects(examples: dict[str, list[dict[str, Any]]], images: dict[tuple[str, int], str],
@@ -363,8 +370,7 @@ def render_rejects(examples: dict[str, list[dict[str, Any]]], images: dict[tuple
     grids, tables = [], []
     for status in sorted(examples, key=status_order):
         rows = examples[status]
-        n = counts[status]
-        title = (f'<h3 id="reject-{esc(status)}"><code>{esc(status)}</code> · {n:,} row{"s" if n != 1 else ""} '
+        title = (f'<h3 id="reject-{esc(status)}"><code>{esc(status)}</code> · {plural(counts[status], "row")} '
                  f'<span class="muted">— {esc(STATUSES.get(status, "unknown status"))}</span></h3>')
         if any((status, i) in images for i in range(len(rows))):
             figures = "".join(
@@ -375,13 +381,14 @@ def render_rejects(examples: dict[str, list[dict[str, Any]]], images: dict[tuple
         else:
             trs = "".join(f'<tr><td><code>{esc(r["url"], 90)}</code></td><td>{esc(r["reason"], 160)}</td></tr>'
                           for r in rows[:URL_EXAMPLES])
-            tables.append(f'<div>{title}<table class="examples"><tr><th>url</th><th>reason</th></tr>{trs}</table></div>')
+            tables.append(f'<div>{title}<table class="examples"><tr><th>url</th><th>reason</th></tr>{trs}</table>'
+                          '</div>')
     if not grids and not tables:
         return '<p class="muted">No row was rejected.</p>'
     return "".join(grids) + (f'<div class="two">{"".join(tables)}</div>' if tables else "")
 
 
-def render_html(data: ReportData, charts: list[str], sheet: list[tuple[str, dict[str, Any]]],
+def render_html(data: ReportData, charts: list[tuple[str, str]], sheet: list[tuple[str, dict[str, Any]]],
                 reject_images: dict[tuple[str, int], str]) -> str:
     total, written = sum(data.counts.values()), data.counts["ok"]
     run = data.stats.get("last_run", {})
@@ -393,8 +400,8 @@ def render_html(data: ReportData, charts: list[str], sheet: list[tuple[str, dict
                f'<p class="muted">Over {data.metadata_rows:,} of the {data.written_total:,} written samples.</p>')
     chart_html = "".join(f'<img src="{name}" alt="{esc(title)}">' for name, title in charts)
     figures = "".join(
-        f'<figure><div class="img"><img src="{name}" alt="{esc(row["key"])}"></div><figcaption><code>{esc(row["key"])}</code> · '
-        f'{row["num_faces"]} face{"s" if row["num_faces"] != 1 else ""}<br>'
+        f'<figure><div class="img"><img src="{name}" alt="{esc(row["key"])}"></div>'
+        f'<figcaption><code>{esc(row["key"])}</code> · {plural(row["num_faces"], "face")}<br>'
         f'<span title="{esc(row["caption"])}">{esc(row["caption"], 120)}</span></figcaption></figure>'
         for name, row in sheet)
     legend = "".join(f'<span class="dot" style="background:{c}"></span>{n}'
@@ -406,7 +413,8 @@ def render_html(data: ReportData, charts: list[str], sheet: list[tuple[str, dict
 <h1>LAION-FACE build report</h1>
 <div class="muted"><code>{esc(data.url)}</code> · built {esc(run.get("finished_at", "(unknown)"))}</div>
 <div class="cards">{card_html}</div>
-<nav><a href="#rows">Where the rows went</a><a href="#written">What was written</a><a href="#samples">Samples</a><a href="#rejected">Rejected</a></nav>
+<nav><a href="#rows">Where the rows went</a><a href="#written">What was written</a><a href="#samples">Samples</a>
+<a href="#rejected">Rejected</a></nav>
 <h2 id="rows">Where the rows went</h2>
 <div class="two"><div>{render_funnel(data.counts)}</div><div>{render_counts(data.counts)}</div></div>
 <h2 id="written">What was written</h2>{covered}<div class="charts">{chart_html}</div>
@@ -423,6 +431,8 @@ def render_html(data: ReportData, charts: list[str], sheet: list[tuple[str, dict
 def write_report(output_url: str, seed: int = 0, samples: int = 24) -> str:
     """Write OUT/report/index.html and its images; returns the index.html path (or URL)."""
     output = Output(output_url)
+    if not output.fs.exists(output.path("status")):
+        raise FileNotFoundError(f"no build at {output_url}: it has no status/ folder")
     data = gather(output, seed, samples)
     files: dict[str, bytes] = {}
     charts = []
@@ -460,7 +470,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="picks the contact sheet and reject examples")
     parser.add_argument("--samples", type=int, default=24, help="images on the contact sheet")
     args = parser.parse_args(argv)
-    print(write_report(args.output, seed=args.seed, samples=args.samples))
+    try:
+        print(write_report(args.output, seed=args.seed, samples=args.samples))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

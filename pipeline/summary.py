@@ -58,7 +58,7 @@ def finish(output: Output, started: float, timings: dict[str, float], rows_done:
     return stats
 
 
-def describe(output: Output, stats: dict) -> str:
+def describe(output: Output, stats: dict, report: str) -> str:
     """The few lines printed at the end of a build: what was made and where it is."""
     out = output.url.rstrip("/")
     counts = ", ".join(f"{status} {n}" for status, n in stats["counts"].items())
@@ -71,6 +71,7 @@ def describe(output: Output, stats: dict) -> str:
         f"  metadata  {out}/metadata/*.parquet  (one row per sample, faces included)",
         f"  status    {out}/status/*.parquet  (every input row, its status and reason)",
         f"  stats     {out}/stats.json",
+        f"  report    {report}",
         f"  statuses  {counts}",
         f"  explore   python -m queries overview --data {out}",
     ])

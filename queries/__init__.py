@@ -1,22 +1,35 @@
 """Canned DuckDB queries over a build's output tables.
 
 Each `queries/NAME.sql` holds one query whose first line is a `-- description` comment. The
-queries read two views, `metadata` and `status`, which `connect` creates over
-OUT/metadata/*.parquet and OUT/status/*.parquet (OUT local or an fsspec URL).
+queries read three views that `connect` creates: `metadata` and `status` over
+OUT/metadata/*.parquet and OUT/status/*.parquet (OUT local or an fsspec URL), and `inputs`
+over OUT/inputs.json (`index`, `path`, `rows`, `first_unit` of every input file; a row's key is
+its file's `index` in 5 digits and its row in 9). Columns newer than some outputs
+(OPTIONAL_COLUMNS) read as NULL where a build predates them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import duckdb
+import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.storage import Output
 
 QUERY_DIR = Path(__file__).parent
 TABLES = ("metadata", "status")
+# Columns that outputs of older builds lack, with their DuckDB types: the views fill them with NULL.
+OPTIONAL_COLUMNS: dict[str, dict[str, str]] = {
+    "metadata": {"phash": "VARCHAR"},
+    "status": {"distance": "INTEGER", "overlap_set": "VARCHAR"},
+}
+INPUTS_SCHEMA = pa.schema([("index", pa.int32()), ("path", pa.string()), ("rows", pa.int64()),
+                           ("first_unit", pa.int32())])
+T = TypeVar("T")
 
 
 class QueryError(Exception):
@@ -70,16 +83,38 @@ def connect(data_dir: str | Path) -> duckdb.DuckDBPyConnection:
         con.register_filesystem(out.fs)
     for table, paths in files.items():
         # union_by_name: files written by different versions may order or add columns differently.
-        con.read_parquet(paths, union_by_name=True).create_view(table)
+        rel = con.read_parquet(paths, union_by_name=True)
+        missing = [f"CAST(NULL AS {type_}) AS {column}"
+                   for column, type_ in OPTIONAL_COLUMNS[table].items() if column not in rel.columns]
+        (rel.project(", ".join(["*", *missing])) if missing else rel).create_view(table)
+    registry = out.read_json("inputs.json") or {"files": []}
+    inputs = registry["files"] if isinstance(registry, dict) else registry  # early builds: a bare list
+    con.from_arrow(pa.Table.from_pylist(
+        [{name: entry.get(name) for name in INPUTS_SCHEMA.names} for entry in inputs], schema=INPUTS_SCHEMA,
+    )).create_view("inputs")
     return con
 
 
-def run_query(name: str, data_dir: str | Path) -> QueryResult:
-    """Run query `name` over the output in data_dir; the connection is closed afterwards."""
+def _run(name: str, data_dir: str | Path, fetch: Callable[[duckdb.DuckDBPyRelation], T]) -> T:
+    """fetch(the result of query `name` over data_dir); the connection is closed afterwards."""
     sql = query_sql(name)
     con = connect(data_dir)
     try:
-        rel = con.sql(sql)
-        return QueryResult(list(rel.columns), rel.fetchall())
+        return fetch(con.sql(sql))
     finally:
         con.close()
+
+
+def run_query(name: str, data_dir: str | Path) -> QueryResult:
+    """Run query `name` over the output in data_dir: its columns and every row."""
+    return _run(name, data_dir, lambda rel: QueryResult(list(rel.columns), rel.fetchall()))
+
+
+def query_keys(name: str, data_dir: str | Path) -> list[str]:
+    """The distinct keys (column `key`) that query `name` selects over data_dir, sorted."""
+    def keys(rel: duckdb.DuckDBPyRelation) -> list[str]:
+        if "key" not in rel.columns:
+            raise QueryError(f"query {name!r} selects no key column (has: {', '.join(rel.columns)})")
+        return [key for (key,) in rel.query("q", "SELECT DISTINCT key FROM q WHERE key IS NOT NULL ORDER BY key")
+                .fetchall()]
+    return _run(name, data_dir, keys)

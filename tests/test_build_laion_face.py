@@ -249,3 +249,52 @@ def test_fsspec_urls_and_no_detector(server: ImageServer, ray_address: str, tmp_
     status, metadata, _ = check_consistent(out, 6)
     assert Counter(status["status"].to_pylist()) == {"ok": 5, "decode_error": 1}
     assert metadata["num_faces"].to_pylist() == [0] * 5
+
+
+# --- near-duplicates and benchmark decontamination -----------------------------------------------------
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def test_near_duplicates_and_benchmark_overlaps_are_removed_the_same_way_with_1_or_2_workers(
+        server: ImageServer, ray_address: str, tmp_path: Path) -> None:
+    from PIL import ImageEnhance, ImageOps
+
+    first_of_source = {}
+    for _, image in server.photos:  # three different photos, one per source
+        if image.has_face and image.source != "t1":
+            first_of_source.setdefault(image.source, image)
+    original, other, benchmark = (Image.open(io.BytesIO(image.data)).convert("RGB")
+                                  for image in list(first_of_source.values())[:3])
+    variants = {  # web copies of one photo: re-encoded, resized, brightened
+        "orig.jpg": jpeg_bytes(original, 95), "q40.jpg": jpeg_bytes(original, 40),
+        "small.jpg": jpeg_bytes(original.resize((original.width * 3 // 4, original.height * 3 // 4))),
+        "bright.jpg": jpeg_bytes(ImageEnhance.Brightness(original).enhance(1.08)),
+        "other.jpg": jpeg_bytes(other), "benchmark-copy.jpg": jpeg_bytes(benchmark, 70),
+    }
+    for name, data in variants.items():
+        server.add(f"/near/{tmp_path.name}/{name}", data)
+    urls = [server.url(f"/near/{tmp_path.name}/{name}") for name in variants]
+    parquet = laion_parquet(tmp_path / "near.parquet", urls)
+    excluded = tmp_path / "wflw_test"
+    excluded.mkdir()
+    ImageOps.mirror(benchmark).save(excluded / "0001.png")  # the test split holds it mirrored
+    results = []
+    for run, (shard_size, actors) in enumerate(((2, 1), (3, 2))):
+        out = tmp_path / f"out{run}"
+        build(settings(server, out, input=[str(parquet)], shard_size=shard_size, detect_actors=actors,
+                       exclude_images=[str(excluded)]))
+        status, _, _ = check_consistent(out, len(urls))
+        rows = sorted(zip(status["input_row"].to_pylist(), status["status"].to_pylist(),
+                          status["duplicate_of"].to_pylist(), status["overlap_set"].to_pylist()))
+        results.append(rows)
+        assert (out / "exclusions" / "wflw_test.parquet").exists()  # hashes cached beside the output
+    assert results[0] == results[1]
+    by_row = {row: (status, duplicate_of, overlap) for row, status, duplicate_of, overlap in results[0]}
+    kept_key = "00000000000000"  # orig.jpg: the largest copy
+    assert by_row[0][0] == "ok" and by_row[4][0] == "ok"
+    assert [by_row[i][:2] for i in (1, 2, 3)] == [("near_duplicate", kept_key)] * 3
+    assert by_row[5] == ("benchmark_overlap", str(excluded / "0001.png") + " (mirrored)", "wflw_test")

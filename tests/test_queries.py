@@ -7,6 +7,7 @@ checked by hand.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -19,13 +20,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.schema import METADATA_SCHEMA, STATUS_SCHEMA
-from queries import QueryError, list_queries, run_query
+from queries import OPTIONAL_COLUMNS, QueryError, connect, list_queries, query_keys, run_query
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {
     "overview", "faces_per_image", "face_size", "face_score",
     "caption_length", "rejects_by_reason", "shard_counts",
+    "duplicate_clusters", "benchmark_overlaps", "rejects_by_host", "select_training_subset",
 }
+# The tables as written before the optional columns existed (older builds).
+OLD_METADATA_SCHEMA = pa.schema([f for f in METADATA_SCHEMA if f.name not in OPTIONAL_COLUMNS["metadata"]])
+OLD_STATUS_SCHEMA = pa.schema([f for f in STATUS_SCHEMA if f.name not in OPTIONAL_COLUMNS["status"]])
 
 
 def _face(box: list[float], score: float) -> dict[str, Any]:
@@ -42,13 +47,14 @@ def _meta(key: str, shard: str, caption: str | None, faces: list[dict[str, Any]]
 
 
 def _status(row: int, status: str, reason: str | None = None, shard: str | None = None,
-            http_status: int | None = None) -> dict[str, Any]:
+            http_status: int | None = None, **columns: Any) -> dict[str, Any]:
+    """A status row of part-0.parquet; `columns` set or override any other column."""
     key = f"{row:014d}" if status == "ok" else None
     return {
         "input_file": "part-0.parquet", "input_row": row, "unit": 0, "sample_id": row,
         "url": f"http://x/{row}.jpg", "key": key, "shard": shard, "status": status,
         "reason": reason, "duplicate_of": "00000000000000" if status == "duplicate_url" else None,
-        "http_status": http_status,
+        "http_status": http_status, **columns,
     }
 
 
@@ -187,6 +193,161 @@ def test_bad_input_raises_query_error(tmp_path: Path, synthetic_output: Path) ->
         run_query("overview", tmp_path / "empty")
 
 
+# --- removals, hosts and the training selection: exact numbers --------------------------------
+
+
+def _good_face(side: float, score: float) -> dict[str, Any]:
+    return _face([10.0, 20.0, 10.0 + side, 20.0 + 2 * side], score)  # shorter side: width
+
+
+@pytest.fixture
+def removal_output(tmp_path: Path) -> Path:
+    """Written samples for the training selection; exact, near and benchmark removals.
+
+    Metadata and status each have one file with the optional columns and one without (an
+    older build), and there are two input files, the second numbered 3.
+    """
+    out = tmp_path / "out"
+    (out / "inputs.json").parent.mkdir(parents=True)
+    (out / "inputs.json").write_text(json.dumps({"shard_size": 10, "files": [
+        {"index": 0, "path": "part-0.parquet", "rows": 20, "first_unit": 0},
+        {"index": 3, "path": "part-1.parquet", "rows": 5, "first_unit": 2},
+    ]}))
+    k = [f"{i:014d}" for i in range(7)]
+    _write(out / "metadata" / "00000.parquet", [
+        {**_meta(k[0], "00000", "one", [_good_face(100, 0.96875)]), "phash": "0123456789abcdef"},
+        # one face passes; the small and the unsure one do not count
+        {**_meta(k[1], "00000", "one+small", [
+            _face([0, 0, 10, 10], 0.9921875), _good_face(96, 0.95), _good_face(200, 0.9375)]), "phash": None},
+        {**_meta(k[2], "00000", "two", [_good_face(100, 0.96875), _good_face(300, 0.96875)]), "phash": None},
+        {**_meta(k[3], "00000", "unsure", [_good_face(100, 0.9375)]), "phash": None},
+        {**_meta(k[4], "00000", "small", [_good_face(95.5, 0.96875)]), "phash": None},
+        {**_meta(k[5], "00000", "none", []), "phash": None},
+    ], METADATA_SCHEMA)
+    _write(out / "metadata" / "00002.parquet", [
+        _meta(k[6], "00002", "old", [_good_face(300, 0.9921875)]),
+    ], OLD_METADATA_SCHEMA)
+
+    def overlap(row: int, path: str, overlap_set: str, distance: int) -> dict[str, Any]:
+        return _status(row, "benchmark_overlap", "overlap", duplicate_of=path, overlap_set=overlap_set,
+                       distance=distance)
+
+    _write(out / "status" / "00000.parquet", [
+        *[_status(i, "ok", shard="00000") for i in range(6)],
+        _status(7, "duplicate_image", "same bytes", duplicate_of=k[0]),
+        _status(8, "near_duplicate", "near", duplicate_of=k[0], distance=3),
+        _status(9, "near_duplicate", "near", duplicate_of=k[6], distance=5),
+        _status(16, "near_duplicate", "near", duplicate_of=k[6], distance=1),
+        overlap(10, "celeba/3.jpg", "celebamask_hq", 2),
+        overlap(11, "celeba/1.jpg", "celebamask_hq", 0),
+        overlap(12, "celeba/1.jpg", "celebamask_hq", 4),
+        overlap(13, "celeba/2.jpg", "celebamask_hq", 1),
+        overlap(14, "celeba/0.jpg", "celebamask_hq", 0),
+        overlap(15, "lfw/Aaron_Eckhart_0001.jpg", "lfw", 6),
+    ], STATUS_SCHEMA)
+    _write(out / "status" / "00002.parquet", [
+        {**_status(1, "duplicate_image", "same bytes", duplicate_of=k[6]), "input_file": "part-1.parquet",
+         "unit": 2},
+    ], OLD_STATUS_SCHEMA)
+    return out
+
+
+def test_optional_columns_fill_in_per_file(removal_output: Path) -> None:
+    con = connect(removal_output)
+    try:
+        types = {table: dict(con.sql(f"SELECT column_name, column_type FROM (DESCRIBE {table})").fetchall())
+                 for table in ("metadata", "status")}
+        phash = dict(con.sql("SELECT key, phash FROM metadata").fetchall())
+        overlaps = con.sql("SELECT count(*) FROM status WHERE overlap_set IS NOT NULL").fetchall()
+    finally:
+        con.close()
+    assert types["metadata"]["phash"] == "VARCHAR"
+    assert types["status"]["distance"] == "INTEGER" and types["status"]["overlap_set"] == "VARCHAR"
+    assert phash["00000000000000"] == "0123456789abcdef" and phash["00000000000006"] is None
+    assert overlaps == [(6,)]
+
+
+def test_optional_columns_missing_everywhere(tmp_path: Path) -> None:
+    """An output older than every optional column: they read as NULL and every query runs."""
+    out = tmp_path / "old"
+    _write(out / "metadata" / "00000.parquet",
+           [_meta("00000000000000", "00000", "a", [_good_face(100, 0.96875)])], OLD_METADATA_SCHEMA)
+    _write(out / "status" / "00000.parquet", [
+        _status(0, "ok", shard="00000"),
+        _status(1, "duplicate_image", "same bytes", duplicate_of="00000000000000"),
+    ], OLD_STATUS_SCHEMA)
+    assert pq.read_schema(out / "status" / "00000.parquet").get_field_index("distance") == -1
+    con = connect(out)
+    try:
+        assert con.sql("SELECT DISTINCT phash FROM metadata").fetchall() == [(None,)]
+        assert con.sql("SELECT DISTINCT distance, overlap_set FROM status").fetchall() == [(None, None)]
+        assert con.sql("SELECT count(*) FROM inputs").fetchall() == [(0,)]  # no OUT/inputs.json
+    finally:
+        con.close()
+    for name in list_queries():
+        run_query(name, out)
+    # Without inputs.json the removed row's key is unknown; its distance is still 0.
+    assert _run("duplicate_clusters", out) == [("00000000000000", [None], [0], 1)]
+    assert _run("benchmark_overlaps", out) == []
+    assert query_keys("select_training_subset", out) == ["00000000000000"]
+
+
+def test_duplicate_clusters(removal_output: Path) -> None:
+    result = run_query("duplicate_clusters", removal_output)
+    assert result.columns == ["kept_key", "removed_keys", "distances", "removed"]
+    assert result.rows == [
+        # removed keys come from inputs.json: file 3, row 1 is 00003000000001
+        ("00000000000006", ["00000000000009", "00000000000016", "00003000000001"], [5, 1, 0], 3),
+        ("00000000000000", ["00000000000007", "00000000000008"], [0, 3], 2),
+    ]
+
+
+def test_benchmark_overlaps(removal_output: Path) -> None:
+    result = run_query("benchmark_overlaps", removal_output)
+    assert result.columns == ["overlap_set", "rows", "excluded_images", "examples"]
+    assert result.rows == [
+        ("celebamask_hq", 5, 4, ["celeba/0.jpg", "celeba/1.jpg", "celeba/2.jpg"]),
+        ("lfw", 1, 1, ["lfw/Aaron_Eckhart_0001.jpg"]),
+    ]
+
+
+def test_rejects_by_host(tmp_path: Path) -> None:
+    out = tmp_path / "hosts"
+    _write(out / "metadata" / "00000.parquet", [], METADATA_SCHEMA)
+    urls = [
+        ("ok", "http://a.com/1"), ("no_face", "http://A.com:8080/2"), ("no_face", "https://u:pw@a.com/3"),
+        ("http_error", "http://a.com/4"), ("no_face", "http://[2001:db8::1]:81/x"), ("invalid_url", None),
+        ("invalid_url", "ftp://b.org/x"), ("invalid_url", "not a url"), ("timeout", "http://b.org?x=1"),
+    ]
+    _write(out / "status" / "00000.parquet",
+           [_status(i, status, url=url) for i, (status, url) in enumerate(urls)], STATUS_SCHEMA)
+    result = run_query("rejects_by_host", out)
+    assert result.columns == ["host", "status", "rows", "pct_of_input"]
+    assert result.rows == [
+        ("a.com", "no_face", 2, 22.22), (None, "invalid_url", 2, 22.22),
+        ("[2001:db8::1]", "no_face", 1, 11.11), ("a.com", "http_error", 1, 11.11),
+        ("b.org", "invalid_url", 1, 11.11), ("b.org", "timeout", 1, 11.11),
+    ]
+
+
+def test_select_training_subset(removal_output: Path) -> None:
+    result = run_query("select_training_subset", removal_output)
+    assert result.columns == ["key", "shard", "face"]
+    assert [(key, shard) for key, shard, _ in result.rows] == [
+        ("00000000000000", "00000"), ("00000000000001", "00000"), ("00000000000006", "00002"),
+    ]
+    face = result.rows[1][2]  # the one face that passes, not the small or the unsure one
+    assert face["box"] == [10.0, 20.0, 106.0, 212.0] and face["score"] == pytest.approx(0.95)
+    assert query_keys("select_training_subset", removal_output) == [key for key, _, _ in result.rows]
+
+
+def test_query_keys_needs_a_key_column(removal_output: Path) -> None:
+    with pytest.raises(QueryError, match="query 'overview' selects no key column"):
+        query_keys("overview", removal_output)
+    with pytest.raises(QueryError, match="unknown query"):
+        query_keys("nope", removal_output)
+
+
 # --- command line ----------------------------------------------------------------------------
 
 
@@ -277,6 +438,23 @@ def test_built_output_face_histograms_agree(built_output: Path) -> None:
     assert sum(n for _, n, _ in _run("face_size", built_output)) == faces
     assert sum(n for _, n, _ in _run("face_score", built_output)) == faces
     assert sum(n for _, n, _ in _run("caption_length", built_output)) == metadata.num_rows
+
+
+def test_built_output_removals_and_hosts(built_output: Path) -> None:
+    status = _read(built_output, "status").to_pylist()
+    written = set(_read(built_output, "metadata")["key"].to_pylist())
+    index = {e["path"]: e["index"] for e in json.loads((built_output / "inputs.json").read_text())["files"]}
+    removed = {f"{index[r['input_file']]:05d}{r['input_row']:09d}": r["duplicate_of"]
+               for r in status if r["status"] in ("duplicate_image", "near_duplicate")}
+    clusters = _run("duplicate_clusters", built_output)
+    assert {k: kept for kept, keys, _, _ in clusters for k in keys} == removed
+    assert all(n == len(keys) == len(distances) for _, keys, distances, n in clusters)
+    assert not set(removed) & written, "a removed key is not in the shards"
+    overlaps = _run("benchmark_overlaps", built_output)
+    assert sum(n for _, n, _, _ in overlaps) == sum(r["status"] == "benchmark_overlap" for r in status)
+    hosts = _run("rejects_by_host", built_output)
+    assert sum(n for _, _, n, _ in hosts) == sum(r["status"] != "ok" for r in status)
+    assert {s for _, s, _, _ in hosts} == {r["status"] for r in status} - {"ok"}
 
 
 def test_built_output_cli_runs_every_query(built_output: Path) -> None:
