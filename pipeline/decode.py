@@ -20,7 +20,6 @@ from pipeline.schema import Sample
 
 EXIF_ORIENTATION = 0x0112
 ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # the ones that swap width and height
-Image.MAX_IMAGE_PIXELS = None  # our own max_image_pixels check replaces PIL's warning
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -70,8 +69,11 @@ def decode_samples(samples: list[Sample], config: BuildConfig) -> list[Sample]:
         try:
             stored, sample.width, sample.height, sample.original_width, sample.original_height, sample.phash = \
                 decode_image(sample.content, config)
-        except (OverflowError, Image.DecompressionBombError) as err:
+        except OverflowError as err:
             sample.fail("image_too_large", str(err))
+            continue
+        except Image.DecompressionBombError:  # PIL refuses past twice its own limit, before our check
+            sample.fail("image_too_large", f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels: PIL's bomb guard")
             continue
         except Image.UnidentifiedImageError:
             sample.fail("decode_error", "not a recognised image format")
