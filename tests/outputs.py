@@ -1,4 +1,4 @@
-"""Readers for a build's output, shared by the end-to-end tests: Parquet and tar read back raw."""
+"""Shared by the end-to-end tests: LAION-format input files, and a build's output read back raw."""
 
 from __future__ import annotations
 
@@ -8,6 +8,18 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def laion_parquet(path: Path, urls: list[str], **extra_columns) -> Path:
+    n = len(urls)
+    pq.write_table(pa.table({
+        "SAMPLE_ID": pa.array(range(1000, 1000 + n), pa.int64()), "URL": urls,
+        "TEXT": [f"caption {i}" for i in range(n)], "WIDTH": [512] * n, "HEIGHT": [512] * n,
+        "LICENSE": ["?"] * n, "NSFW": ["UNLIKELY"] * n, "similarity": [0.3] * n, **extra_columns,
+    }), path, row_group_size=7)
+    return path
 
 
 def status_table(out: Path) -> pa.Table:

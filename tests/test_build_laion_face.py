@@ -20,25 +20,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from outputs import check_consistent, metadata_table, status_table
+from outputs import ROOT, check_consistent, laion_parquet, metadata_table, status_table
 from pipeline.build_config import BuildConfig
 from pipeline.build_laion_face import build
 from pipeline.demo_data import make_demo_images
 from pipeline.demo_server import ImageServer
 from pipeline.schema import STATUSES
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def laion_parquet(path: Path, urls: list[str], **extra_columns) -> Path:
-    n = len(urls)
-    pq.write_table(pa.table({
-        "SAMPLE_ID": pa.array(range(1000, 1000 + n), pa.int64()), "URL": urls,
-        "TEXT": [f"caption {i}" for i in range(n)], "WIDTH": [512] * n, "HEIGHT": [512] * n,
-        "LICENSE": ["?"] * n, "NSFW": ["UNLIKELY"] * n, "similarity": [0.3] * n, **extra_columns,
-    }), path, row_group_size=7)
-    return path
-
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ImageServer]:

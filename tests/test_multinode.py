@@ -1,0 +1,48 @@
+"""The builder on a Ray cluster of several nodes (ray.cluster_utils.Cluster: real raylets on one
+machine), joined with --address as on a real cluster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from outputs import ROOT, check_consistent, laion_parquet
+from pipeline.demo_data import make_demo_images
+from pipeline.demo_server import ImageServer
+
+CLUSTER_BUILD = textwrap.dedent("""
+    import sys
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    from pipeline.build_laion_face import main
+    code = main(sys.argv[1:] + ["--address", cluster.address])
+    ray.shutdown()
+    cluster.shutdown()
+    sys.exit(code)
+""")
+
+
+def test_build_on_a_two_node_cluster(tmp_path: Path) -> None:
+    with ImageServer() as server:
+        urls = []
+        for i, image in enumerate(make_demo_images(seed=2)[:24]):
+            server.add(f"/m/{i}", image.data, image.content_type)
+            urls.append(server.url(f"/m/{i}"))
+        parquet = laion_parquet(tmp_path / "in.parquet", urls)
+        out = tmp_path / "out"
+        result = subprocess.run(
+            [sys.executable, "-c", CLUSTER_BUILD, "--input", str(parquet), "--output", str(out),
+             "--allow-host", f"127.0.0.1:{server.port}", "--shard-size", "4", "--no-progress"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    status, metadata, _ = check_consistent(out, len(urls))
+    assert metadata.num_rows > 0 and set(status["status"].to_pylist()) <= {
+        "ok", "no_face", "face_rejected", "duplicate_image", "near_duplicate"}
