@@ -1,0 +1,604 @@
+"""Near-duplicate detection quality and cost of the pHash stage, on real photos.
+
+    python -m bench.dedupe_quality [--out out/bench/dedupe_quality.json] [--per-kind 24] [--workers 2]
+
+No downloads: the photos are the ones installed packages ship (scikit-image's data, insightface's
+test images). Everything is hashed through the pipeline's own code paths:
+
+  dataset side   pipeline.decode.decode_image(JPEG bytes, BuildConfig()) and its phash, exactly
+                 what the builder stores (re-encoded to <= image_max_side, 512 px by default).
+  excluded side  pipeline.near_dedupe._hash_files on a file: phash of the full-resolution image
+                 and of its mirror (what --exclude-images caches); a dataset image is caught when
+                 it is within k bits of either.
+
+Quality
+  near-duplicates  every whole photo is the "original" (its JPEG q95 bytes); each kind of
+                   transform makes --per-kind random copies of the full-resolution pixels:
+                     jpeg                 re-encode at quality 40..95
+                     resize               0.5x..2x (log-uniform), bilinear/bicubic/lanczos/box
+                     crop                 each side 0..2.5% (so up to 5% per axis)
+                     brightness_contrast  brightness and contrast each x0.9..1.1
+                     resize+jpeg          both
+                     all                  crop + brightness/contrast + resize + jpeg
+                     mirror               horizontal flip (decontamination only: the pipeline
+                                          catches it with the excluded image's mirrored hash)
+                     mirror+resize+jpeg   the same, also resized and re-encoded
+                   (every copy not re-encoded at a random quality is saved at q95). Distances are
+                   "dedupe" (copy vs original, both through decode_image) and "decontam" (copy vs
+                   the original's excluded-set hashes, plain and mirrored). The same is repeated on
+                   a sample of 128-px tiles (small images).
+  distinct pairs   the whole photos, non-overlapping 128-px tiles of the photos of at least 256 px
+                   (flat tiles, grey std < 10, dropped), and scikit-image's 200 LFW 25-px crops
+                   (100 faces picked at random from LFW, 100 background patches). Tiles of one
+                   photo are distinct images but correlated (same scene, lighting, texture), so
+                   merge rates are given for whole images only (photos + LFW) and with the tiles
+                   ("all"), "dedupe" (hash vs hash, pairs once) and "decontam" (dataset image vs an
+                   excluded image's plain and mirrored hashes, ordered pairs).
+  alternatives     prototypes, not pipeline code, hashed on the decoded stored image: dhash,
+                   phash of the central 90%, and phash + 15 query-side crops (each side 0 or 2%,
+                   the pair's distance being the smallest between one's plain hash and any of the
+                   other's 16), and its subset of 5 (plain, and 2% off one side at a time).
+  scale            the false neighbours per image at 50M images if hashes were independent and
+                   uniform (pHash: 64 bits with exactly 32 set, imagehash thresholds at the median;
+                   dhash: any 64 bits), times the hash comparisons per pair of the multi-hashes.
+
+Cost
+  pHash per second on one core (decoded 512-px image; decode_image end-to-end from JPEG bytes),
+  Arrow bytes per million items of the near-dedupe stage (ITEMS_SCHEMA rows, band_rows for k=8
+  with and without the shuffle's partition column), the candidate comparisons per item at 50M
+  images (bucket occupancy N / 65536 x probes x 4 bands) and the measured cost of one comparison
+  in pipeline.near_dedupe._pairs_in_bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+import tracemalloc
+import zlib
+from math import comb
+from multiprocessing import get_context
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one core per worker: the throughput numbers are per core
+
+import imagehash  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
+
+from pipeline.build_config import BuildConfig  # noqa: E402
+from pipeline.decode import decode_image  # noqa: E402
+from pipeline.near_dedupe import (BANDS, BAND_BITS, ITEMS_SCHEMA, _hash_files, _pairs_in_bucket,  # noqa: E402
+                                  _probe_masks, _with_partition, band_rows)
+
+CONFIG = BuildConfig()
+DEFAULT_K = CONFIG.near_duplicate_distance
+KS = list(range(4, 13))
+TILE = 128
+MIN_TILE_STD = 10.0
+KINDS = ("jpeg", "resize", "crop", "brightness_contrast", "resize+jpeg", "all", "mirror", "mirror+resize+jpeg")
+MIRROR_KINDS = ("mirror", "mirror+resize+jpeg")
+HASHES = ("pipeline_phash", "dhash", "phash_centre90", "phash_multicrop16", "phash_multicrop5")
+MULTICROP5 = (0, 1, 2, 4, 8)  # the plain hash and one side cropped at a time
+HASH_COUNT = {"pipeline_phash": 1, "dhash": 1, "phash_centre90": 1, "phash_multicrop16": 16, "phash_multicrop5": 5}
+RESAMPLERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX)
+MULTICROP_SIDE = 0.02
+RECALL_TARGET, MERGE_TARGET = 0.95, 0.001
+
+# scikit-image's real photographs (cat() is chelsea(); stereo_motorcycle's right view is the left
+# one shifted, so only the left one is used; colorwheel, logo, horse, checkerboard... are drawings)
+SKIMAGE_PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+                  "retina", "page", "moon", "coins", "brick", "grass", "gravel", "clock", "cell", "text",
+                  "microaneurysms", "motorcycle")
+INSIGHTFACE_PHOTOS = ("t1.jpg", "Tom_Hanks_54745.png", "mask_black.jpg", "mask_blue.jpg", "mask_green.jpg",
+                      "mask_white.jpg")
+
+
+# --- images ----------------------------------------------------------------------------------------
+
+def load_photos() -> dict[str, Image.Image]:
+    import insightface
+    import skimage.data as data
+    photos = {}
+    for name in SKIMAGE_PHOTOS:
+        array = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+        photos[name] = Image.fromarray(array).convert("RGB")
+    folder = Path(insightface.__file__).parent / "data" / "images"
+    for name in INSIGHTFACE_PHOTOS:
+        with Image.open(folder / name) as image:
+            photos[name.rsplit(".", 1)[0]] = ImageOps.exif_transpose(image).convert("RGB")
+    return photos
+
+
+def load_lfw() -> dict[str, Image.Image]:
+    import skimage.data as data
+    faces = data.lfw_subset()
+    return {f"lfw_{'face' if i < 100 else 'background'}_{i:03d}":
+            Image.fromarray(np.round(a * 255).astype(np.uint8)).convert("RGB") for i, a in enumerate(faces)}
+
+
+def cut_tiles(photos: dict[str, Image.Image]) -> tuple[dict[str, Image.Image], int]:
+    tiles, flat = {}, 0
+    for name, image in photos.items():
+        width, height = image.size
+        if min(width, height) < 2 * TILE:
+            continue
+        for y in range(0, height - TILE + 1, TILE):
+            for x in range(0, width - TILE + 1, TILE):
+                tile = image.crop((x, y, x + TILE, y + TILE))
+                if np.asarray(tile.convert("L"), dtype=np.float32).std() < MIN_TILE_STD:
+                    flat += 1
+                    continue
+                tiles[f"{name}@{x},{y}"] = tile
+    return tiles, flat
+
+
+def jpeg(image: Image.Image, quality: int = 95) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def transform(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, dict]:
+    """A near-copy of `image` as JPEG bytes, and the parameters drawn."""
+    params: dict = {}
+    parts = {"all": ("crop", "brightness_contrast", "resize", "jpeg")}.get(kind, kind.split("+"))
+    if "mirror" in parts:
+        image = ImageOps.mirror(image)
+    if "crop" in parts:
+        width, height = image.size
+        left, top, right, bottom = rng.uniform(0, 0.025, 4)
+        box = (round(left * width), round(top * height), width - round(right * width), height - round(bottom * height))
+        image = image.crop(box)
+        params["crop_x"], params["crop_y"] = float(left + right), float(top + bottom)
+    if "brightness_contrast" in parts:
+        params["brightness"], params["contrast"] = (float(v) for v in rng.uniform(0.9, 1.1, 2))
+        image = ImageEnhance.Contrast(ImageEnhance.Brightness(image).enhance(params["brightness"])).enhance(
+            params["contrast"])
+    if "resize" in parts:
+        params["scale"] = scale = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        resample = RESAMPLERS[rng.integers(len(RESAMPLERS))]
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
+    params["quality"] = int(rng.integers(40, 96)) if "jpeg" in parts else 95
+    return jpeg(image, params["quality"]), params
+
+
+# --- hashes ----------------------------------------------------------------------------------------
+
+def h64(value) -> int:
+    return int(str(value), 16)
+
+
+def multicrop(image: Image.Image) -> list[int]:
+    """phash of the image, then of its 15 crops by MULTICROP_SIDE on some of the four sides."""
+    width, height = image.size
+    dx, dy = round(MULTICROP_SIDE * width), round(MULTICROP_SIDE * height)
+    out = []
+    for mask in range(16):
+        left, top, right, bottom = ((mask >> i) & 1 for i in range(4))
+        out.append(h64(imagehash.phash(image.crop((left * dx, top * dy, width - right * dx, height - bottom * dy)))))
+    return out
+
+
+def alternative_hashes(image: Image.Image) -> dict[str, list[int]]:
+    width, height = image.size
+    centre = image.crop((round(0.05 * width), round(0.05 * height), width - round(0.05 * width),
+                         height - round(0.05 * height)))
+    crops = multicrop(image)
+    return {"dhash": [h64(imagehash.dhash(image))], "phash_centre90": [h64(imagehash.phash(centre))],
+            "phash_multicrop16": crops, "phash_multicrop5": [crops[i] for i in MULTICROP5]}
+
+
+def dataset_hashes(data: bytes) -> dict[str, list[int]]:
+    """What the builder stores (decode_image's phash), and the prototypes on the stored image."""
+    stored, *_, phash = decode_image(data, CONFIG)
+    with Image.open(io.BytesIO(stored)) as image:
+        hashes = alternative_hashes(image.convert("RGB"))
+    return {"pipeline_phash": [h64(phash)], **hashes}
+
+
+def reference_hashes(path: str) -> dict[str, list[list[int]]]:
+    """An excluded image's hashes, plain and mirrored: the pipeline's (_hash_files), and the prototypes'."""
+    row = _hash_files({"path": [path]})
+    with Image.open(path) as image:
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+    plain, mirrored = alternative_hashes(upright), alternative_hashes(ImageOps.mirror(upright))
+    out = {"pipeline_phash": [[h64(row["phash"][0])], [h64(row["phash_mirror"][0])]]}
+    for name in plain:
+        out[name] = [plain[name], mirrored[name]]
+    return out
+
+
+def popcount(a: int, b: int) -> int:
+    return int(np.bitwise_count(np.uint64(a) ^ np.uint64(b)))
+
+
+def pair_distance(a: list[int], b: list[int]) -> int:
+    """Single hashes: their distance. Multi-crop: one's plain hash against any of the other's."""
+    if len(a) == 1 and len(b) == 1:
+        return popcount(a[0], b[0])
+    return min(min(popcount(a[0], x) for x in b), min(popcount(b[0], x) for x in a))
+
+
+# --- workers ---------------------------------------------------------------------------------------
+
+SOURCES: dict[str, Image.Image] = {}  # set before the pool forks
+
+
+def _hash_item(args: tuple[str, bytes]) -> tuple[str, dict]:
+    name, data = args
+    return name, dataset_hashes(data)
+
+
+def _reference_item(args: tuple[str, str]) -> tuple[str, dict]:
+    name, path = args
+    return name, reference_hashes(path)
+
+
+def _variant_item(args: tuple[str, str, int, int]) -> dict:
+    name, kind, index, seed = args
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), KINDS.index(kind), index])
+    data, params = transform(SOURCES[name], kind, rng)
+    return {"source": name, "kind": kind, "index": index, "params": params, "hashes": dataset_hashes(data)}
+
+
+# --- statistics ------------------------------------------------------------------------------------
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def recall_table(distances: list[int]) -> dict:
+    d = np.array(distances)
+    return {"n": int(d.size), "recall": {k: float((d <= k).mean()) for k in KS},
+            "recall_ci95_at_default": wilson(int((d <= DEFAULT_K).sum()), int(d.size)),
+            "distance_percentiles": {p: float(np.percentile(d, p)) for p in (50, 90, 95, 99, 100)}}
+
+
+def merge_table(d: np.ndarray) -> dict:
+    n = int(d.size)
+    merged = {k: int((d <= k).sum()) for k in KS}
+    return {"pairs": n, "merged": merged, "merge_rate": {k: merged[k] / n for k in KS},
+            "upper95_if_zero": 3 / n, "min_distance": int(d.min()),
+            "distance_percentiles": {p: float(np.percentile(d, p)) for p in (0.01, 0.1, 1, 5, 50)},
+            "histogram": np.bincount(d, minlength=65).tolist()}
+
+
+def distance_matrix(hashes: list[list[int]]) -> np.ndarray:
+    """Symmetric pair distances (multi-crop: min over one's plain hash vs the other's 16)."""
+    m = np.array(hashes, dtype=np.uint64)  # (n, h)
+    plain = m[:, :1]
+    d = np.bitwise_count(plain[:, None, :] ^ m[None, :, :]).min(axis=2).astype(np.int64)  # i plain vs j any
+    return np.minimum(d, d.T)
+
+
+def reference_matrix(dataset: list[list[int]], references: list[list[list[int]]]) -> np.ndarray:
+    """d[i, j]: dataset image i vs excluded image j (plain or mirrored hash), as the pipeline decides."""
+    q = np.array(dataset, dtype=np.uint64)  # (n, h)
+    best = None
+    for side in (0, 1):
+        r = np.array([ref[side] for ref in references], dtype=np.uint64)  # (n, h)
+        d1 = np.bitwise_count(q[:, None, :1] ^ r[None, :, :]).min(axis=2)
+        d2 = np.bitwise_count(q[:, None, :] ^ r[None, :, :1]).min(axis=2)
+        d = np.minimum(d1, d2).astype(np.int64)
+        best = d if best is None else np.minimum(best, d)
+    return best
+
+
+def random_neighbours(hname: str, k: int, images: int = 50_000_000) -> float:
+    """Expected hashes within k bits of one image among `images` independent uniform ones."""
+    if hname == "dhash":
+        p = sum(comb(64, i) for i in range(k + 1)) / 2 ** 64
+    else:  # 32 ones out of 64: distances are even, 2j for j ones moved
+        p = sum(comb(32, j) ** 2 for j in range(k // 2 + 1)) / comb(64, 32)
+    return p * (2 * HASH_COUNT[hname] - 1) * images
+
+
+# --- cost --------------------------------------------------------------------------------------------
+
+def per_second(fn, seconds: float = 3.0, minimum: int = 20) -> float:
+    """Calls per CPU second of this (single-threaded) process: per core, whatever else the machine runs."""
+    fn()  # warm-up
+    count, start = 0, time.process_time()
+    while count < minimum or time.process_time() - start < seconds:
+        fn()
+        count += 1
+    return count / (time.process_time() - start)
+
+
+def throughput(photos: dict[str, Image.Image]) -> dict:
+    """Single process, one thread: hashes per second per core."""
+    small = photos["astronaut"]  # 512 x 512
+    wide = photos["coffee"]  # 600 x 400 -> 512 x 341 when stored
+    wide_stored = wide.resize((512, 341), Image.Resampling.LANCZOS)
+    big = photos["retina"]  # 1411 x 1411
+    bytes_512 = jpeg(small, 95)
+    bytes_big = jpeg(big, 90)
+    bytes_1600 = jpeg(big.resize((1600, 1600), Image.Resampling.LANCZOS), 90)
+
+    def decode_only(data: bytes) -> None:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+
+    return {
+        "phash_decoded_512x512": per_second(lambda: imagehash.phash(small)),
+        "phash_decoded_512x341": per_second(lambda: imagehash.phash(wide_stored)),
+        "dhash_decoded_512x512": per_second(lambda: imagehash.dhash(small)),
+        "multicrop16_decoded_512x512": per_second(lambda: multicrop(small), seconds=2.0),
+        "jpeg_decode_only_512": per_second(lambda: decode_only(bytes_512)),
+        "decode_image_512_jpeg_kept": per_second(lambda: decode_image(bytes_512, CONFIG)),
+        "decode_image_1411_jpeg_reencoded": per_second(lambda: decode_image(bytes_big, CONFIG)),
+        "decode_image_1600_jpeg_reencoded": per_second(lambda: decode_image(bytes_1600, CONFIG)),
+    }
+
+
+def synthetic_items(n: int, rng: np.random.Generator) -> pa.Table:
+    keys = [f"{(i // 10000) % 100000:05d}{i:09d}" for i in range(n)]  # make_key's 14 digits
+    shards = [f"{(i // 10000):05d}" for i in range(n)]
+    return pa.table({"key": keys, "phash": pa.array(rng.integers(-2 ** 63, 2 ** 63 - 1, n, dtype=np.int64)),
+                     "area": pa.array(rng.integers(10_000, 4_000_000, n, dtype=np.int64)),
+                     "shard": shards, "overlap_set": pa.nulls(n, pa.string())}, schema=ITEMS_SCHEMA)
+
+
+def rows_per_item(k: int) -> int:
+    return BANDS * sum(comb(BAND_BITS, r) for r in range(k // BANDS + 1))
+
+
+def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    items = synthetic_items(items_n, rng)
+    per_item_items = items.nbytes / items_n
+    sample = items.slice(0, band_n)
+    start = time.process_time()
+    bands = band_rows(sample, DEFAULT_K)
+    band_seconds = time.process_time() - start
+    assert bands.num_rows == band_n * rows_per_item(DEFAULT_K)
+    with_part = _with_partition(bands, "bucket", 200)
+    out = {"items_measured": items_n, "band_items_measured": band_n,
+           "items_bytes_per_item": per_item_items, "items_GB_per_million": per_item_items * 1e6 / 1e9,
+           "band_rows_per_item": {k: rows_per_item(k) for k in KS},
+           "band_rows_bytes_per_row": bands.nbytes / bands.num_rows,
+           "band_rows_bytes_per_item_k8": bands.nbytes / band_n,
+           "band_rows_GB_per_million_k8": bands.nbytes / band_n * 1e6 / 1e9,
+           "shuffled_GB_per_million_k8": with_part.nbytes / band_n * 1e6 / 1e9,
+           "band_rows_seconds_per_million_items_k8": band_seconds / band_n * 1e6}
+    del bands, with_part
+
+    # One bucket as it would be at 50M images, scaled down: F filed rows and F x (probes - 1) probe rows.
+    n_images = 50_000_000
+    occupancy = n_images / 2 ** BAND_BITS
+    probes = len(_probe_masks(DEFAULT_K // BANDS))
+    template = synthetic_items(filed_n * probes, rng)
+    bucket = template.append_column("bucket", pa.array(np.zeros(template.num_rows, np.int64))).append_column(
+        "probe", pa.array(np.arange(template.num_rows) >= filed_n))
+    comparisons = bucket.num_rows * filed_n
+    timings = []
+    for _ in range(3):
+        start = time.process_time()
+        _pairs_in_bucket(bucket, DEFAULT_K)
+        timings.append(time.process_time() - start)
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    _pairs_in_bucket(bucket, DEFAULT_K)
+    peak_bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    ns_per_comparison = min(timings) / comparisons * 1e9
+    per_item = {k: rows_per_item(k) * occupancy for k in KS}
+    total = per_item[DEFAULT_K] * n_images
+    bucket_rows_at_50m = occupancy * probes
+    out["at_50M"] = {
+        "images": n_images, "bucket_occupancy_filed": occupancy, "probes_per_band_k8": probes,
+        "candidate_comparisons_per_item": per_item, "total_comparisons_k8": total,
+        "ns_per_comparison_measured": ns_per_comparison,
+        "measured_bucket": {"filed": filed_n, "rows": bucket.num_rows, "seconds": min(timings),
+                            "peak_python_bytes": peak_bytes, "bytes_per_matrix_entry": peak_bytes / comparisons},
+        "core_hours_k8": total * ns_per_comparison / 1e9 / 3600,
+        "rows_in_one_bucket_k8": bucket_rows_at_50m,
+        "distance_matrix_entries_per_bucket_k8": bucket_rows_at_50m * occupancy,
+        "GB_peak_per_bucket_k8": bucket_rows_at_50m * occupancy * peak_bytes / comparisons / 1e9,
+        "band_rows_total_k8": n_images * rows_per_item(DEFAULT_K),
+        "shuffled_TB_k8": out["shuffled_GB_per_million_k8"] * n_images / 1e6 / 1e3,
+        "GB_per_groupby_partition_at_200_partitions_k8": out["shuffled_GB_per_million_k8"] * n_images / 1e6 / 200,
+    }
+    return out
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    photos = load_photos()
+    tiles, flat = cut_tiles(photos)
+    lfw = load_lfw()
+    rng = np.random.default_rng(args.seed)
+    recall_tiles = sorted(rng.choice(sorted(tiles), size=min(args.recall_tiles, len(tiles)), replace=False))
+    print(f"{len(photos)} photos, {len(tiles)} tiles ({flat} flat ones dropped), {len(lfw)} LFW crops", flush=True)
+
+    SOURCES.update(photos)
+    SOURCES.update(tiles)
+    distinct = {**photos, **tiles, **lfw}
+    with tempfile.TemporaryDirectory() as tmp:
+        originals = {name: jpeg(image) for name, image in distinct.items()}  # the "web" copy: JPEG q95
+        paths = {}
+        for i, (name, data) in enumerate(originals.items()):
+            paths[name] = os.path.join(tmp, f"{i:05d}.jpg")
+            Path(paths[name]).write_bytes(data)
+        tasks = [(name, kind, i, args.seed) for name in photos for kind in KINDS for i in range(args.per_kind)]
+        tasks += [(name, kind, i, args.seed) for name in recall_tiles for kind in KINDS for i in range(args.per_tile)]
+        with get_context("fork").Pool(args.workers) as pool:
+            dataset = dict(pool.imap_unordered(_hash_item, originals.items(), chunksize=8))
+            references = dict(pool.imap_unordered(_reference_item, paths.items(), chunksize=8))
+            print(f"hashed {len(dataset)} distinct images in {time.perf_counter() - started:.0f} s", flush=True)
+            variants = list(pool.imap_unordered(_variant_item, tasks, chunksize=4))
+            print(f"hashed {len(variants)} near-copies in {time.perf_counter() - started:.0f} s", flush=True)
+
+    # near-duplicates: distances per kind, hash, and decision path
+    near: dict = {}
+    crop_bins: dict = {}
+    for group, sources in (("photos", set(photos)), ("tiles", set(recall_tiles))):
+        rows = [v for v in variants if v["source"] in sources]
+        for kind in KINDS:
+            kind_rows = [v for v in rows if v["kind"] == kind]
+            for hname in HASHES:
+                dedupe = [pair_distance(v["hashes"][hname], dataset[v["source"]][hname]) for v in kind_rows]
+                decontam = [min(pair_distance(v["hashes"][hname], side) for side in references[v["source"]][hname])
+                            for v in kind_rows]
+                near.setdefault(group, {}).setdefault(kind, {})[hname] = {
+                    "dedupe": recall_table(dedupe), "decontam": recall_table(decontam)}
+        crop_rows = [v for v in rows if v["kind"] == "crop"]
+        for hname in HASHES:
+            bins: dict = {}
+            for v in crop_rows:
+                amount = max(v["params"]["crop_x"], v["params"]["crop_y"])
+                label = f"{int(amount * 100)}-{int(amount * 100) + 1}%"
+                bins.setdefault(label, []).append(pair_distance(v["hashes"][hname], dataset[v["source"]][hname]))
+            crop_bins.setdefault(group, {})[hname] = {
+                label: {"n": len(d), "recall": {k: float((np.array(d) <= k).mean()) for k in KS}}
+                for label, d in sorted(bins.items())}
+        worst = sorted(((pair_distance(v["hashes"]["pipeline_phash"], dataset[v["source"]]["pipeline_phash"]),
+                         v["source"], v["kind"], v["params"]) for v in rows if v["kind"] not in MIRROR_KINDS),
+                       key=lambda t: -t[0])[:15]
+        near.setdefault(group, {})["worst_pipeline_dedupe"] = [
+            {"distance": d, "source": s, "kind": k, "params": p} for d, s, k, p in worst]
+    per_source = {}
+    for name in photos:
+        d = [pair_distance(v["hashes"]["pipeline_phash"], dataset[name]["pipeline_phash"])
+             for v in variants if v["source"] == name and v["kind"] not in MIRROR_KINDS]
+        per_source[name] = {"n": len(d), "recall_at_default": float((np.array(d) <= DEFAULT_K).mean()),
+                            "max_distance": int(max(d))}
+
+    # distinct pairs
+    names = list(distinct)
+    group_of = {n: ("photo" if n in photos else "tile" if n in tiles else "lfw") for n in names}
+    parent = {n: n.split("@")[0] for n in names}
+    is_photo = np.array([group_of[n] == "photo" for n in names])
+    is_tile = np.array([group_of[n] == "tile" for n in names])
+    is_lfw = np.array([group_of[n] == "lfw" for n in names])
+    parents = np.array([parent[n] for n in names])
+    iu = np.triu_indices(len(names), 1)
+    off_diagonal = ~np.eye(len(names), dtype=bool)
+    masks = {
+        "photos": is_photo[:, None] & is_photo[None, :],
+        "whole_images": (is_photo | is_lfw)[:, None] & (is_photo | is_lfw)[None, :],
+        "photos+tiles": (is_photo | is_tile)[:, None] & (is_photo | is_tile)[None, :],
+        "tiles_of_different_photos": is_tile[:, None] & is_tile[None, :] & (parents[:, None] != parents[None, :]),
+        "tiles_of_the_same_photo": is_tile[:, None] & is_tile[None, :] & (parents[:, None] == parents[None, :]),
+        "lfw": is_lfw[:, None] & is_lfw[None, :],
+        "all": np.ones((len(names), len(names)), dtype=bool),
+    }
+    distinct_out: dict = {}
+    closest: dict = {}
+    for hname in HASHES:
+        dd = distance_matrix([dataset[n][hname] for n in names])
+        dr = reference_matrix([dataset[n][hname] for n in names], [references[n][hname] for n in names])
+        for label, mask in masks.items():
+            distinct_out.setdefault(label, {})[hname] = {
+                "dedupe": merge_table(dd[iu][mask[iu]]),
+                "decontam": merge_table(dr[mask & off_diagonal])}
+        if hname == "pipeline_phash":
+            order = np.argsort(dd[iu], kind="stable")[:20]
+            closest = [{"a": names[iu[0][i]], "b": names[iu[1][i]], "distance": int(dd[iu][i])} for i in order]
+
+    # stereo pair: two photos of one scene a few cm apart (not in the distinct set)
+    left, right, _ = __import__("skimage.data", fromlist=["x"]).stereo_motorcycle()
+    stereo = popcount(dataset_hashes(jpeg(Image.fromarray(left)))["pipeline_phash"][0],
+                      dataset_hashes(jpeg(Image.fromarray(right)))["pipeline_phash"][0])
+
+    quality_seconds = time.perf_counter() - started
+    print(f"quality done in {quality_seconds:.0f} s; measuring cost", flush=True)
+    cost = {"throughput_per_core": throughput(photos),
+            "memory": memory_and_comparisons(args.items, args.band_items, args.bucket_filed, args.seed)}
+
+    # verdicts
+    def meets(k: int, hname: str) -> dict:
+        recalls = {kind: near["photos"][kind][hname]["decontam" if kind in MIRROR_KINDS else "dedupe"]["recall"][k]
+                   for kind in KINDS}
+        merges = {f"{label} {path}": distinct_out[label][hname][path]["merge_rate"][k]
+                  for label in ("whole_images", "all") for path in ("dedupe", "decontam")}
+        return {"recall": recalls, "recall_ok": {kind: r >= RECALL_TARGET for kind, r in recalls.items()},
+                "merge_rate": merges, "merge_ok": max(merges.values()) <= MERGE_TARGET,
+                "random_neighbours_per_image_at_50M": random_neighbours(hname, k)}
+    verdict = {h: {k: meets(k, h) for k in KS} for h in HASHES}
+    best = {h: [k for k in KS if all(verdict[h][k]["recall_ok"].values()) and verdict[h][k]["merge_ok"]]
+            for h in HASHES}
+
+    return {"command": "python -m bench.dedupe_quality " + " ".join(args.argv), "machine": {
+                "python": platform.python_version(), "cpus": os.cpu_count(), "workers": args.workers,
+                "loadavg_at_start": args.loadavg,
+                "imagehash": imagehash.__version__, "pillow": Image.__version__},
+            "default_k": DEFAULT_K, "targets": {"recall": RECALL_TARGET, "merge_rate": MERGE_TARGET},
+            "counts": {"photos": len(photos), "tiles": len(tiles), "flat_tiles_dropped": flat, "lfw": len(lfw),
+                       "recall_tiles": len(recall_tiles), "per_kind": args.per_kind, "per_tile": args.per_tile,
+                       "variants": len(variants)},
+            "near_duplicates": near, "crop_recall_by_amount": crop_bins, "per_source_at_default": per_source,
+            "distinct": distinct_out, "closest_distinct_pairs": closest, "stereo_pair_distance": stereo,
+            "verdict": verdict, "k_meeting_all_targets": best,  # merges: whole images, and with tiles
+            "cost": cost,
+            "seconds": {"quality": quality_seconds, "total": time.perf_counter() - started}}
+
+
+def summary(result: dict) -> str:
+    lines = []
+    k0 = result["default_k"]
+    lines.append(f"recall (photos; decontam path for mirror kinds) at k = {KS}")
+    for hname in HASHES:
+        lines.append(f"  {hname}")
+        for kind in KINDS:
+            path = "decontam" if kind in MIRROR_KINDS else "dedupe"
+            r = result["near_duplicates"]["photos"][kind][hname][path]
+            lines.append(f"    {kind:22s} n={r['n']:4d} " + " ".join(f"{r['recall'][k]:.3f}" for k in KS))
+        for label in ("whole_images", "all"):
+            for path in ("dedupe", "decontam"):
+                m = result["distinct"][label][hname][path]
+                lines.append(f"    merge {label:12s} {path:8s} pairs={m['pairs']:6d} "
+                             + " ".join(f"{m['merge_rate'][k] * 100:.4f}%" for k in KS))
+    lines.append(f"k meeting every target: {result['k_meeting_all_targets']} (default {k0})")
+    cost = result["cost"]
+    lines.append("throughput per core: " + ", ".join(f"{k} {v:.0f}/s" for k, v in cost["throughput_per_core"].items()))
+    mem = cost["memory"]
+    lines.append(f"items {mem['items_GB_per_million']:.3f} GB/M, band rows k={k0} {mem['band_rows_GB_per_million_k8']:.2f}"
+                 f" GB/M ({mem['shuffled_GB_per_million_k8']:.2f} GB/M with the partition column); at 50M: "
+                 f"{mem['at_50M']['candidate_comparisons_per_item'][k0]:.0f} comparisons per item, "
+                 f"{mem['at_50M']['core_hours_k8']:.0f} core-hours")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="out/bench/dedupe_quality.json")
+    parser.add_argument("--per-kind", type=int, default=24, help="random copies of each photo per kind")
+    parser.add_argument("--recall-tiles", type=int, default=60, help="tiles also used as near-duplicate sources")
+    parser.add_argument("--per-tile", type=int, default=4, help="random copies of each such tile per kind")
+    parser.add_argument("--items", type=int, default=100_000, help="synthetic items for the Arrow sizes")
+    parser.add_argument("--band-items", type=int, default=20_000, help="of which expanded by band_rows")
+    parser.add_argument("--bucket-filed", type=int, default=300, help="filed rows of the timed bucket")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    args.loadavg = os.getloadavg()
+    result = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float))
+    print(summary(result))
+    print(f"written {out} in {result['seconds']['total']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
