@@ -20,6 +20,7 @@ from pipeline.schema import Sample
 
 EXIF_ORIENTATION = 0x0112
 ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # the ones that swap width and height
+HASH_SIDE = 256  # pHash looks at 32 x 32 pixels: decoding a kept original at >= 256 px is enough
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -47,9 +48,10 @@ def decode_image(data: bytes, config: BuildConfig) -> tuple[bytes, int, int, int
         max_side = config.image_max_side
         shrink = bool(max_side) and max(width, height) > max_side
         canonical = image.format == "JPEG" and image.mode == "RGB" and orientation == 1 and not shrink
-        if shrink and image.format == "JPEG":
-            # let libjpeg decode at 1/2, 1/4 or 1/8 scale: far faster for big photos
-            scale = max_side / max(width, height)
+        scale = (max_side if shrink else HASH_SIDE) / max(width, height)
+        if image.format == "JPEG" and (shrink or canonical) and scale < 1:
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale, far faster. A kept original is only checked
+            # (every byte is still read, so truncation shows) and hashed, for which HASH_SIDE is plenty.
             image.draft("RGB", (int(image.size[0] * scale) + 1, int(image.size[1] * scale) + 1))
         image.load()  # a truncated or corrupt file fails here
         if canonical:
