@@ -195,6 +195,10 @@ def build(config: BuildConfig) -> dict:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.progress and sys.stderr.isatty()
     context.print_on_execution_start = False
+    # Ray Data reserves CPU per operator by default; with the commit stage's share reserved, a
+    # 2-CPU machine fetched one unit at a time (docs/PERFORMANCE.md). The detector actors are
+    # sized to leave CPU for fetching (actor_cpus), so the reservation is not needed to avoid starvation.
+    context.op_resource_reservation_enabled = False
     # the dedupe groupbys shuffle a few small columns: the pull-based sort shuffle starts no
     # aggregator actors, which saves seconds per groupby on small builds
     context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
