@@ -116,17 +116,27 @@ def plan_work(output: Output, units: list[Unit], retry_failed: bool) -> list[Wor
     return work
 
 
+CANDIDATES_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("unit", pa.int64()),
+                               ("shard", pa.string())])
+
+
 def plan_url_dedupe(output: Output, units: list[Unit], config: BuildConfig, allowlist_ref) -> int:
-    candidates = ray.data.from_items([Work(u, "").row() for u in units], override_num_blocks=max(1, len(units)))
-    candidates = candidates.map_batches(url_candidates, fn_kwargs={"config": config, "allowlist": allowlist_ref},
-                                        batch_size=1)
-    if output.list("metadata", ".parquet"):  # samples written by earlier runs, whatever their input
-        written = ray.data.read_parquet(output.url.rstrip("/") + "/metadata", file_extensions=["parquet"])
-        written = written.select_columns(["key", "url", "shard"])
-        written = written.map_batches(
-            lambda t: t.append_column("unit", pa.array([int(s[:5]) for s in t["shard"].to_pylist()], pa.int64())),
-            batch_format="pyarrow")
-        candidates = candidates.union(written.select_columns(["key", "url", "unit", "shard"]))
+    """Plan the URL dedupe over every input row and every sample already written."""
+    rows = [Work(u, "").row() for u in units]
+    written = dedupe.written_samples(output, ["key", "url", "shard"])  # earlier runs, whatever their input
+    if written is not None:
+        written = dedupe.map_tables(written, lambda t: dedupe.with_unit(t).select(CANDIDATES_SCHEMA.names))
+    if sum(u.stop - u.start for u in units) <= dedupe.LOCAL_ROWS and not isinstance(written, ray.data.Dataset):
+        allowlist = ray.get(allowlist_ref) if allowlist_ref is not None else None
+        batch = {name: [row[name] for row in rows] for name in Work(units[0], "").row()}
+        tables = [pa.table(url_candidates(batch, config, allowlist), schema=CANDIDATES_SCHEMA)]
+        candidates = pa.concat_tables(tables + ([written.cast(CANDIDATES_SCHEMA)] if written is not None else []))
+    else:
+        candidates = ray.data.from_items(rows, override_num_blocks=max(1, len(units))).map_batches(
+            url_candidates, fn_kwargs={"config": config, "allowlist": allowlist_ref}, batch_size=1)
+        if written is not None:
+            candidates = candidates.union(written if isinstance(written, ray.data.Dataset)
+                                          else ray.data.from_arrow(written))
     return dedupe.write_url_plan(output, candidates, partitions=len(units))
 
 

@@ -9,19 +9,56 @@ the choice depends neither on block order nor on the number of workers.
   losers to OUT/plan/url_duplicates/unit=U/, which the source stage of unit U reads.
 - Image bytes can only be compared after downloading: once every unit is committed, the
   losers are removed from their shards (rewritten atomically) and marked `duplicate_image`.
+
+Up to LOCAL_ROWS rows, the same functions run on one pyarrow table in the driver instead: a
+Ray Data shuffle costs seconds to start, more than the whole job on a small build. `Rows`
+(a Dataset or a Table) and the helpers below keep that a single code path.
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from pipeline.schema import STATUS_SCHEMA
 from pipeline.storage import Output
+
+LOCAL_ROWS = 100_000
+Rows = ray.data.Dataset | pa.Table
+TableFn = Callable[[pa.Table], pa.Table]
+
+
+def map_tables(rows: Rows, fn: TableFn) -> Rows:
+    return fn(rows) if isinstance(rows, pa.Table) else rows.map_batches(fn, batch_format="pyarrow")
+
+
+def by_group(rows: Rows, column: str, fn: TableFn, partitions: int) -> Rows:
+    """fn over each group of rows sharing `column`: a Ray Data groupby, or the same in this process.
+
+    `partitions` sizes the shuffle: about one per work unit, as Ray's default of 200 costs
+    seconds of set-up on a laptop-sized build.
+    """
+    if not isinstance(rows, pa.Table):
+        return rows.groupby(column, num_partitions=max(1, min(partitions, 200))).map_groups(fn, batch_format="pyarrow")
+    rows = rows.sort_by(column)
+    values = rows[column].to_pylist()
+    starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]] + [len(values)]
+    return pa.concat_tables([fn(rows.slice(a, b - a)) for a, b in zip(starts, starts[1:])] or [fn(rows)])
+
+
+def materialize(rows: Rows) -> Rows:
+    return rows if isinstance(rows, pa.Table) else rows.materialize()
+
+
+def count(rows: Rows) -> int:
+    return rows.num_rows if isinstance(rows, pa.Table) else rows.count()
+
 
 LOSERS_SCHEMA = pa.schema([("key", pa.string()), ("duplicate_of", pa.string()), ("unit", pa.int64()),
                            ("shard", pa.string())])
@@ -39,30 +76,27 @@ def _losers(group: pa.Table) -> pa.Table:
                      "unit": rows["unit"].cast(pa.int64()), "shard": rows["shard"]}, schema=LOSERS_SCHEMA)
 
 
-def find_duplicates(ds: ray.data.Dataset, column: str, partitions: int) -> ray.data.Dataset:
-    """Rows (key, duplicate_of, unit, shard) of `ds` whose `column` value a smaller key also has.
-
-    `partitions` sizes the hash shuffle: about one per work unit, as Ray's default of 200
-    costs seconds of set-up on a laptop-sized build.
-    """
-    partitions = max(1, min(partitions, 200))
-    return ds.groupby(column, num_partitions=partitions).map_groups(_losers, batch_format="pyarrow")
+def find_duplicates(rows: Rows, column: str, partitions: int) -> Rows:
+    """Rows (key, duplicate_of, unit, shard) whose `column` value a smaller key also has."""
+    return by_group(rows, column, _losers, partitions)
 
 
 def url_duplicates_dir(output: Output) -> str:
     return output.path("plan", "url_duplicates")
 
 
-def write_url_plan(output: Output, candidates: ray.data.Dataset, partitions: int) -> int:
+def write_url_plan(output: Output, candidates: Rows, partitions: int) -> int:
     """Plan URL dedupe from rows {key, url, unit, shard}; returns how many rows lose."""
     folder = url_duplicates_dir(output)
     if output.fs.exists(folder):
         output.fs.rm(folder, recursive=True)
-    losers = find_duplicates(candidates, "url", partitions).materialize()
-    if losers.count():
+    losers = materialize(find_duplicates(candidates, "url", partitions))
+    if isinstance(losers, pa.Table) and losers.num_rows:
+        pq.write_to_dataset(losers.drop_columns(["shard"]), folder, partition_cols=["unit"], filesystem=output.fs)
+    elif count(losers):
         losers.drop_columns(["shard"]).write_parquet(output.url.rstrip("/") + "/plan/url_duplicates",
                                                      partition_cols=["unit"])
-    return losers.count()
+    return count(losers)
 
 
 def read_url_plan(output: Output, unit: int) -> dict[str, str]:
@@ -112,20 +146,35 @@ def _rewrite_shard(output: Output, removed: pa.Table) -> pa.Table:
     return pa.table({"shard": [shard], "removed": [len(changes)]})
 
 
-def remove_from_shards(output: Output, removed: ray.data.Dataset, partitions: int) -> int:
+def remove_from_shards(output: Output, removed: Rows, partitions: int) -> int:
     """Apply REMOVED_SCHEMA rows to their shards, one task per shard; returns how many."""
-    if not removed.count():
+    if not count(removed):
         return 0
-    done = removed.groupby("shard", num_partitions=max(1, min(partitions, 200))).map_groups(
-        lambda group: _rewrite_shard(output, group), batch_format="pyarrow")
-    return int(sum(done.to_pandas()["removed"]))
+    done = by_group(removed, "shard", lambda group: _rewrite_shard(output, group), partitions)
+    if isinstance(done, pa.Table):
+        return int(pc.sum(done["removed"]).as_py())
+    return int(done.sum("removed") or 0)
 
 
-def written_samples(output: Output, columns: list[str]) -> ray.data.Dataset | None:
-    if not output.list("metadata", ".parquet"):
+def written_samples(output: Output, columns: list[str]) -> Rows | None:
+    """Columns of every written sample: a table when they are few, else a Dataset."""
+    names = output.list("metadata", ".parquet")
+    if not names:
         return None
+    paths = [output.path("metadata", name) for name in names]
+    rows = 0
+    for path in paths:
+        with output.fs.open(path, "rb") as f:
+            rows += pq.ParquetFile(f).metadata.num_rows
+    if rows <= LOCAL_ROWS:
+        return pa.concat_tables(output.read_table(path, columns) for path in paths)
     return ray.data.read_parquet(output.url.rstrip("/") + "/metadata", file_extensions=["parquet"]).select_columns(
         columns)
+
+
+def with_unit(t: pa.Table) -> pa.Table:
+    """Adds the unit a shard belongs to ('00003_1' -> 3)."""
+    return t.append_column("unit", pc.cast(pc.utf8_slice_codeunits(t["shard"], 0, 5), pa.int64()))
 
 
 def remove_duplicate_images(output: Output) -> int:
@@ -133,11 +182,8 @@ def remove_duplicate_images(output: Output) -> int:
     written = written_samples(output, ["key", "sha256", "shard"])
     if written is None:
         return 0
-    written = written.map_batches(
-        lambda t: t.append_column("unit", pc.cast(pc.utf8_slice_codeunits(t["shard"], 0, 5), pa.int64())),
-        batch_format="pyarrow")
     shards = len(output.list("metadata", ".parquet"))
-    losers = find_duplicates(written, "sha256", shards)
+    losers = find_duplicates(map_tables(written, with_unit), "sha256", shards)
 
     def as_removed(t: pa.Table) -> pa.Table:
         n = t.num_rows
@@ -146,4 +192,4 @@ def remove_duplicate_images(output: Output) -> int:
                          "duplicate_of": t["duplicate_of"], "distance": pa.nulls(n, pa.int32()),
                          "overlap_set": pa.nulls(n, pa.string())}, schema=REMOVED_SCHEMA)
 
-    return remove_from_shards(output, losers.map_batches(as_removed, batch_format="pyarrow").materialize(), shards)
+    return remove_from_shards(output, materialize(map_tables(losers, as_removed)), shards)

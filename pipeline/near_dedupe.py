@@ -26,7 +26,8 @@ from PIL import Image, ImageOps
 
 from pipeline.config import ConfigError
 from pipeline.decode import phash_hex
-from pipeline.dedupe import REMOVED_SCHEMA, remove_from_shards, written_samples
+from pipeline.dedupe import (REMOVED_SCHEMA, Rows, by_group, map_tables, materialize, remove_from_shards,
+                             written_samples)
 from pipeline.storage import Output
 
 BANDS, BAND_BITS = 4, 16
@@ -117,20 +118,17 @@ def _with_partition(table: pa.Table, column: str, partitions: int) -> pa.Table:
     return table.append_column("part", pa.array(values % partitions, pa.int64()))
 
 
-def find_near_duplicates(items: ray.data.Dataset, k: int, partitions: int) -> ray.data.Dataset:
+def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
     """Losers among `items` (ITEMS_SCHEMA rows; excluded images have area REFERENCE_AREA).
 
     Buckets are shuffled in `partitions` groups, not one group each: most buckets hold a single
     hash, and a Ray task per bucket would cost far more than the comparisons.
     """
     partitions = max(1, min(partitions, 200))
-    bands = items.map_batches(lambda t: _with_partition(band_rows(t, k), "bucket", partitions),
-                              batch_format="pyarrow")
-    pairs = bands.groupby("part", num_partitions=partitions).map_groups(
-        lambda t: bucket_pairs(t, k), batch_format="pyarrow")
-    pairs = pairs.map_batches(lambda t: _with_partition(t, "key", partitions), batch_format="pyarrow")
-    return pairs.groupby("part", num_partitions=partitions).map_groups(
-        lambda t: best_winners(t.drop_columns(["part"])), batch_format="pyarrow")
+    bands = map_tables(items, lambda t: _with_partition(band_rows(t, k), "bucket", partitions))
+    pairs = by_group(bands, "part", lambda t: bucket_pairs(t, k), partitions)
+    pairs = map_tables(pairs, lambda t: _with_partition(t, "key", partitions))
+    return by_group(pairs, "part", lambda t: best_winners(t.drop_columns(["part"])), partitions)
 
 
 # --- the driver's side: excluded sets, then one pass over everything written --------------------
@@ -221,12 +219,13 @@ def remove_near_duplicates(output: Output, k: int, exclude: list[str], dedupe_wi
     written = written_samples(output, ["key", "phash", "original_width", "original_height", "shard"])
     if written is None or (not exclude and not dedupe_within):
         return 0
-    items = written.map_batches(_written_items, batch_format="pyarrow")
+    items = map_tables(written, _written_items)
     references = exclusion_items(output, exclude)
     if references.num_rows:
-        items = items.union(ray.data.from_arrow(references))
+        items = pa.concat_tables([items, references]) if isinstance(items, pa.Table) else items.union(
+            ray.data.from_arrow(references))
     shards = len(output.list("metadata", ".parquet"))
     losers = find_near_duplicates(items, k, shards)
     if not dedupe_within:  # only what an excluded image caught
-        losers = losers.filter(lambda row: row["overlap_set"] is not None)
-    return remove_from_shards(output, losers.map_batches(_as_removed, batch_format="pyarrow").materialize(), shards)
+        losers = map_tables(losers, lambda t: t.filter(pc.is_valid(t["overlap_set"])))
+    return remove_from_shards(output, materialize(map_tables(losers, _as_removed)), shards)

@@ -21,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from outputs import ROOT, check_consistent, laion_parquet, metadata_table, status_table
+from pipeline import dedupe
 from pipeline.build_config import BuildConfig
 from pipeline.build_laion_face import build
 from pipeline.demo_data import make_demo_images
@@ -100,7 +101,11 @@ def test_shards_read_with_open_clip_training_loader(built_output: Path) -> None:
 
 # --- dedupe across input files and reruns --------------------------------------------------------------
 
-def test_dedupe_is_global_across_files_and_reruns(server: ImageServer, ray_address: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["driver", "ray"])
+def test_dedupe_is_global_across_files_and_reruns(server: ImageServer, ray_address: str, tmp_path: Path,
+                                                  where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if where == "ray":  # the path of builds over LOCAL_ROWS rows: Ray Data groupbys instead of the driver
+        monkeypatch.setattr(dedupe, "LOCAL_ROWS", 0)
     faces = [path for path, image in server.photos if image.has_face][:4]
     first = laion_parquet(tmp_path / "a.parquet", [server.url(faces[0]), server.url(faces[1])])
     out = tmp_path / "out"

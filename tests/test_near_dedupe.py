@@ -57,7 +57,9 @@ def test_ray_result_does_not_depend_on_partitioning(ray_address: str) -> None:
         ds = ray.data.from_arrow(items).repartition(blocks)
         losers = find_near_duplicates(ds, 8, partitions).to_pandas().sort_values("key")
         results.append(list(zip(losers["key"], losers["winner"], losers["distance"])))
-    assert results[0] == results[1]
+    local = find_near_duplicates(items, 8, 7).to_pandas().sort_values("key")  # a table: the driver's path
+    results.append(list(zip(local["key"], local["winner"], local["distance"])))
+    assert results[0] == results[1] == results[2]
     assert {key for key, _, _ in results[0]} == brute_force_losers(items, 8)
     area = dict(zip(items["key"].to_pylist(), items["area"].to_pylist()))
     for key, winner, _ in results[0]:  # the kept copy: larger image, then smaller key
