@@ -1,0 +1,1 @@
+"""FaRL pre-training and fine-tuning on the built LAION-FACE shards."""

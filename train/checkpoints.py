@@ -1,0 +1,89 @@
+"""Training checkpoints in OUTPUT/checkpoints/, local or fsspec, and initialisation from weight files.
+
+Every N steps: `step_00001000.pt` (the model in the official FaRL layout, loadable on its own),
+then `step_00001000.state.pt` (optimizer state), then `latest.json` naming both. Each file appears
+atomically (pipeline.storage), and latest.json is written last, so a kill at any moment leaves the
+previous checkpoint in force; rerunning the same command resumes from it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.storage import Output
+from train.model import MIM_KEYS, FaRL, load_state_dict
+
+log = logging.getLogger("train")
+KEEP = 2  # checkpoints kept besides the latest: older ones are deleted as new ones land
+
+
+@dataclass
+class Resumed:
+    step: int
+    path: str
+    state_dict: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
+class Checkpoints:
+    def __init__(self, output: str):
+        self.output = Output(output)
+
+    def save(self, step: int, model: FaRL, optimizer: torch.optim.Optimizer) -> str:
+        name = f"step_{step:08d}"
+        folder = self.output.path("checkpoints")
+        self.output.fs.makedirs(folder, exist_ok=True)
+        model_bytes = model.checkpoint_bytes(step=step)
+        state = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "step": step}, state)
+        self.output.write_atomic(f"{folder}/{name}.pt", lambda f: f.write(model_bytes))
+        self.output.write_atomic(f"{folder}/{name}.state.pt", lambda f: f.write(state.getvalue()))
+        self.output.write_json("checkpoints/latest.json", {"step": step, "model": f"{name}.pt", "state": f"{name}.state.pt"})
+        self._prune()
+        return f"{folder}/{name}.pt"
+
+    def _prune(self) -> None:
+        models = [n for n in self.output.list("checkpoints", ".pt") if not n.endswith(".state.pt")]
+        for name in models[:-(KEEP + 1)]:
+            for path in (name, name.replace(".pt", ".state.pt")):
+                full = self.output.path("checkpoints", path)
+                if self.output.fs.exists(full):
+                    self.output.fs.rm(full)
+
+    def latest(self) -> Resumed | None:
+        pointer = self.output.read_json("checkpoints/latest.json")
+        if pointer is None:
+            return None
+        url = f"{self.output.url.rstrip('/')}/checkpoints/{pointer['model']}"
+        state_dict, _ = load_state_dict(url)
+        with self.output.fs.open(self.output.path("checkpoints", pointer["state"]), "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        return Resumed(step=pointer["step"], path=url, state_dict=state_dict, optimizer=state["optimizer"])
+
+
+def init_weights(model: FaRL, path: str) -> None:
+    """Load the weights `path` shares with `model`: all of CLIP's must be there; MIM weights are taken
+    when present and the same shape (a file trained with another MIM target keeps the new head)."""
+    state_dict, _ = load_state_dict(path)
+    own = model.clip.state_dict()
+    usable, skipped = {}, []
+    for key, value in state_dict.items():
+        if key not in own or (MIM_KEYS.match(key) and own[key].numel() != value.numel()):
+            skipped.append(key)
+            continue
+        if MIM_KEYS.match(key):
+            value = value.reshape(own[key].shape)
+        elif own[key].shape != value.shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model wants {tuple(own[key].shape)} "
+                             "(is --model the architecture of this file?)")
+        usable[key] = value
+    missing = [k for k in own if k not in usable and not MIM_KEYS.match(k)]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} weights of the model, e.g. {missing[0]}")
+    model.clip.load_state_dict(usable, strict=False)
+    log.info("initialised from %s (%d tensors; %d not used: %s)", path, len(usable), len(skipped), skipped[:3])

@@ -1,0 +1,148 @@
+"""The pre-training loop, the same in one process and in each Ray Train worker: one screen to read.
+
+Per step: a batch (images, tokens, block masks), one forward of the clean and masked copies,
+the contrastive and MIM losses, AdamW, the logit scale clamped at log(100). Around it:
+resume from OUTPUT/checkpoints/latest.json, checkpoints every `checkpoint_every` steps, metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from open_clip_train.scheduler import cosine_lr
+from torch import nn
+
+from train.checkpoints import Checkpoints, init_weights
+from train.data import LoaderConfig, make_loader
+from train.losses import FaRLLoss
+from train.masking import BlockMaskGenerator
+from train.metrics_log import MetricsLog
+from train.model import FaRL, model_config
+from train.pretrain_config import PretrainConfig
+from train.targets import make_targets
+
+log = logging.getLogger("train")
+MAX_LOGIT_SCALE = math.log(100)
+
+
+@dataclass
+class Worker:
+    """Where this copy of the loop runs: rank, world size, device, and how to wrap the model (DDP)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    wrap: Callable[[nn.Module], nn.Module] = lambda model: model
+
+
+def build_model(cfg: PretrainConfig) -> FaRL:
+    mim = None
+    if cfg.mim:
+        vocab = make_targets(cfg.mim_target, model_config(cfg.model)["vision_cfg"]["patch_size"], cfg.dalle_encoder).vocab
+        mim = {"depth": cfg.mim_depth, "vocab": vocab}
+    model = FaRL(model_config(cfg.model), mim)
+    if cfg.init:
+        init_weights(model, cfg.init)
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, embeddings, the mask token and the temperature."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or "embedding" in name or name.endswith(("mask_token", "logit_scale"))
+        (no_decay if exempt else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def batches(cfg: PretrainConfig, model: FaRL, first_epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches: resampled loaders never end; one-pass loaders start the next epoch."""
+    mask_fn = None
+    if cfg.mim:
+        mask_fn = BlockMaskGenerator(model.grid, cfg.mask_patches, cfg.mask_min_patches,
+                                     min_aspect=cfg.mask_min_aspect)
+    vision, text = model.config["model"]["vision_cfg"], model.config["model"]["text_cfg"]
+    loader_config = LoaderConfig(
+        batch_size=cfg.batch_size, image_size=vision["image_size"], crop_scale=(cfg.crop_scale_min, 1.0),
+        face_crop_bias=cfg.face_crop_bias, workers=cfg.loader_workers, shuffle_buffer=cfg.shuffle_buffer,
+        resampled=cfg.resampled, seed=cfg.seed, context_length=text["context_length"])
+    epoch = first_epoch
+    while True:
+        yield from make_loader(cfg.data, loader_config, mask_fn, epoch=epoch)
+        epoch += 1
+
+
+def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
+    """Run (or resume) to `cfg.steps` optimizer steps; returns the last logged metrics."""
+    torch.manual_seed(cfg.seed + worker.rank)
+    model = build_model(cfg)
+    checkpoints = Checkpoints(cfg.output)
+    step, resumed = 0, checkpoints.latest()
+    if resumed:
+        step = resumed.step
+        model.clip.load_state_dict(resumed.state_dict)
+        log.info("resuming from step %d (%s)", step, resumed.path)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing()
+    targets = make_targets(cfg.mim_target, model.patch_size, cfg.dalle_encoder).to(worker.device) if cfg.mim else None
+    model.to(worker.device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if resumed:
+        optimizer.load_state_dict(resumed.optimizer)
+    wrapped = worker.wrap(model)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    loss_fn = FaRLLoss(targets, cfg.contrastive_weight, cfg.mim_weight, worker.rank, worker.world_size)
+    set_lr = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
+    autocast = torch.autocast(worker.device.type, dtype=torch.bfloat16,
+                              enabled=worker.device.type == "cuda" and cfg.precision == "bf16")
+    metrics_log = MetricsLog(cfg, worker.rank, start_step=step, world_size=worker.world_size)
+    data = batches(cfg, model, first_epoch=step)  # a resumed run starts a freshly seeded stream
+    last: dict[str, float] = {}
+    skipped = 0  # samples this rank's loader skipped as corrupt
+    wrapped.train()
+    while step < cfg.steps:
+        batch = next(data)
+        images = batch["image"].to(worker.device, non_blocking=True)
+        tokens = batch["text"].to(worker.device, non_blocking=True)
+        mask = batch["mask"].to(worker.device, non_blocking=True) if cfg.mim else None
+        lr = set_lr(step)
+        with autocast:
+            losses = loss_fn(wrapped(images, tokens, mask), images, mask)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+        optimizer.step()
+        with torch.no_grad():
+            model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        step += 1
+        skipped += int(batch["skipped"])
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            values = reduce(losses, skipped, worker)
+            last = metrics_log.write(step, lr, model.clip.logit_scale.exp().item(), values)
+        if worker.rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            checkpoints.save(step, model, optimizer)
+    metrics_log.close()
+    return last
+
+
+def reduce(losses: dict[str, torch.Tensor], skipped: int, worker: Worker) -> dict[str, float]:
+    """Losses averaged and skipped samples summed over the ranks (every rank calls this at the same steps)."""
+    names = sorted(losses)
+    values = torch.stack([losses[n].detach().float().cpu() for n in names] + [torch.tensor(float(skipped))])
+    if worker.world_size > 1:
+        values = values.to(worker.device)
+        dist.all_reduce(values)
+        values[:-1] /= worker.world_size
+    reduced = dict(zip(names, values[:-1].tolist()))
+    reduced["skipped_samples"] = int(values[-1].item())
+    return reduced
+

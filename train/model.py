@@ -1,0 +1,198 @@
+"""FaRL: open_clip's CLIP (`ViT-B-16-quickgelu`) plus the masked-image-modeling (MIM) branch.
+
+The MIM parts live on the image tower as `visual.mask_token`, `visual.lm_transformer`,
+`visual.ln_lm` and `visual.lm_head`, so `model.clip.state_dict()` is exactly the OpenAI CLIP key
+layout of the official FaRL files, MIM keys included: nothing is renamed on save or load.
+
+Training forward: the clean and the masked copy of a batch go through the shared encoder as one
+concatenated batch; the clean half gives the CLIP image features, the masked half goes on through
+`lm_transformer` (all tokens, class token included), `ln_lm` and `lm_head`, whose outputs are
+kept only at masked positions.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import re
+from typing import Any
+
+import fsspec
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from open_clip.transformer import LayerNorm, QuickGELU, Transformer
+from torch import nn
+
+MIM_KEYS = re.compile(r"^visual\.(mask_token|lm_transformer\.|ln_lm\.|lm_head\.)")
+
+# Named configurations besides open_clip's own (any open_clip ViT name works too, e.g. the paper's
+# `ViT-B-16-quickgelu`). Head width 64, as in OpenAI's layout, so a saved file's shapes say it all.
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "FaRL-tiny": {  # for the CPU: a 2-block ViT on 64 px crops, patch 8 (an 8 x 8 grid)
+        "embed_dim": 64, "quick_gelu": True,
+        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 2},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+    },
+}
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The open_clip model config (embed_dim, vision_cfg, text_cfg, quick_gelu) of a named model."""
+    config = MODEL_CONFIGS.get(name) or open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"unknown model '{name}': use one of {sorted(MODEL_CONFIGS)} or an open_clip name "
+                         "such as ViT-B-16-quickgelu")
+    return copy.deepcopy(config)
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The FaRL config of an OpenAI-layout state dict, from its shapes. Not open_clip's
+    build_model_from_openai_state_dict: it casts to fp16 and counts MIM blocks as vision layers."""
+    try:
+        conv = state_dict["visual.conv1.weight"]
+        grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        text_width = state_dict["ln_final.weight"].shape[0]
+        model = {
+            "embed_dim": state_dict["text_projection"].shape[1], "quick_gelu": True,
+            "vision_cfg": {"image_size": conv.shape[-1] * grid, "patch_size": conv.shape[-1], "width": conv.shape[0],
+                           "layers": _count_blocks(state_dict, "visual.transformer.resblocks.")},
+            "text_cfg": {"context_length": state_dict["positional_embedding"].shape[0],
+                         "vocab_size": state_dict["token_embedding.weight"].shape[0], "width": text_width,
+                         "heads": text_width // 64, "layers": _count_blocks(state_dict, "transformer.resblocks.")},
+        }
+    except KeyError as err:
+        raise ValueError(f"not an OpenAI-CLIP-layout ViT state dict: key {err} is missing") from None
+    mim = None
+    if "visual.lm_head.weight" in state_dict:
+        mim = {"depth": _count_blocks(state_dict, "visual.lm_transformer.resblocks."),
+               "vocab": state_dict["visual.lm_head.weight"].shape[0]}
+    return {"model": model, "mim": mim}
+
+
+class FaRL(nn.Module):
+    """CLIP towers from open_clip plus, when `mim` is given ({"depth": D, "vocab": V}), the MIM branch."""
+
+    def __init__(self, model: dict[str, Any], mim: dict[str, int] | None = None):
+        super().__init__()
+        self.config = {"model": copy.deepcopy(model), "mim": dict(mim) if mim else None}
+        self.clip = CLIP(**model)
+        if mim:
+            visual = self.clip.visual
+            width = visual.conv1.out_channels
+            visual.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+            nn.init.trunc_normal_(visual.mask_token, std=0.02)  # as BEiT
+            visual.lm_transformer = Transformer(width, mim["depth"], width // 64, act_layer=QuickGELU)
+            visual.ln_lm = LayerNorm(width)
+            visual.lm_head = nn.Linear(width, mim["vocab"], bias=False)
+
+    @property
+    def has_mim(self) -> bool:
+        return self.config["mim"] is not None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.clip.visual.grid_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.clip.visual.conv1.kernel_size[0]
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.clip.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.clip.encode_text(tokens, normalize=normalize)
+
+    def _embed(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """open_clip's VisionTransformer._embeds, with masked patches replaced by the mask token."""
+        visual = self.clip.visual
+        x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, N, width)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), visual.mask_token.to(x.dtype), x)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        return visual.ln_pre(visual.patch_dropout(x))
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """Normalised image and text features, the logit scale (exp'd) and, when `mask` (B, N) bool
+        is given, the MIM outputs at the masked positions: (number of masked patches, vocab)."""
+        visual = self.clip.visual
+        batch = images.shape[0]
+        x = self._embed(images, None)
+        if mask is not None:
+            if not self.has_mim:
+                raise ValueError("a mask was given but this model has no MIM branch")
+            x = torch.cat([x, self._embed(images, mask)])
+        x = visual.transformer(x)
+        pooled, _ = visual._pool(x[:batch])
+        image_features = F.normalize(pooled @ visual.proj, dim=-1)
+        mim_logits = None
+        if mask is not None:
+            masked = visual.ln_lm(visual.lm_transformer(x[batch:]))[:, 1:]
+            mim_logits = visual.lm_head(masked[mask])
+        return {"image_features": image_features, "text_features": self.encode_text(tokens, normalize=True),
+                "logit_scale": self.clip.logit_scale.exp(), "mim_logits": mim_logits}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.clip.set_grad_checkpointing(enable)
+        if self.has_mim:
+            self.clip.visual.lm_transformer.grad_checkpointing = enable
+
+    def state_dict_openai(self, include_mim: bool = True) -> dict[str, torch.Tensor]:
+        """The OpenAI CLIP key layout of the official FaRL files."""
+        return {k: v for k, v in self.clip.state_dict().items() if include_mim or not MIM_KEYS.match(k)}
+
+    def checkpoint_bytes(self, include_mim: bool = True, **extra: Any) -> bytes:
+        """`{'state_dict': ..., 'farl_config': ..., **extra}` as torch.save writes it: loads with
+        torch.load(weights_only=True), into official FaRL tools, and into open_clip (strictly
+        when include_mim=False)."""
+        buffer = io.BytesIO()
+        config = {**self.config, "mim": self.config["mim"] if include_mim else None}
+        torch.save({"state_dict": self.state_dict_openai(include_mim), "farl_config": config, **extra}, buffer)
+        return buffer.getvalue()
+
+    def save_checkpoint(self, path: str, include_mim: bool = True, **extra: Any) -> None:
+        with fsspec.open(path, "wb") as f:
+            f.write(self.checkpoint_bytes(include_mim, **extra))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, with_mim: bool | None = None) -> "FaRL":
+        """An official FaRL file, an OpenAI-layout file, or one of ours. `with_mim=None` keeps the MIM
+        branch exactly when the file has one."""
+        state_dict, config = load_state_dict(path)
+        if with_mim is False:
+            config["mim"] = None
+            state_dict = {k: v for k, v in state_dict.items() if not MIM_KEYS.match(k)}
+        elif with_mim and not config["mim"]:
+            raise ValueError(f"{path} has no MIM branch (no visual.lm_head.weight)")
+        model = cls(**config)
+        if "visual.mask_token" in state_dict:  # shape (1, 1, W) here, possibly (W,) elsewhere
+            state_dict["visual.mask_token"] = state_dict["visual.mask_token"].reshape(1, 1, -1)
+        missing, unexpected = model.clip.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match its model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model
+
+
+def load_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(OpenAI-layout tensors, FaRL config) of a checkpoint file; non-tensor entries are ignored."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            checkpoint = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} does not exist") from None
+    except Exception as err:  # torch raises several types for a file that is no checkpoint
+        raise ValueError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of tensors")
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    config = checkpoint.get("farl_config") or infer_config(state_dict)
+    return state_dict, config

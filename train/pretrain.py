@@ -1,0 +1,82 @@
+"""`python -m train.pretrain`: FaRL pre-training (contrastive + MIM) on the builder's shards.
+
+    python -m train.pretrain --config configs/pretrain_tiny.yaml --data out/demo --output out/pretrain-tiny
+    python -m train.pretrain --config configs/pretrain_vitb16.yaml --data s3://bucket/laion-face/shards \\
+        --output s3://bucket/farl --log-dir logs/farl --workers 32 --gpu --address auto
+
+Without --workers the loop runs in this process (debugging); with --workers N it runs in N Ray
+Train workers (DDP: gloo on CPUs, nccl on GPUs). Rerunning the same command after a kill resumes
+from the last checkpoint in OUTPUT/checkpoints/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+import torch
+
+from pipeline.config import ConfigError, load_config
+from train.data import expand_shards
+from train.engine import Worker, build_model, train
+from train.pretrain_config import PretrainConfig
+
+log = logging.getLogger("train")
+
+
+def check_inputs(cfg: PretrainConfig) -> None:
+    """Fail before starting any worker: the shards exist, the init file and the MIM target load."""
+    expand_shards(cfg.data)
+    build_model(cfg)
+
+
+def ray_worker(config: dict) -> None:
+    """One Ray Train worker: Ray has set up torch.distributed; prepare_model moves and wraps in DDP."""
+    import ray.train
+    import ray.train.torch
+
+    setup_logging()
+    context = ray.train.get_context()
+    worker = Worker(rank=context.get_world_rank(), world_size=context.get_world_size(),
+                    device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model)
+    train(PretrainConfig(**config), worker)
+
+
+def run_on_ray(cfg: PretrainConfig) -> None:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.init(address=cfg.address or None, logging_level=logging.WARNING)
+    trainer = TorchTrainer(
+        ray_worker, train_loop_config=dataclasses.asdict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}),
+        run_config=RunConfig(name="farl-pretrain"))
+    trainer.fit()
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # quiet libraries (open_clip logs at INFO)
+    log.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        cfg = load_config(PretrainConfig, argv, "FaRL pre-training: image-text contrastive + masked image modeling.")
+        check_inputs(cfg)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if cfg.workers:
+        run_on_ray(cfg)
+    else:
+        train(cfg, Worker(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    log.info("done: %d steps, checkpoints in %s/checkpoints", cfg.steps, cfg.output.rstrip("/"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
