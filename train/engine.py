@@ -24,7 +24,7 @@ from train.masking import BlockMaskGenerator
 from train.metrics_log import MetricsLog
 from train.model import FaRL, model_config
 from train.pretrain_config import PretrainConfig
-from train.targets import make_targets
+from train.targets import Targets, make_targets
 
 log = logging.getLogger("train")
 MAX_LOGIT_SCALE = math.log(100)
@@ -40,15 +40,19 @@ class Worker:
     wrap: Callable[[nn.Module], nn.Module] = lambda model: model
 
 
-def build_model(cfg: PretrainConfig) -> FaRL:
-    mim = None
-    if cfg.mim:
-        vocab = make_targets(cfg.mim_target, model_config(cfg.model)["vision_cfg"]["patch_size"], cfg.dalle_encoder).vocab
-        mim = {"depth": cfg.mim_depth, "vocab": vocab}
+def build_model(cfg: PretrainConfig, targets: Targets | None) -> FaRL:
+    """The run's model: random, or from `cfg.init`; with a MIM head as wide as the targets need."""
+    mim = {"depth": cfg.mim_depth, "vocab": targets.vocab} if targets is not None else None
     model = FaRL(model_config(cfg.model), mim)
     if cfg.init:
         init_weights(model, cfg.init)
     return model
+
+
+def build_targets(cfg: PretrainConfig) -> Targets | None:
+    if not cfg.mim:
+        return None
+    return make_targets(cfg.mim_target, model_config(cfg.model)["vision_cfg"]["patch_size"], cfg.dalle_encoder)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -79,10 +83,28 @@ def batches(cfg: PretrainConfig, model: FaRL, first_epoch: int) -> Iterator[dict
         epoch += 1
 
 
+def train_step(model: FaRL, wrapped: nn.Module, loss_fn: FaRLLoss, optimizer: torch.optim.Optimizer,
+               batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], autocast: torch.autocast,
+               grad_clip_norm: float = 0.0) -> dict[str, torch.Tensor]:
+    """One optimizer step on (images, tokens, mask); `wrapped` is `model` as DDP or torch.compile wrap it."""
+    images, tokens, mask = batch
+    with autocast:
+        losses = loss_fn(wrapped(images, tokens, mask), images, mask)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    optimizer.step()
+    with torch.no_grad():
+        model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)  # CLIP's temperature cap, after every step
+    return losses
+
+
 def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
     """Run (or resume) to `cfg.steps` optimizer steps; returns the last logged metrics."""
     torch.manual_seed(cfg.seed + worker.rank)
-    model = build_model(cfg)
+    targets = build_targets(cfg)
+    model = build_model(cfg, targets)
     checkpoints = Checkpoints(cfg.output)
     step, resumed = 0, checkpoints.latest()
     if resumed:
@@ -91,8 +113,9 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
         log.info("resuming from step %d (%s)", step, resumed.path)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
-    targets = make_targets(cfg.mim_target, model.patch_size, cfg.dalle_encoder).to(worker.device) if cfg.mim else None
     model.to(worker.device)
+    if targets is not None:
+        targets.to(worker.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if resumed:
         optimizer.load_state_dict(resumed.optimizer)
@@ -114,15 +137,7 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
         tokens = batch["text"].to(worker.device, non_blocking=True)
         mask = batch["mask"].to(worker.device, non_blocking=True) if cfg.mim else None
         lr = set_lr(step)
-        with autocast:
-            losses = loss_fn(wrapped(images, tokens, mask), images, mask)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-        optimizer.step()
-        with torch.no_grad():
-            model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        losses = train_step(model, wrapped, loss_fn, optimizer, (images, tokens, mask), autocast, cfg.grad_clip_norm)
         step += 1
         skipped += int(batch["skipped"])
         if step % cfg.log_every == 0 or step == cfg.steps:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 
 import torch
 
 from pipeline.config import ConfigError, load_config
 from train.data import expand_shards
-from train.engine import Worker, build_model, train
+from train.engine import Worker, build_model, build_targets, train
 from train.pretrain_config import PretrainConfig
 
 log = logging.getLogger("train")
@@ -28,7 +29,7 @@ log = logging.getLogger("train")
 def check_inputs(cfg: PretrainConfig) -> None:
     """Fail before starting any worker: the shards exist, the init file and the MIM target load."""
     expand_shards(cfg.data)
-    build_model(cfg)
+    build_model(cfg, build_targets(cfg))
 
 
 def ray_worker(config: dict) -> None:
@@ -43,18 +44,29 @@ def ray_worker(config: dict) -> None:
     train(PretrainConfig(**config), worker)
 
 
+def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """Local paths made absolute: Ray workers run in folders of their own."""
+    def fix(value: str) -> str:
+        return value if not value or "://" in value else os.path.abspath(value)
+    return dataclasses.replace(cfg, data=fix(cfg.data), output=fix(cfg.output), log_dir=fix(cfg.log_dir),
+                               init=fix(cfg.init), dalle_encoder=fix(cfg.dalle_encoder))
+
+
 def run_on_ray(cfg: PretrainConfig) -> None:
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     ray.init(address=cfg.address or None, logging_level=logging.WARNING)
     trainer = TorchTrainer(
-        ray_worker, train_loop_config=dataclasses.asdict(cfg),
+        ray_worker, train_loop_config=dataclasses.asdict(absolute_paths(cfg)),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}),
         run_config=RunConfig(name="farl-pretrain"))
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as err:  # the workers' tracebacks are in the log above; one line here
+        raise RuntimeError(f"training failed in a Ray worker: {str(err).strip().splitlines()[-1]}") from None
 
 
 def setup_logging() -> None:
@@ -70,10 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if cfg.workers:
-        run_on_ray(cfg)
-    else:
-        train(cfg, Worker(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    try:
+        if cfg.workers:
+            run_on_ray(cfg)
+        else:
+            train(cfg, Worker(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     log.info("done: %d steps, checkpoints in %s/checkpoints", cfg.steps, cfg.output.rstrip("/"))
     return 0
 

@@ -62,7 +62,9 @@ class PixelTargets:
 
 class DalleTargets:
     def __init__(self, encoder: torch.nn.Module, patch_size: int):
-        self.encoder = encoder.eval().requires_grad_(False)
+        self.encoder = encoder.eval()
+        for param in encoder.parameters():  # not requires_grad_(): ScriptModules lack it
+            param.requires_grad_(False)
         self.patch_size = patch_size
         self.vocab = DALLE_VOCAB
 
@@ -76,11 +78,7 @@ class DalleTargets:
                 data = f.read()
         except FileNotFoundError:
             raise ValueError(f"DALL-E encoder file {path} does not exist") from None
-        try:
-            return cls(torch.jit.load(io.BytesIO(data), map_location="cpu"), patch_size)
-        except RuntimeError:  # not TorchScript: the dall_e package's pickled Encoder
-            pass
-        try:
+        try:  # torch.load also opens TorchScript archives (it hands them to torch.jit.load)
             encoder = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
         except ModuleNotFoundError as err:
             raise ValueError(f"DALL-E encoder {path} needs the '{err.name}' package to unpickle (pip install DALL-E)") from None
