@@ -1,0 +1,162 @@
+"""train/pretrain.py and train/engine.py on the real demo build's shards: overfitting a fixed batch,
+one-process and 2-worker Ray Train runs, resume after kill -9, corrupt shards, checkpoints into
+open_clip, and the error lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from train.data import LoaderConfig, make_loader
+from train.engine import Worker, build_model, build_targets, param_groups, train_step
+from train.losses import FaRLLoss
+from train.masking import BlockMaskGenerator
+from train.model import FaRL, model_config
+from train.pretrain import main
+from train.pretrain_config import PretrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "pretrain_tiny.yaml")
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def pretrain_command(data: Path, output: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "train.pretrain", "--config", TINY, "--data", str(data), "--output", str(output),
+            "--no-progress", *flags]
+
+
+def test_overfits_a_fixed_batch(built_output: Path) -> None:
+    torch.manual_seed(0)
+    cfg = PretrainConfig(data=str(built_output), model="FaRL-tiny", mask_patches=24, mask_min_patches=4)
+    targets = build_targets(cfg)
+    model = build_model(cfg, targets)
+    mask_fn = BlockMaskGenerator(model.grid, 24, 4)
+    batch = next(iter(make_loader(cfg.data, LoaderConfig(batch_size=8, image_size=64, workers=0), mask_fn)))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3)
+    loss_fn = FaRLLoss(targets)
+    autocast = torch.autocast("cpu", enabled=False)
+    history = [train_step(model, model, loss_fn, optimizer, (batch["image"], batch["text"], batch["mask"]), autocast)
+               for _ in range(40)]
+    first, last = history[0], history[-1]
+    assert last["contrastive"].item() < 0.4 * first["contrastive"].item()
+    assert last["mim"].item() < 0.8 * first["mim"].item()
+
+
+def test_one_process_run_writes_checkpoints_metrics_and_open_clip_files(built_output: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["--config", TINY, "--data", str(built_output), "--output", str(out), "--no-progress"]) == 0
+    records = metrics(out)
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert all(r["images_per_s"] > 0 and r["skipped_samples"] == 0 for r in records)
+    assert records[-1]["logit_scale"] <= 100
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 20
+    # our checkpoint is a FaRL file: our loader, and open_clip's with the same architecture
+    path = out / "checkpoints" / latest["model"]
+    ours = FaRL.from_checkpoint(str(path)).eval()
+    assert ours.has_mim and ours.config["mim"] == {"depth": 1, "vocab": 192}
+    reference = open_clip.model.CLIP(**ours.config["model"]).eval()
+    result = open_clip.load_checkpoint(reference, str(path), strict=False)
+    assert result.missing_keys == [] and all(k.startswith("visual.") for k in result.unexpected_keys)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(reference.encode_image(images), ours.encode_image(images), atol=1e-6)
+    state = torch.load(out / "checkpoints" / latest["state"], weights_only=True)
+    assert state["step"] == 20 and state["optimizer"]["state"]
+
+
+@pytest.mark.timeout(300)
+def test_resume_after_kill(built_output: Path, tmp_path: Path) -> None:
+    """kill -9 after the first checkpoint, rerun the same command: it resumes at that step."""
+    out = tmp_path / "run"
+    command = pretrain_command(built_output, out, "--steps", "120", "--checkpoint-every", "10", "--log-every", "10")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 10 <= killed_at < 120
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from step {killed_at}" in resumed.stderr
+    steps = [r["step"] for r in metrics(out)]
+    assert steps[-1] == 120 and max(steps) == 120
+    assert json.loads(latest.read_text())["step"] == 120
+    state = torch.load(out / "checkpoints" / "step_00000120.state.pt", weights_only=True)
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {120.0}  # the optimizer state went on from the checkpoint's, not from zero
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*.state.pt"))
+    assert len(kept) <= 3  # older checkpoints are pruned
+
+
+def test_corrupt_shards_are_skipped_and_counted(built_output: Path, tmp_path: Path) -> None:
+    data = tmp_path / "shards"
+    shutil.copytree(built_output / "shards", data)
+    (data / "90000.tar").write_bytes(os.urandom(5000))
+    good = sorted(data.glob("0*.tar"))[0].read_bytes()
+    (data / "90001.tar").write_bytes(good[: len(good) // 2 + 100])  # truncated mid-member
+    out = tmp_path / "run"
+    assert main(["--config", TINY, "--data", str(data / "*.tar"), "--output", str(out), "--no-progress",
+                 "--no-resampled", "--steps", "8", "--log-every", "8"]) == 0
+    assert metrics(out)[-1]["skipped_samples"] >= 2  # per pass: the random-bytes shard and the truncated one
+
+
+@pytest.mark.timeout(300)
+def test_two_worker_ray_train_run(built_output: Path, tmp_path: Path, ray_address: str) -> None:
+    out = tmp_path / "run"
+    result = subprocess.run(pretrain_command(built_output, out, "--workers", "2", "--address", ray_address,
+                                             "--steps", "6", "--log-every", "3", "--checkpoint-every", "6"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = metrics(out)
+    assert [r["step"] for r in records] == [3, 6]
+    # the global batch is both workers' batches: ln(16) is the chance-level contrastive loss
+    assert 2.0 < records[0]["contrastive"] < 3.5
+    model = FaRL.from_checkpoint(str(out / "checkpoints" / "step_00000006.pt"))
+    assert model.has_mim
+
+
+def test_error_lines(built_output: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--config", TINY, "--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 2
+    assert "no shards match" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    assert main(["--config", TINY, "--data", str(built_output), "--output", str(tmp_path / "o"),
+                 "--init", str(tmp_path / "bad.pt")]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert main(["--config", TINY, "--data", str(built_output), "--mim-target", "dalle"]) == 2
+    assert "needs the DALL-E dVAE encoder file" in capsys.readouterr().err
+    assert main(["--config", TINY, "--output", str(tmp_path / "o")]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def test_init_from_an_openai_layout_file(built_output: Path, tmp_path: Path) -> None:
+    """--init takes a file without MIM keys (e.g. OpenAI CLIP): CLIP weights loaded, MIM head new."""
+    source = FaRL(model_config("FaRL-tiny"))
+    source.save_checkpoint(str(tmp_path / "clip.pt"), include_mim=False)
+    cfg = PretrainConfig(data=str(built_output), model="FaRL-tiny", init=str(tmp_path / "clip.pt"))
+    model = build_model(cfg, build_targets(cfg))
+    for key, value in source.state_dict_openai().items():
+        assert torch.equal(model.clip.state_dict()[key], value), key
+    assert model.has_mim
+    with pytest.raises(ValueError, match="has shape"):  # another architecture
+        build_model(PretrainConfig(data="x", model="ViT-B-16-quickgelu", init=str(tmp_path / "clip.pt"), mim=False), None)
+    assert Worker().world_size == 1
