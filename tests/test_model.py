@@ -115,3 +115,23 @@ def test_bad_files_give_one_line(tmp_path: Path) -> None:
         FaRL.from_checkpoint(str(tmp_path / "partial.pt"))
     with pytest.raises(ValueError, match="unknown model"):
         model_config("ViT-Q-99")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(3)
+    model = FaRL(model_config("FaRL-tiny"), TINY_MIM)
+    images, tokens = torch.randn(2, 3, 64, 64), torch.randint(0, 49408, (2, 77))
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, 20:40] = True
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        out = model(images, tokens, mask)
+        (out["image_features"] @ out["text_features"].T).sum().add(out["mim_logits"].square().mean()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    assert model.clip.visual.transformer.grad_checkpointing and model.clip.visual.lm_transformer.grad_checkpointing
+    for name, grad in grads().items():
+        assert torch.allclose(grad, plain[name], atol=1e-6), name

@@ -160,3 +160,24 @@ def test_init_from_an_openai_layout_file(built_output: Path, tmp_path: Path) -> 
     with pytest.raises(ValueError, match="has shape"):  # another architecture
         build_model(PretrainConfig(data="x", model="ViT-B-16-quickgelu", init=str(tmp_path / "clip.pt"), mim=False), None)
     assert Worker().world_size == 1
+
+
+def test_fsspec_output(built_output: Path, tmp_path: Path) -> None:
+    """Checkpoints to an fsspec URL (memory:// here; s3:// and gs:// take the same path), metrics to a
+    local --log-dir, and a resume from the URL."""
+    import fsspec
+
+    url = "memory://pretrain-test/run"
+    flags = ["--config", TINY, "--data", str(built_output), "--output", url, "--log-dir", str(tmp_path / "logs"),
+             "--no-progress", "--steps", "4", "--checkpoint-every", "2", "--log-every", "2"]
+    try:
+        assert main(flags) == 0
+        fs = fsspec.filesystem("memory")
+        assert json.loads(fs.cat(f"{url}/checkpoints/latest.json"))["step"] == 4
+        assert FaRL.from_checkpoint(f"{url}/checkpoints/step_00000004.pt").has_mim
+        assert main([*flags[:-6], "--steps", "6", *flags[-4:]]) == 0  # resumes at 4 from the URL
+        assert json.loads(fs.cat(f"{url}/checkpoints/latest.json"))["step"] == 6
+        assert [r["step"] for r in metrics(tmp_path / "logs")] == [2, 4, 6]
+        assert main(["--config", TINY, "--data", str(built_output), "--output", url]) == 2  # metrics need a local folder
+    finally:
+        fsspec.filesystem("memory").rm("/pretrain-test", recursive=True)

@@ -21,14 +21,17 @@ import torch
 from pipeline.config import ConfigError, load_config
 from train.data import expand_shards
 from train.engine import Worker, build_model, build_targets, train
+from train.metrics_log import log_folder
 from train.pretrain_config import PretrainConfig
 
 log = logging.getLogger("train")
 
 
 def check_inputs(cfg: PretrainConfig) -> None:
-    """Fail before starting any worker: the shards exist, the init file and the MIM target load."""
+    """Fail before starting any worker: the shards exist, the init file and the MIM target load,
+    metrics have a local folder."""
     expand_shards(cfg.data)
+    log_folder(cfg)
     build_model(cfg, build_targets(cfg))
 
 
