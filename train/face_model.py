@@ -73,8 +73,10 @@ class FaceModel(nn.Module):
         super().__init__()
         if task not in ("parsing", "alignment"):
             raise ValueError(f"unknown task '{task}': parsing or alignment")
+        self.config = {"task": task, "outputs": outputs, "model": model, "input_size": input_size,
+                       "channels": channels, "blocks": list(blocks), "heatmap_size": heatmap_size}  # saved with checkpoints
         self.task, self.input_size, self.heatmap_size = task, input_size, heatmap_size
-        self.backbone = ViTBackbone(model, input_size, blocks)
+        self.backbone = ViTBackbone(model, input_size, tuple(blocks))
         self.pyramid = ViTPyramid(self.backbone.width)
         self.head = UPerHead(self.backbone.width, channels, outputs)
 

@@ -1,0 +1,162 @@
+"""train/finetune.py, train/evaluate.py, train/downstream_data.py on tiny fixtures in the official
+LaPa and 300W layouts: a small model overfits them (loss falls, metric improves), both report
+numbers, resume, evaluation with drawings, initialisation from an OpenAI-layout file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from train.datasets import open_dataset
+from train.downstream_data import WarpedSamples, collate
+from train.evaluate import evaluate, main as evaluate_main
+from train.finetune import main
+from train.finetune_config import FinetuneConfig
+from train.model import FaRL, model_config
+
+SMALL = ["--model", "FaRL-tiny", "--warp-size", "64", "--input-size", "64", "--head-channels", "16",
+         "--feature-blocks", "0", "--feature-blocks", "0", "--feature-blocks", "1", "--feature-blocks", "1",
+         "--heatmap-size", "16", "--batch-size", "3", "--workers", "0", "--no-progress", "--backbone-lr", "1e-3",
+         "--no-augment"]  # overfitting shows learning; the augmentations have tests of their own
+
+
+def face_points(cx: float, cy: float, r: float) -> np.ndarray:
+    """106 LaPa-style points on a circle, with the five the alignment uses where a face has them."""
+    angles = np.linspace(0, 2 * np.pi, 106, endpoint=False)
+    points = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], 1)
+    points[104], points[105] = (cx - 0.35 * r, cy - 0.25 * r), (cx + 0.35 * r, cy - 0.25 * r)  # pupils
+    points[54] = (cx, cy + 0.1 * r)  # nose tip
+    points[84], points[90] = (cx - 0.3 * r, cy + 0.5 * r), (cx + 0.3 * r, cy + 0.5 * r)  # mouth corners
+    return points
+
+
+def make_lapa(root: Path) -> None:
+    """Three 96 px 'faces' per split: a disk, red below (label 1) and blue above (label 2); the image
+    shows its labels, so a model can learn them."""
+    for split in ("train", "val", "test"):
+        for n, (cx, cy, r) in enumerate([(48, 48, 28), (40, 52, 24), (56, 44, 30)]):
+            label = Image.new("L", (96, 96), 0)
+            pen = ImageDraw.Draw(label)
+            pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+            pen.pieslice([cx - r, cy - r, cx + r, cy + r], 180, 360, fill=2)  # the top half: "hair"
+            label_array = np.asarray(label)
+            image = np.array([[30, 30, 30], [220, 60, 60], [40, 40, 220]], np.uint8)[label_array]
+            for folder in ("images", "labels", "landmarks"):
+                (root / split / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / split / "images" / f"face_{n}.jpg", quality=95)
+            Image.fromarray(label_array).save(root / split / "labels" / f"face_{n}.png")
+            points = face_points(cx, cy, r)
+            (root / split / "landmarks" / f"face_{n}.txt").write_text(
+                "106\n" + "".join(f"{x:.3f} {y:.3f}\n" for x, y in points))
+
+
+def make_300w(root: Path) -> None:
+    """68 points as white dots on a dark 80 px image, in the 300W folders, .pts 1-based."""
+    rng = np.random.default_rng(0)
+    base = np.stack([np.linspace(20, 60, 68), 40 + 15 * np.sin(np.linspace(0, 6, 68))], 1)
+    for folder, count in (("lfpw/trainset", 3), ("helen/trainset", 2), ("afw", 1), ("lfpw/testset", 1),
+                          ("helen/testset", 1), ("ibug", 1)):
+        for n in range(count):
+            points = base + rng.normal(0, 1.5, base.shape)
+            image = Image.new("RGB", (80, 80), (20, 20, 20))
+            pen = ImageDraw.Draw(image)
+            for x, y in points:
+                pen.ellipse([x - 1, y - 1, x + 1, y + 1], fill=(255, 255, 255))
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            image.save(root / folder / f"img_{n}.png")
+            body = "".join(f"{x + 1:.3f} {y + 1:.3f}\n" for x, y in points)
+            (root / folder / f"img_{n}.pts").write_text(f"version: 1\nn_points: 68\n{{\n{body}}}\n")
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(300)
+def test_parsing_overfits_lapa_and_reports_both_numbers(tmp_path: Path) -> None:
+    make_lapa(tmp_path / "LaPa")
+    out = tmp_path / "run"
+    args = ["--dataset", "lapa", "--data", str(tmp_path / "LaPa"), "--output", str(out), "--epochs", "30",
+            "--eval-every", "10", "--head-lr", "1e-2", "--ema-decay", "0.5", *SMALL]
+    assert main(args) == 0
+    records = history(out)
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    evaluated = [r for r in records if "test" in r]
+    assert [r["epoch"] for r in evaluated] == [10, 20, 30]
+    assert evaluated[-1]["test"]["f1_mean"] > evaluated[0]["test"]["f1_mean"]
+    assert evaluated[-1]["test"]["f1_mean"] > 0.6
+    assert set(evaluated[0]["test"]["f1"]) == set(open_dataset("lapa", str(tmp_path / "LaPa"), "test").labels)
+    report = json.loads((out / "report.json").read_text())
+    best = max(evaluated, key=lambda r: r["test"]["f1_mean"])
+    assert report["best_epoch_test"] == {"epoch": best["epoch"], "test": best["test"]}
+    chosen = max(evaluated, key=lambda r: r["val"]["f1_mean"])
+    assert report["val_chosen_test"]["epoch"] == chosen["epoch"]
+    # resume: the same command with more epochs goes on from epoch 30
+    assert main([*args[:-len(SMALL) - 6], "--epochs", "31", "--eval-every", "10", "--head-lr", "1e-2",
+                 "--ema-decay", "0.5", *SMALL]) == 0
+    assert [r["epoch"] for r in history(out)] == list(range(1, 32))
+    # evaluation of the chosen checkpoint, with drawings
+    assert evaluate_main(["--checkpoint", str(out / "best_val.pt"), "--output", str(tmp_path / "eval"), "--draw", "2"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["f1_mean"] == pytest.approx(chosen["test"]["f1_mean"], abs=1e-9)
+    assert sorted(p.name for p in (tmp_path / "eval" / "draw").iterdir()) == ["000.png", "001.png"]
+
+
+@pytest.mark.timeout(300)
+def test_alignment_overfits_300w(tmp_path: Path) -> None:
+    make_300w(tmp_path / "300W")
+    out = tmp_path / "run"
+    assert main(["--dataset", "300w", "--data", str(tmp_path / "300W"), "--output", str(out), "--epochs", "24",
+                 "--eval-every", "8", "--ema-decay", "0.5", "--val-fraction", "0.2", *SMALL]) == 0
+    records = history(out)
+    assert records[-1]["loss"] < records[0]["loss"]
+    evaluated = [r for r in records if "test" in r]
+    first, last = evaluated[0]["test"], evaluated[-1]["test"]
+    assert set(last) == {"common", "challenge", "full"}
+    assert set(last["full"]) == {"nme_inter_ocular", "nme_inter_pupil", "auc", "fr"}
+    assert last["full"]["nme_inter_ocular"] < first["full"]["nme_inter_ocular"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["best_epoch_test"]["test"]["full"]["nme_inter_ocular"] == min(
+        r["test"]["full"]["nme_inter_ocular"] for r in evaluated)
+
+
+def test_evaluation_geometry_is_exact_for_a_perfect_model(tmp_path: Path) -> None:
+    """Ground truth pushed through the warp and back scores perfectly: the unwarp is the warp's inverse."""
+    make_lapa(tmp_path / "LaPa")
+    cfg = FinetuneConfig(dataset="lapa", data=str(tmp_path / "LaPa"), warp_size=128, workers=0, progress=False)
+    cfg.validate()
+    samples = WarpedSamples(open_dataset("lapa", cfg.data, "test"), cfg, train=False)
+
+    class Oracle(torch.nn.Module):
+        """Stands in for a model: returns the warped ground truth as logits (what a perfect model gives)."""
+        task = "parsing"
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            batch = collate([samples[i] for i in range(len(samples))])
+            from train.geometry import tanh_warp_grid, warp_images
+            labels = [warp_images(label[None], tanh_warp_grid(m[None], cfg.warp_factor, 128, tuple(label.shape)),
+                                  mode="nearest")[0] for label, m in zip(batch["original_label"], batch["label_matrix"])]
+            return torch.nn.functional.one_hot(torch.stack(labels), 11).permute(0, 3, 1, 2).float() * 10
+
+    cfg.batch_size = len(samples)
+    metrics = evaluate(Oracle(), samples, cfg, torch.device("cpu"))
+    assert metrics["f1"]["skin"] > 0.97 and metrics["f1_mean"] > 0.9  # 128 px warp, back to 96 px: edges only
+
+
+def test_init_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_300w(tmp_path / "300W")
+    FaRL(model_config("FaRL-tiny")).save_checkpoint(str(tmp_path / "clip.pt"), include_mim=False)
+    out = tmp_path / "run"
+    assert main(["--dataset", "300w", "--data", str(tmp_path / "300W"), "--output", str(out), "--epochs", "1",
+                 "--init", str(tmp_path / "clip.pt"), "--max-steps-per-epoch", "1", *SMALL]) == 0
+    assert (out / "best_val.pt").exists()
+    assert main(["--dataset", "300w", "--data", str(tmp_path / "nowhere"), "--output", str(out)]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["--dataset", "300w", "--task", "parsing", "--data", str(tmp_path / "300W")]) == 2
+    assert "dataset 300w is for alignment, not parsing" in capsys.readouterr().err
+    assert evaluate_main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2

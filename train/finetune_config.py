@@ -1,0 +1,75 @@
+"""Every setting of `python -m train.finetune`, and the per-dataset protocol of FaRL's downstream code.
+
+A dataset's protocol (task, outputs, how a sample is warped, epochs, learning rates, metrics)
+fills the settings a user leaves empty; configs/finetune_DATASET.yaml spell them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import ConfigError, option
+
+# farl.md, "Downstream protocol". warp: how a sample becomes the 512x512 network input.
+PROTOCOLS: dict[str, dict] = {
+    "celebamask_hq": {"task": "parsing", "warp": "resize", "warp_factor": 0.0, "epochs": 300, "head_lr": 1e-3,
+                      "metrics": {}},
+    "lapa": {"task": "parsing", "warp": "five_points", "warp_factor": 0.8, "epochs": 300, "head_lr": 1e-3,
+             "metrics": {}},
+    "300w": {"task": "alignment", "warp": "box", "warp_factor": 0.0, "epochs": 250, "head_lr": 1e-2,
+             "metrics": {"normalize": ["inter_ocular", "inter_pupil"], "auc_threshold": 0.08}},
+    "wflw": {"task": "alignment", "warp": "box", "warp_factor": 0.0, "epochs": 150, "head_lr": 1e-2,
+             "metrics": {"normalize": ["inter_ocular"], "auc_threshold": 0.1}},
+    "aflw19": {"task": "alignment", "warp": "box", "warp_factor": 0.0, "epochs": 150, "head_lr": 1e-2,
+               "metrics": {"normalize": ["diag", "box"], "auc_threshold": 0.07}},
+}
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = option("", "parsing or alignment (must match the dataset)", choices=("", "parsing", "alignment"))
+    dataset: str = option("", "which benchmark", choices=("",) + tuple(PROTOCOLS))
+    data: str = option("", "the dataset's root folder, in its official layout")
+    init: str = option("", "backbone weights: ours, an official FaRL file, any OpenAI-CLIP-layout ViT-B/16; empty = random")
+    model: str = option("ViT-B-16-quickgelu", "architecture when init is empty")
+    output: str = option("out/finetune", "checkpoints, metrics.jsonl, report.json")
+    epochs: int = option(0, "training epochs; 0 = the protocol's (300 parsing; 250 300W; 150 WFLW, AFLW-19)")
+    max_steps_per_epoch: int = option(0, "cap on steps per epoch (for smoke tests); 0 = the whole training split")
+    batch_size: int = option(5, "images per step (the protocol: 5 per GPU on 8 GPUs)")
+    backbone_lr: float = option(1e-4, "learning rate of the ViT")
+    head_lr: float = option(0.0, "learning rate of the pyramid and UPerNet head; 0 = the protocol's (1e-3 parsing, 1e-2 alignment)")
+    weight_decay: float = option(1e-5, "AdamW weight decay")
+    lr_drop_epoch: int = option(200, "learning rates x0.1 from this epoch on")
+    ema_decay: float = option(0.999, "EMA of the weights; the EMA model is what is evaluated")
+    warp_size: int = option(512, "samples are warped to this size")
+    input_size: int = option(448, "the network resizes its input to this (position embedding resized to match)")
+    head_channels: int = option(768, "UPerNet width")
+    feature_blocks: list[int] = option([3, 5, 7, 11], "ViT blocks (0-based) whose tokens feed the pyramid")
+    warp_factor: float = option(-1.0, "tanh-warping strength; -1 = the protocol's (0.8 LaPa, 0 otherwise)")
+    heatmap_size: int = option(128, "alignment heatmap side")
+    heatmap_sigma: float = option(2.0, "Gaussian heatmap target sigma in heatmap pixels (not published)")
+    augment: bool = option(True, "the protocol's random affine, gray, gamma, blur (+ occlusion, noise for alignment)")
+    val_fraction: float = option(0.05, "share of the training split held out for validation when the dataset has no val split")
+    eval_every: int = option(1, "evaluate val and test every this many epochs")
+    workers: int = option(2, "DataLoader worker processes")
+    seed: int = option(0, "random seed (also picks the held-out validation images)")
+    progress: bool = option(True, "progress bars")
+
+    @property
+    def protocol(self) -> dict:
+        return PROTOCOLS[self.dataset]
+
+    def validate(self) -> None:
+        if not self.dataset or not self.data:
+            raise ConfigError("--dataset and --data are required")
+        if self.task and self.task != self.protocol["task"]:
+            raise ConfigError(f"dataset {self.dataset} is for {self.protocol['task']}, not {self.task}")
+        self.task = self.protocol["task"]
+        self.epochs = self.epochs or self.protocol["epochs"]
+        self.head_lr = self.head_lr or self.protocol["head_lr"]
+        if self.warp_factor < 0:
+            self.warp_factor = self.protocol["warp_factor"]
+        if len(self.feature_blocks) != 4:
+            raise ConfigError("feature_blocks must name 4 blocks")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("val_fraction must be in (0, 1)")
