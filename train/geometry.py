@@ -5,7 +5,7 @@ column j) centred at x = j, y = i; an image of width W spans x in [-0.5, W - 0.5
 boxes are read in this convention (a box's x1..x2 are continuous edges: (-0.5, W - 0.5) is the
 whole width). grid_sample is always called with align_corners=False, whose normalised coordinate
 u = (x + 0.5) / W * 2 - 1 is exactly this convention, so cv2.warpAffine with the same matrix
-gives the same crop (affine_warp_cv2; a test checks it).
+gives the same crop (tests/test_geometry.py checks it).
 
 A `matrix` (B, 3, 3) maps original-image points to the *aligned, unwarped* output frame of size
 `output_size` (h, w). Tanh-warping (Lin et al., "Face Parsing with RoI Tanh-Warping", CVPR 2019,
@@ -24,8 +24,6 @@ image-left and image-right mouth corner; FaRL takes LaPa's 106 landmarks [104, 1
 
 from __future__ import annotations
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -90,12 +88,6 @@ def align_matrix(five_points: torch.Tensor, target_size: Size, face_scale: float
     tpl = (FIVE_POINT_TEMPLATE if template is None else torch.as_tensor(template)).to(five_points)
     dst = (tpl * face_scale + 1) / 2 * _wh(target_size, five_points) - 0.5
     return similarity_matrix(five_points, dst.expand_as(five_points))
-
-
-def box_from_center_scale(center: torch.Tensor, scale: torch.Tensor, half: float = 100.0) -> torch.Tensor:
-    """300W/WFLW's (center (B, 2), scale (B,)) -> boxes (B, 4): center +- half * scale."""
-    r = (torch.as_tensor(scale) * half).unsqueeze(-1)
-    return torch.cat([center - r, center + r], dim=-1)
 
 
 def box_matrix(boxes: torch.Tensor, target_size: Size, scale: float = 1.0, square: bool = True) -> torch.Tensor:
@@ -259,13 +251,3 @@ def warp_images(images: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear"
         out = out.round().to(dtype)
     return out.squeeze(1) if squeeze else out
 
-
-def affine_warp_cv2(image: np.ndarray, matrix: np.ndarray, output_size: Size, nearest: bool = False) -> np.ndarray:
-    """numpy convenience for a plain crop (warp_factor = 0) of one HxW(xC) image with cv2.warpAffine.
-
-    Same convention as the torch path (integer pixel centres), so the two agree.
-    """
-    h, w = hw(output_size)
-    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    return cv2.warpAffine(image, np.asarray(matrix, dtype=np.float64)[:2], (w, h), flags=flags,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
