@@ -160,3 +160,34 @@ def test_init_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--dataset", "300w", "--task", "parsing", "--data", str(tmp_path / "300W")]) == 2
     assert "dataset 300w is for alignment, not parsing" in capsys.readouterr().err
     assert evaluate_main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    """3 epochs in one go and 1 + a resumed 2 give the same weights: the random state is restored too."""
+    make_300w(tmp_path / "300W")
+    common = ["--dataset", "300w", "--data", str(tmp_path / "300W"), "--eval-every", "3", "--val-fraction", "0.2",
+              *SMALL[:-1]]  # with the augmentations: their random draws must resume too
+    assert main([*common, "--output", str(tmp_path / "straight"), "--epochs", "3"]) == 0
+    assert main([*common, "--output", str(tmp_path / "resumed"), "--epochs", "1"]) == 0
+    assert main([*common, "--output", str(tmp_path / "resumed"), "--epochs", "3"]) == 0
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    for key, value in straight["weights"].items():
+        assert torch.allclose(value.float(), resumed["weights"][key].float(), atol=1e-6), key
+    assert [r["epoch"] for r in history(tmp_path / "resumed")] == [1, 2, 3]
+    # last.pt is an evaluable checkpoint too
+    assert evaluate_main(["--checkpoint", str(tmp_path / "resumed" / "last.pt")]) == 0
+
+
+def test_aflw19_auc_and_fr_use_the_box_normalisation() -> None:
+    """farl.md: AFLW-19 ranks by NME diag but reports AUC and FR of NME box at 0.07."""
+    from train.evaluate import alignment_metrics
+
+    cfg = FinetuneConfig(dataset="aflw19", data="x")
+    cfg.validate()
+    gt = np.zeros((2, 19, 2))
+    boxes = np.array([[0, 0, 100, 100], [0, 0, 100, 100]], float)  # sqrt(w h) = 100, diag = 141.4
+    pred = gt + [8.0, 0.0]  # every point 8 px off: NME box 0.08 (> 0.07), NME diag 0.0566 (< 0.07)
+    row = alignment_metrics(pred, gt, boxes, cfg, None)["full"]
+    assert row["nme_box"] == pytest.approx(0.08) and row["nme_diag"] == pytest.approx(8 / np.hypot(100, 100))
+    assert row["fr"] == 1.0 and row["auc"] == 0.0

@@ -135,3 +135,31 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     assert model.clip.visual.transformer.grad_checkpointing and model.clip.visual.lm_transformer.grad_checkpointing
     for name, grad in grads().items():
         assert torch.allclose(grad, plain[name], atol=1e-6), name
+
+
+class ScriptedCLIP(torch.nn.Module):
+    """A TorchScript archive with OpenAI's key layout, as OpenAI's released ViT-B-16.pt is."""
+
+    def __init__(self, clip: torch.nn.Module) -> None:
+        super().__init__()
+        self.visual, self.transformer, self.token_embedding = clip.visual, clip.transformer, clip.token_embedding
+        self.ln_final = clip.ln_final
+        self.positional_embedding, self.text_projection = clip.positional_embedding, clip.text_projection
+        self.logit_scale = clip.logit_scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_torchscript_and_vision_only_files(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    clip = open_clip.model.CLIP(**model_config("FaRL-tiny")).eval()
+    torch.jit.script(ScriptedCLIP(clip)).save(str(tmp_path / "openai.pt"))
+    model = FaRL.from_checkpoint(str(tmp_path / "openai.pt")).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(images), clip.encode_image(images), atol=1e-6)
+    visual_only = {k: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
+    config = infer_config(visual_only)  # the image tower's shapes are enough; the text tower defaults to CLIP's
+    assert config["model"]["vision_cfg"] == model.config["model"]["vision_cfg"]

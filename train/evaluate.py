@@ -48,7 +48,8 @@ def evaluate(model: FaceModel, samples: WarpedSamples, cfg: FinetuneConfig, devi
              subsets: dict[str, np.ndarray] | None = None, draw_to: str = "", draw_count: int = 0) -> dict[str, Any]:
     """The protocol's metrics of `model` on `samples` (evaluation mode, not augmented)."""
     model.eval()
-    loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate,
+                                         generator=torch.Generator())  # leaves training's random stream untouched
     labels = getattr(samples.dataset, "labels", ())
     confusion = ConfusionAccumulator(len(labels)) if cfg.task == "parsing" else None
     predicted, truth, boxes, drawn = [], [], [], 0
@@ -72,7 +73,7 @@ def evaluate(model: FaceModel, samples: WarpedSamples, cfg: FinetuneConfig, devi
 
 def alignment_metrics(pred: np.ndarray, gt: np.ndarray, boxes: np.ndarray, cfg: FinetuneConfig,
                       subsets: dict[str, np.ndarray] | None) -> dict[str, Any]:
-    """{subset: {nme_NORM: mean NME, auc, fr}}: AUC and FR of the protocol's first normalisation."""
+    """{subset: {nme_NORM: mean NME, auc, fr}}: AUC and FR of the protocol's `auc` normalisation."""
     protocol = cfg.protocol["metrics"]
     results = {}
     for name, indices in (subsets or {"full": np.arange(len(pred))}).items():
@@ -82,7 +83,7 @@ def alignment_metrics(pred: np.ndarray, gt: np.ndarray, boxes: np.ndarray, cfg: 
         for normalize in protocol["normalize"]:
             nmes = landmark_nme(pred[indices], gt[indices], normalize, boxes[indices])
             row[f"nme_{normalize}"] = float(nmes.mean())
-            if normalize == protocol["normalize"][0]:
+            if normalize == protocol["auc"]:
                 row["auc"], row["fr"] = (float(v) for v in auc_fr(nmes, protocol["auc_threshold"]))
         results[name] = row
     return results

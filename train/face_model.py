@@ -93,7 +93,7 @@ class FaceModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         size = images.shape[-2:]
-        x = F.interpolate(images, size=(self.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(images, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)  # as FaRL: no antialias
         out = self.head(self.pyramid(self.backbone(x)))
         target = size if self.task == "parsing" else (self.heatmap_size,) * 2
         return F.interpolate(out, size=target, mode="bilinear", align_corners=False)
@@ -117,17 +117,19 @@ def heatmap_points(heatmap_logits: torch.Tensor) -> torch.Tensor:
 
 def gaussian_heatmaps(points: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     """Targets for the heatmap BCE: (B, K, 2) points in [0, 1] -> (B, K, size, size), peak 1, `sigma`
-    in heatmap pixels."""
+    in heatmap pixels, zero beyond 4 sigma (FaRL's heatmap_radius 5 with its 'awing' kernel
+    exp(-16 r^2 / (2 R^2)) is this with sigma = R / 4 = 1.25)."""
     centres = (torch.arange(size, device=points.device, dtype=points.dtype) + 0.5) / size
     dx = (centres.view(1, 1, 1, size) - points[..., 0, None, None]) * size
     dy = (centres.view(1, 1, size, 1) - points[..., 1, None, None]) * size
-    return torch.exp(-(dx ** 2 + dy ** 2) / (2 * sigma ** 2))
+    squared = dx ** 2 + dy ** 2
+    return torch.exp(-squared / (2 * sigma ** 2)) * (squared <= (4 * sigma) ** 2)
 
 
-def alignment_loss(heatmap_logits: torch.Tensor, target_points: torch.Tensor, sigma: float = 2.0,
+def alignment_loss(heatmap_logits: torch.Tensor, target_points: torch.Tensor, sigma: float = 1.25,
                    point_weight: float = 1.0, heatmap_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """farl.md: mean point-to-point distance in normalised crop coordinates plus BCE against
-    Gaussian heatmaps, weights 1 and 1. `sigma` is not published: 2 heatmap pixels is our guess."""
+    Gaussian heatmaps, weights 1 and 1, as FaRL's trainer (its 'coord_l1_loss' is this distance)."""
     points = heatmap_points(heatmap_logits)
     point = (points - target_points).norm(dim=-1).mean()
     heatmap = F.binary_cross_entropy_with_logits(heatmap_logits.float(),

@@ -9,7 +9,9 @@ split (metrics.jsonl). report.json gives the best test number over all evaluated
 the paper reports) and the test number of the epoch chosen on validation (the honest one).
 Validation: LaPa's and CelebAMask-HQ's own val splits; 300W, WFLW and AFLW-19 have none, so a
 fixed, seeded `val_fraction` of their training split is held out (and not trained on).
-Rerunning the same command after a kill resumes from OUTPUT/last.pt.
+Rerunning the same command after a kill resumes from OUTPUT/last.pt (random state included, so the
+run goes on as if never stopped); last.pt, best_val.pt and best_test.pt all hold the EMA weights
+that `python -m train.evaluate` reads.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [cfg.lr_drop_epoch], gamma=0.1)
     output = Output(cfg.output)
     output.fs.makedirs(output.root, exist_ok=True)
-    start, history = 0, []
+    start, records = 0, []
     if output.fs.exists(output.path("last.pt")):
         with output.fs.open(output.path("last.pt"), "rb") as f:
             state = torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
@@ -90,17 +92,21 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        start, history = state["epoch"], state["history"]
+        torch.set_rng_state(state["rng"])  # shuffling and augmentation go on as if never stopped
+        if torch.cuda.is_available() and "cuda_rng" in state:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start, records = state["epoch"], state["records"]
         print(f"resuming from epoch {start} ({cfg.output}/last.pt)", file=sys.stderr)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
-                                         num_workers=cfg.workers, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
+                                         drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.workers,
+                                         collate_fn=collate)
     subsets = test_set.dataset.subsets()
     for epoch in range(start, cfg.epochs):
         model.train()
         steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
         losses = []
-        for step, batch in zip(range(steps), loader):
+        for _, batch in zip(range(steps), loader):
             loss = task_loss(model, batch, cfg, device)
             optimizer.zero_grad(set_to_none=True)
             loss["loss"].backward()
@@ -112,22 +118,27 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         bar.close()
         schedule.step()
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()}
+        # what evaluate and a later fine-tuning read: the EMA weights with their architecture and settings
+        checkpoint = {"face_model": model.config, "finetune_config": asdict(cfg), "weights": ema.module.state_dict(),
+                      "epoch": epoch + 1}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             record["val"] = evaluate(ema.module, val_set, cfg, device)
             record["test"] = evaluate(ema.module, test_set, cfg, device, subsets)
-            history.append(record)
-            checkpoint = {"face_model": model.config, "finetune_config": asdict(cfg), "weights": ema.module.state_dict(),
-                          "epoch": epoch + 1}
+            history = [r for r in records if "test" in r] + [record]
             if record is max(history, key=lambda h: score(cfg, h["val"])):
                 save(output, "best_val.pt", checkpoint)
             if record is max(history, key=lambda h: score(cfg, h["test"])):
                 save(output, "best_test.pt", checkpoint)
             print(f"epoch {epoch + 1}: loss {record['loss']:.4f}, val {score(cfg, record['val']):.4f}, "
                   f"test {score(cfg, record['test']):.4f} (higher is better)", file=sys.stderr)
-        with output.fs.open(output.path("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        save(output, "last.pt", {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "schedule": schedule.state_dict(), "epoch": epoch + 1, "history": history})
+        records.append(record)
+        save(output, "last.pt", {**checkpoint, "model": model.state_dict(), "ema": ema.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                 "records": records, "rng": torch.get_rng_state(),
+                                 **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
+        lines = "".join(json.dumps(r) + "\n" for r in records).encode()  # rewritten whole: no duplicates after a resume
+        output.write_atomic(output.path("metrics.jsonl"), lambda f: f.write(lines))
+    history = [r for r in records if "test" in r]
     report = summarize(cfg, history)
     output.write_json("report.json", report)
     return report

@@ -10,18 +10,19 @@ from dataclasses import dataclass
 
 from pipeline.config import ConfigError, option
 
-# farl.md, "Downstream protocol". warp: how a sample becomes the 512x512 network input.
+# farl.md, "Downstream protocol". warp: how a sample becomes the 512x512 network input. metrics:
+# NMEs by these normalisations (the first ranks epochs), AUC and FR of the `auc` one at the threshold.
 PROTOCOLS: dict[str, dict] = {
     "celebamask_hq": {"task": "parsing", "warp": "resize", "warp_factor": 0.0, "epochs": 300, "head_lr": 1e-3,
                       "metrics": {}},
     "lapa": {"task": "parsing", "warp": "five_points", "warp_factor": 0.8, "epochs": 300, "head_lr": 1e-3,
              "metrics": {}},
     "300w": {"task": "alignment", "warp": "box", "warp_factor": 0.0, "epochs": 250, "head_lr": 1e-2,
-             "metrics": {"normalize": ["inter_ocular", "inter_pupil"], "auc_threshold": 0.08}},
+             "metrics": {"normalize": ["inter_ocular", "inter_pupil"], "auc": "inter_ocular", "auc_threshold": 0.08}},
     "wflw": {"task": "alignment", "warp": "box", "warp_factor": 0.0, "epochs": 150, "head_lr": 1e-2,
-             "metrics": {"normalize": ["inter_ocular"], "auc_threshold": 0.1}},
+             "metrics": {"normalize": ["inter_ocular"], "auc": "inter_ocular", "auc_threshold": 0.1}},
     "aflw19": {"task": "alignment", "warp": "box", "warp_factor": 0.0, "epochs": 150, "head_lr": 1e-2,
-               "metrics": {"normalize": ["diag", "box"], "auc_threshold": 0.07}},
+               "metrics": {"normalize": ["diag", "box"], "auc": "box", "auc_threshold": 0.07}},
 }
 
 
@@ -47,7 +48,7 @@ class FinetuneConfig:
     feature_blocks: list[int] = option([3, 5, 7, 11], "ViT blocks (0-based) whose tokens feed the pyramid")
     warp_factor: float = option(-1.0, "tanh-warping strength; -1 = the protocol's (0.8 LaPa, 0 otherwise)")
     heatmap_size: int = option(128, "alignment heatmap side")
-    heatmap_sigma: float = option(2.0, "Gaussian heatmap target sigma in heatmap pixels (not published)")
+    heatmap_sigma: float = option(1.25, "Gaussian heatmap target sigma in heatmap pixels (official: radius 5 = 4 sigma)")
     augment: bool = option(True, "the protocol's random affine, gray, gamma, blur (+ occlusion, noise for alignment)")
     val_fraction: float = option(0.05, "share of the training split held out for validation when the dataset has no val split")
     eval_every: int = option(1, "evaluate val and test every this many epochs")

@@ -57,15 +57,17 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     try:
         conv = state_dict["visual.conv1.weight"]
         grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        text_width = state_dict["ln_final.weight"].shape[0]
         model = {
-            "embed_dim": state_dict["text_projection"].shape[1], "quick_gelu": True,
+            "embed_dim": state_dict["visual.proj"].shape[1], "quick_gelu": True,
             "vision_cfg": {"image_size": conv.shape[-1] * grid, "patch_size": conv.shape[-1], "width": conv.shape[0],
                            "layers": _count_blocks(state_dict, "visual.transformer.resblocks.")},
-            "text_cfg": {"context_length": state_dict["positional_embedding"].shape[0],
-                         "vocab_size": state_dict["token_embedding.weight"].shape[0], "width": text_width,
-                         "heads": text_width // 64, "layers": _count_blocks(state_dict, "transformer.resblocks.")},
+            "text_cfg": model_config("ViT-B-16-quickgelu")["text_cfg"],  # for vision-only files (the backbone needs no more)
         }
+        if "ln_final.weight" in state_dict:
+            text_width = state_dict["ln_final.weight"].shape[0]
+            model["text_cfg"] = {"context_length": state_dict["positional_embedding"].shape[0],
+                                 "vocab_size": state_dict["token_embedding.weight"].shape[0], "width": text_width,
+                                 "heads": text_width // 64, "layers": _count_blocks(state_dict, "transformer.resblocks.")}
     except KeyError as err:
         raise ValueError(f"not an OpenAI-CLIP-layout ViT state dict: key {err} is missing") from None
     mim = None
@@ -185,7 +187,8 @@ def load_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     """(OpenAI-layout tensors, FaRL config) of a checkpoint file; non-tensor entries are ignored."""
     try:
         with fsspec.open(path, "rb") as f:
-            checkpoint = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            data = f.read()
+        checkpoint = _load(data)
     except FileNotFoundError:
         raise ValueError(f"checkpoint {path} does not exist") from None
     except Exception as err:  # torch raises several types for a file that is no checkpoint
@@ -194,5 +197,18 @@ def load_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of tensors")
     state_dict = checkpoint.get("state_dict", checkpoint)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's TorchScript files carry these
+        state_dict.pop(key, None)
     config = checkpoint.get("farl_config") or infer_config(state_dict)
     return state_dict, config
+
+
+def _load(data: bytes) -> Any:
+    """torch.load without unpickling code; OpenAI's released CLIP files are TorchScript archives,
+    which weights_only refuses, and are read as such."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except RuntimeError as err:
+        if "TorchScript" not in str(err):
+            raise
+        return torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
