@@ -163,3 +163,14 @@ def test_torchscript_and_vision_only_files(tmp_path: Path) -> None:
     visual_only = {k: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
     config = infer_config(visual_only)  # the image tower's shapes are enough; the text tower defaults to CLIP's
     assert config["model"]["vision_cfg"] == model.config["model"]["vision_cfg"]
+
+
+def test_extra_entries_of_any_type_are_ignored(tmp_path: Path) -> None:
+    """Official files may carry training arguments (an argparse.Namespace): torch's weights_only
+    refuses those, so the loader unpickles such a file in full and still takes only its tensors."""
+    import argparse
+
+    model = FaRL(model_config("FaRL-tiny"))
+    torch.save({"state_dict": model.state_dict_openai(), "args": argparse.Namespace(lr=1e-3)}, tmp_path / "f.pth")
+    again = FaRL.from_checkpoint(str(tmp_path / "f.pth"))
+    assert torch.equal(again.clip.visual.conv1.weight, model.clip.visual.conv1.weight)

@@ -145,6 +145,10 @@ def test_error_lines(built_output: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "needs the DALL-E dVAE encoder file" in capsys.readouterr().err
     assert main(["--config", TINY, "--output", str(tmp_path / "o")]) == 2
     assert "--data is required" in capsys.readouterr().err
+    assert main(["--config", TINY, "--data", str(built_output), "--output", str(tmp_path / "o"), "--mask-patches", "75"]) == 2
+    assert "num_masked must be in 1..64" in capsys.readouterr().err  # FaRL-tiny has an 8x8 grid
+    assert main(["--config", TINY, "--data", str(built_output), "--workers", "2", "--no-resampled"]) == 2
+    assert "unequal batches" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing was written
 
 
@@ -181,3 +185,20 @@ def test_fsspec_output(built_output: Path, tmp_path: Path) -> None:
         assert main(["--config", TINY, "--data", str(built_output), "--output", url]) == 2  # metrics need a local folder
     finally:
         fsspec.filesystem("memory").rm("/pretrain-test", recursive=True)
+
+
+def test_pruning_keeps_the_new_checkpoint_and_leaves_later_ones(tmp_path: Path) -> None:
+    from train.checkpoints import Checkpoints
+
+    model = FaRL(model_config("FaRL-tiny"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoints = Checkpoints(str(tmp_path))
+    checkpoints.save(900, model, optimizer)  # an earlier run's, beyond this run's steps
+    for step in (10, 20, 30, 40):
+        checkpoints.save(step, model, optimizer)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.pt") if ".state" not in p.name)
+    assert names == ["step_00000020.pt", "step_00000030.pt", "step_00000040.pt", "step_00000900.pt"]
+    assert checkpoints.latest().step == 40
+    (tmp_path / "checkpoints" / "step_00000050.pt.tmp-deadbeef").write_bytes(b"half")
+    Checkpoints(str(tmp_path))  # a new run's writer clears what a kill left half-written
+    assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))

@@ -19,7 +19,7 @@ from pipeline.storage import Output
 from train.model import MIM_KEYS, FaRL, load_state_dict
 
 log = logging.getLogger("train")
-KEEP = 2  # checkpoints kept besides the latest: older ones are deleted as new ones land
+KEEP = 2  # checkpoints kept before the latest: older ones are deleted as new ones land
 
 
 @dataclass
@@ -31,8 +31,10 @@ class Resumed:
 
 
 class Checkpoints:
-    def __init__(self, output: str):
+    def __init__(self, output: str, writer: bool = True):
         self.output = Output(output)
+        if writer:  # what a kill left half-written (gigabytes for ViT-B and its optimizer state)
+            self.output.remove_temporaries(("checkpoints",))
 
     def save(self, step: int, model: FaRL, optimizer: torch.optim.Optimizer) -> str:
         name = f"step_{step:08d}"
@@ -44,12 +46,15 @@ class Checkpoints:
         self.output.write_atomic(f"{folder}/{name}.pt", lambda f: f.write(model_bytes))
         self.output.write_atomic(f"{folder}/{name}.state.pt", lambda f: f.write(state.getvalue()))
         self.output.write_json("checkpoints/latest.json", {"step": step, "model": f"{name}.pt", "state": f"{name}.state.pt"})
-        self._prune()
+        self._prune(step)
         return f"{folder}/{name}.pt"
 
-    def _prune(self) -> None:
-        models = [n for n in self.output.list("checkpoints", ".pt") if not n.endswith(".state.pt")]
-        for name in models[:-(KEEP + 1)]:
+    def _prune(self, step: int) -> None:
+        """Keep the checkpoint just written and the KEEP before it; files of later steps (an earlier
+        run's, beyond a restart) are left alone."""
+        older = [n for n in self.output.list("checkpoints", ".pt") if not n.endswith(".state.pt")
+                 and int(n.removeprefix("step_").removesuffix(".pt")) < step]
+        for name in older[:-KEEP] if KEEP else older:
             for path in (name, name.replace(".pt", ".state.pt")):
                 full = self.output.path("checkpoints", path)
                 if self.output.fs.exists(full):

@@ -21,7 +21,8 @@ Choices:
   gopen, which pipes remote URLs through curl: one code path and fsspec's credentials.
 - Nothing in the data crashes a run: an unreadable or truncated shard, a sample without its
   jpg or txt, or an undecodable JPEG is skipped, logged and counted in the batch's `skipped`.
-  A missing or broken json only turns the face bias off for that sample.
+  A missing or broken json only turns the face bias off for that sample. Skips are reported with
+  the worker's next batch, so those after a one-pass worker's last batch go uncounted.
 """
 
 from __future__ import annotations

@@ -105,8 +105,14 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
     torch.manual_seed(cfg.seed + worker.rank)
     targets = build_targets(cfg)
     model = build_model(cfg, targets)
-    checkpoints = Checkpoints(cfg.output)
+    checkpoints = Checkpoints(cfg.output, writer=worker.rank == 0)
     step, resumed = 0, checkpoints.latest()
+    if worker.world_size > 1:  # a rank that sees another checkpoint would run other steps and hang the rest
+        seen = [None] * worker.world_size
+        dist.all_gather_object(seen, resumed.step if resumed else 0)
+        if len(set(seen)) > 1:
+            raise RuntimeError(f"the ranks see different checkpoints in {cfg.output} (steps {seen}): "
+                               "give an output every node shares (s3://, gs://, a shared file system)")
     if resumed:
         step = resumed.step
         model.clip.load_state_dict(resumed.state_dict)
@@ -119,6 +125,8 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if resumed:
         optimizer.load_state_dict(resumed.optimizer)
+        for group, decay in zip(optimizer.param_groups, (0.0, cfg.weight_decay)):  # this run's settings, not the saved ones
+            group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     wrapped = worker.wrap(model)
     if cfg.compile:
         wrapped = torch.compile(wrapped)

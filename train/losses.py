@@ -3,7 +3,9 @@
 The contrastive part is open_clip's ClipLoss with `local_loss` and `gather_with_grad`: each rank
 scores its own rows against the features of every rank, gathered with their gradient. The mean of
 the ranks' losses is the loss of the whole global batch, and DDP's mean of the ranks' gradients is
-its gradient (tests/test_losses.py checks both against one process).
+its gradient (tests/test_losses.py checks both against one process). The MIM loss is each rank's
+mean over its masked patches, averaged over ranks: the global mean whenever ranks mask equally
+many patches (BEiT's masks cover 75 patches, a few less for about a third of the images).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class FaRLLoss(nn.Module):
                                      outputs["logit_scale"].float())
         losses = {"contrastive": contrastive, "loss": self.contrastive_weight * contrastive}
         if mask is not None and self.targets is not None:
-            targets = self.targets(images)[mask]
+            with torch.autocast(images.device.type, enabled=False):  # DALL-E codes in fp32, as BEiT computes them
+                targets = self.targets(images.float())[mask]
             losses["mim"] = self.targets.loss(outputs["mim_logits"], targets)
             losses["loss"] = losses["loss"] + self.mim_weight * losses["mim"]
         return losses

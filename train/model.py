@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
+import pickle
 import re
 from typing import Any
 
@@ -25,6 +27,7 @@ from open_clip.model import CLIP
 from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import nn
 
+log = logging.getLogger("train")
 MIM_KEYS = re.compile(r"^visual\.(mask_token|lm_transformer\.|ln_lm\.|lm_head\.)")
 
 # Named configurations besides open_clip's own (any open_clip ViT name works too, e.g. the paper's
@@ -208,7 +211,12 @@ def _load(data: bytes) -> Any:
     which weights_only refuses, and are read as such."""
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except RuntimeError as err:
-        if "TorchScript" not in str(err):
+    except (RuntimeError, pickle.UnpicklingError) as err:
+        if "TorchScript" in str(err):
+            return torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
+        if "Weights only load failed" not in str(err):
             raise
-        return torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
+    # extra entries of types torch does not allow by default (an argparse.Namespace of training args, say):
+    # a file the user names is trusted, as torch.load did before weights_only existed
+    log.warning("checkpoint holds more than tensors and plain values; unpickling it in full")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)

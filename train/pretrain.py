@@ -21,6 +21,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from train.data import expand_shards
 from train.engine import Worker, build_model, build_targets, train
+from train.masking import BlockMaskGenerator
 from train.metrics_log import log_folder
 from train.pretrain_config import PretrainConfig
 
@@ -32,7 +33,9 @@ def check_inputs(cfg: PretrainConfig) -> None:
     metrics have a local folder."""
     expand_shards(cfg.data)
     log_folder(cfg)
-    build_model(cfg, build_targets(cfg))
+    model = build_model(cfg, build_targets(cfg))
+    if cfg.mim:
+        BlockMaskGenerator(model.grid, cfg.mask_patches, cfg.mask_min_patches, min_aspect=cfg.mask_min_aspect)
 
 
 def ray_worker(config: dict) -> None:

@@ -67,5 +67,8 @@ class PretrainConfig:
                 raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
         if self.workers < 0 or self.loader_workers < 0:
             raise ConfigError("workers and loader_workers must not be negative")
+        if self.workers > 1 and not self.resampled:
+            raise ConfigError("--no-resampled with several workers gives ranks unequal batches, which DDP cannot "
+                              "gather: keep resampled shards for distributed runs")
         if not 0 < self.crop_scale_min <= 1 or not 0 <= self.face_crop_bias <= 1:
             raise ConfigError("crop_scale_min must be in (0, 1] and face_crop_bias in [0, 1]")

@@ -3,7 +3,9 @@
 - pixel: MAE's target, each patch's pixels normalised by the patch's own mean and variance; loss is
   the mean squared error. Needs no weights.
 - dalle: the DALL-E dVAE encoder's code of each patch, from the same crop resized to 8 px per
-  patch (112 px for a 224 crop); loss is cross-entropy over its 8192 codes. The encoder is a file
+  patch (112 px for a 224 crop; resized from the 224 px crop with antialiased bicubic, where BEiT
+  resizes the original crop region with Lanczos: a small difference, chosen so the loader makes
+  one crop only); loss is cross-entropy over its 8192 codes. The encoder is a file
   the user supplies: a TorchScript file, or the pickled module of the `dall_e` package
   (`encoder.pkl`, which needs that package installed to unpickle).
 """
