@@ -191,3 +191,14 @@ def test_aflw19_auc_and_fr_use_the_box_normalisation() -> None:
     row = alignment_metrics(pred, gt, boxes, cfg, None)["full"]
     assert row["nme_box"] == pytest.approx(0.08) and row["nme_diag"] == pytest.approx(8 / np.hypot(100, 100))
     assert row["fr"] == 1.0 and row["auc"] == 0.0
+
+
+def test_validation_holds_out_whole_images() -> None:
+    from train.downstream_data import train_val_indices
+
+    paths = ["a.jpg", "a.jpg", "b.jpg", "c.jpg", "c.jpg", "c.jpg", "d.jpg", "e.jpg"]
+    kept, held = train_val_indices(paths, 0.4, seed=0)
+    assert sorted(kept + held) == list(range(len(paths)))
+    assert not {paths[i] for i in kept} & {paths[i] for i in held}
+    assert len({paths[i] for i in held}) == 2  # 40 % of 5 images
+    assert train_val_indices(paths, 0.4, seed=0) == (kept, held)

@@ -105,8 +105,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def train_val_indices(dataset_size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A fixed, seeded share of the training split held out for validation."""
-    order = np.random.default_rng(seed).permutation(dataset_size)
-    held = max(1, round(dataset_size * fraction))
-    return sorted(order[held:].tolist()), sorted(order[:held].tolist())
+def train_val_indices(image_paths: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A fixed, seeded share of the training images held out for validation; every face of a held-out
+    image goes with it (WFLW and AFLW have several faces per photo), so no photo is on both sides."""
+    images = sorted(set(image_paths))
+    order = np.random.default_rng(seed).permutation(len(images))
+    held_images = {images[i] for i in order[:max(1, round(len(images) * fraction))]}
+    held = [i for i, path in enumerate(image_paths) if path in held_images]
+    kept = [i for i, path in enumerate(image_paths) if path not in held_images]
+    return kept, held

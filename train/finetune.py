@@ -41,7 +41,7 @@ def make_splits(cfg: FinetuneConfig) -> tuple[WarpedSamples, WarpedSamples, Warp
     if "val" in train.splits:
         return (WarpedSamples(train, cfg, train=True), WarpedSamples(open_dataset(cfg.dataset, cfg.data, "val"), cfg, False),
                 WarpedSamples(test, cfg, train=False))
-    kept, held = train_val_indices(len(train), cfg.val_fraction, cfg.seed)
+    kept, held = train_val_indices([train.image_path(i) for i in range(len(train))], cfg.val_fraction, cfg.seed)
     return WarpedSamples(train, cfg, True, kept), WarpedSamples(train, cfg, False, held), WarpedSamples(test, cfg, False)
 
 

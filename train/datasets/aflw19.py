@@ -86,6 +86,7 @@ class AFLW19(FaceDataset):
 
     name = "AFLW-19"
     task = "alignment"
+    path_field = 1
     splits = ("train", "test")
     num_points = NUM_POINTS
 

@@ -82,6 +82,7 @@ class CelebAMaskHQ(FaceDataset):
 
     name = "CelebAMask-HQ"
     task = "parsing"
+    path_field = 1
     splits = ("train", "val", "test")
     labels = LABELS
 

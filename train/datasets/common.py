@@ -150,6 +150,7 @@ class FaceDataset:
     name: ClassVar[str] = ""
     task: ClassVar[str] = ""
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
+    path_field: ClassVar[int] = 0  # where a sample entry keeps its image path
 
     def __init__(self, root: str, split: str) -> None:
         if split not in self.splits:
@@ -170,6 +171,10 @@ class FaceDataset:
 
     def _load(self, sample: Any) -> dict[str, Any]:
         raise NotImplementedError
+
+    def image_path(self, index: int) -> str:
+        """The image file of a sample, without reading it (several faces can share one image)."""
+        return self.samples[index][self.path_field]
 
     def subsets(self) -> dict[str, np.ndarray]:
         """Indices of the evaluation subsets of this split (default: only ``"full"``)."""
