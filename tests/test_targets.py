@@ -45,6 +45,10 @@ def test_pixel_targets_are_per_patch_normalised() -> None:
     # patch order is the ViT's: row-major over the grid; patch 1 is the top-right 16x16 block
     top_right = images[0, :, :16, 16:].reshape(-1)
     assert torch.allclose(targets[0, 1], (top_right - top_right.mean()) / top_right.var().add(1e-6).sqrt(), atol=1e-5)
+    # the loss is the MSE over masked patches only
+    predictions, mask = torch.randn(2, 4, 768), torch.tensor([[True, False, False, True], [False, False, True, False]])
+    expected = torch.nn.functional.mse_loss(predictions[mask], targets[mask])
+    assert PixelTargets(16).loss(predictions, targets, mask).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:.torch.load. received a zip file:UserWarning")
@@ -61,8 +65,11 @@ def test_dalle_codes_from_the_same_crop_at_8px_per_patch(tmp_path: Path) -> None
     assert grid[0, 0] > 0.95 * DALLE_VOCAB  # bright (the bicubic resize blurs the block's edge a little)
     assert (grid[2:] == 0).all() and (grid[:, 2:] == 0).all()  # dark away from it
     assert torch.allclose(unnormalize(normalised(pixels)), pixels, atol=1e-6)
-    loss = targets.loss(torch.randn(5, DALLE_VOCAB), codes[0, :5])
-    assert loss.item() > 0
+    predictions = torch.randn(1, 196, DALLE_VOCAB)
+    mask = torch.zeros(1, 196, dtype=torch.bool)
+    mask[0, :5] = True
+    expected = torch.nn.functional.cross_entropy(predictions[0, :5], codes[0, :5])
+    assert targets.loss(predictions, codes, mask).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_dalle_encoder_errors(tmp_path: Path) -> None:

@@ -103,6 +103,9 @@ def train_step(model: FaRL, wrapped: nn.Module, loss_fn: FaRLLoss, optimizer: to
 def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
     """Run (or resume) to `cfg.steps` optimizer steps; returns the last logged metrics."""
     torch.manual_seed(cfg.seed + worker.rank)
+    if worker.device.type == "cuda":  # as open_clip's trainer: TF32 matmuls for what runs outside bf16 autocast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     targets = build_targets(cfg)
     model = build_model(cfg, targets)
     checkpoints = Checkpoints(cfg.output, writer=worker.rank == 0)

@@ -34,7 +34,7 @@ class FaRLLoss(nn.Module):
         losses = {"contrastive": contrastive, "loss": self.contrastive_weight * contrastive}
         if mask is not None and self.targets is not None:
             with torch.autocast(images.device.type, enabled=False):  # DALL-E codes in fp32, as BEiT computes them
-                targets = self.targets(images.float())[mask]
-            losses["mim"] = self.targets.loss(outputs["mim_logits"], targets)
+                targets = self.targets(images.float())
+            losses["mim"] = self.targets.loss(outputs["mim_logits"], targets, mask)
             losses["loss"] = losses["loss"] + self.mim_weight * losses["mim"]
         return losses

@@ -114,34 +114,34 @@ class FaRL(nn.Module):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self.clip.encode_text(tokens, normalize=normalize)
 
-    def _embed(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """open_clip's VisionTransformer._embeds, with masked patches replaced by the mask token."""
+    def _embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """open_clip's VisionTransformer._embeds after conv1: class token, positions, ln_pre."""
         visual = self.clip.visual
-        x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, N, width)
-        if mask is not None:
-            x = torch.where(mask.unsqueeze(-1), visual.mask_token.to(x.dtype), x)
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        cls = visual.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        x = torch.cat([cls, patches], dim=1) + visual.positional_embedding.to(patches.dtype)
         return visual.ln_pre(visual.patch_dropout(x))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         """Normalised image and text features, the logit scale (exp'd) and, when `mask` (B, N) bool
-        is given, the MIM outputs at the masked positions: (number of masked patches, vocab)."""
+        is given, the MIM outputs of every patch, (B, N, vocab): the loss keeps the masked ones.
+        All patches rather than `[mask]`: a boolean index would sync with the host every step and
+        change shapes between batches (which torch.compile recompiles for), for ~1% of the FLOPs."""
         visual = self.clip.visual
         batch = images.shape[0]
-        x = self._embed(images, None)
+        patches = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, N, width)
+        x = self._embed(patches)
         if mask is not None:
             if not self.has_mim:
                 raise ValueError("a mask was given but this model has no MIM branch")
-            x = torch.cat([x, self._embed(images, mask)])
+            masked = torch.where(mask.unsqueeze(-1), visual.mask_token.to(patches.dtype), patches)
+            x = torch.cat([x, self._embed(masked)])
         x = visual.transformer(x)
-        pooled, _ = visual._pool(x[:batch])
+        pooled, _ = visual._pool(x[:batch] if mask is not None else x)
         image_features = F.normalize(pooled @ visual.proj, dim=-1)
         mim_logits = None
         if mask is not None:
-            masked = visual.ln_lm(visual.lm_transformer(x[batch:]))[:, 1:]
-            mim_logits = visual.lm_head(masked[mask])
+            mim_logits = visual.lm_head(visual.ln_lm(visual.lm_transformer(x[batch:]))[:, 1:])
         return {"image_features": image_features, "text_features": self.encode_text(tokens, normalize=True),
                 "logit_scale": self.clip.logit_scale.exp(), "mim_logits": mim_logits}
 
