@@ -100,6 +100,7 @@ def test_parsing_overfits_lapa_and_reports_both_numbers(tmp_path: Path) -> None:
     assert main([*args[:-len(SMALL) - 6], "--epochs", "31", "--eval-every", "10", "--head-lr", "1e-2",
                  "--ema-decay", "0.5", *SMALL]) == 0
     assert [r["epoch"] for r in history(out)] == list(range(1, 32))
+    chosen = max((r for r in history(out) if "val" in r), key=lambda r: r["val"]["f1_mean"])
     # evaluation of the chosen checkpoint, with drawings
     assert evaluate_main(["--checkpoint", str(out / "best_val.pt"), "--output", str(tmp_path / "eval"), "--draw", "2"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
