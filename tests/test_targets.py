@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
+from train.losses import FaRLLoss
 from train.targets import DALLE_VOCAB, DalleTargets, PixelTargets, make_targets, unnormalize
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 
 class StandInEncoder(nn.Module):
@@ -48,7 +49,8 @@ def test_pixel_targets_are_per_patch_normalised() -> None:
     # the loss is the MSE over masked patches only
     predictions, mask = torch.randn(2, 4, 768), torch.tensor([[True, False, False, True], [False, False, True, False]])
     expected = torch.nn.functional.mse_loss(predictions[mask], targets[mask])
-    assert PixelTargets(16).loss(predictions, targets, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert FaRLLoss(None).masked_mean(PixelTargets(16).patch_loss(predictions, targets), mask).item() == \
+        pytest.approx(expected.item(), rel=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:.torch.load. received a zip file:UserWarning")
@@ -69,7 +71,8 @@ def test_dalle_codes_from_the_same_crop_at_8px_per_patch(tmp_path: Path) -> None
     mask = torch.zeros(1, 196, dtype=torch.bool)
     mask[0, :5] = True
     expected = torch.nn.functional.cross_entropy(predictions[0, :5], codes[0, :5])
-    assert targets.loss(predictions, codes, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert FaRLLoss(None).masked_mean(targets.patch_loss(predictions, codes), mask).item() == \
+        pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_dalle_encoder_errors(tmp_path: Path) -> None:

@@ -3,14 +3,16 @@
 The contrastive part is open_clip's ClipLoss with `local_loss` and `gather_with_grad`: each rank
 scores its own rows against the features of every rank, gathered with their gradient. The mean of
 the ranks' losses is the loss of the whole global batch, and DDP's mean of the ranks' gradients is
-its gradient (tests/test_losses.py checks both against one process). The MIM loss is each rank's
-mean over its masked patches, averaged over ranks: the global mean whenever ranks mask equally
-many patches (BEiT's masks cover 75 patches, a few less for about a third of the images).
+its gradient (tests/test_losses.py checks both against one process). The MIM loss is the mean
+over the masked patches of the global batch too: each rank divides its sum by the global count
+(one all-reduce of a scalar) times the world size, since DDP then averages over ranks; BEiT's
+masks do not all cover the same number of patches.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from open_clip.loss import ClipLoss
 from torch import nn
 
@@ -21,7 +23,7 @@ class FaRLLoss(nn.Module):
     def __init__(self, targets: Targets | None, contrastive_weight: float = 1.0, mim_weight: float = 1.0,
                  rank: int = 0, world_size: int = 1):
         super().__init__()
-        self.targets = targets
+        self.targets, self.world_size = targets, world_size
         self.contrastive_weight, self.mim_weight = contrastive_weight, mim_weight
         self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
                                   rank=rank, world_size=world_size)
@@ -35,6 +37,16 @@ class FaRLLoss(nn.Module):
         if mask is not None and self.targets is not None:
             with torch.autocast(images.device.type, enabled=False):  # DALL-E codes in fp32, as BEiT computes them
                 targets = self.targets(images.float())
-            losses["mim"] = self.targets.loss(outputs["mim_logits"], targets, mask)
+            losses["mim"] = self.masked_mean(self.targets.patch_loss(outputs["mim_logits"], targets), mask)
             losses["loss"] = losses["loss"] + self.mim_weight * losses["mim"]
         return losses
+
+    def masked_mean(self, per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over the global batch's masked patches, with a weighted sum instead of a boolean
+        index (which would sync with the host every step)."""
+        weights = mask.to(per_patch.dtype)
+        count = weights.sum().detach()
+        if self.world_size > 1:
+            dist.all_reduce(count)
+            count = count / self.world_size  # DDP averages the ranks' losses
+        return (per_patch * weights).sum() / count.clamp_min(1e-9)  # no masked patch: a loss of 0

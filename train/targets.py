@@ -31,8 +31,8 @@ class Targets(Protocol):
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Targets of every patch of CLIP-normalised images (B, 3, H, W): (B, N, ...)."""
 
-    def loss(self, predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the masked patches: predictions (B, N, vocab), targets (B, N, ...), mask (B, N)."""
+    def patch_loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss of every patch, (B, N), from predictions (B, N, vocab) and targets (B, N, ...)."""
 
     def to(self, device: torch.device) -> "Targets": ...
 
@@ -42,12 +42,6 @@ def unnormalize(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(OPENAI_DATASET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_DATASET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return images * std + mean
-
-
-def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, N) values over the masked patches, without a boolean index (no host sync)."""
-    weights = mask.to(per_patch.dtype)
-    return (per_patch * weights).sum() / weights.sum().clamp_min(1)
 
 
 class PixelTargets:
@@ -64,9 +58,8 @@ class PixelTargets:
         mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
         return (patches - mean) / (var + 1e-6).sqrt()
 
-    def loss(self, predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        per_patch = (predictions.float() - targets).square().mean(-1)
-        return masked_mean(per_patch, mask)
+    def patch_loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (predictions.float() - targets).square().mean(-1)
 
 
 class DalleTargets:
@@ -111,9 +104,8 @@ class DalleTargets:
             raise ValueError(f"the DALL-E encoder gave {logits.shape[1]} channels, not {DALLE_VOCAB} code logits")
         return logits.argmax(1).flatten(1)
 
-    def loss(self, predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        per_patch = F.cross_entropy(predictions.float().transpose(1, 2), targets, reduction="none")
-        return masked_mean(per_patch, mask)
+    def patch_loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(predictions.float().transpose(1, 2), targets, reduction="none")
 
 
 def make_targets(kind: str, patch_size: int, dalle_encoder: str = "") -> PixelTargets | DalleTargets:
