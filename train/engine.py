@@ -40,11 +40,12 @@ class Worker:
     wrap: Callable[[nn.Module], nn.Module] = lambda model: model
 
 
-def build_model(cfg: PretrainConfig, targets: Targets | None) -> FaRL:
-    """The run's model: random, or from `cfg.init`; with a MIM head as wide as the targets need."""
+def build_model(cfg: PretrainConfig, targets: Targets | None, with_init: bool = True) -> FaRL:
+    """The run's model: random, or from `cfg.init`; with a MIM head as wide as the targets need.
+    A resumed run passes with_init=False: its checkpoint replaces every weight anyway."""
     mim = {"depth": cfg.mim_depth, "vocab": targets.vocab} if targets is not None else None
     model = FaRL(model_config(cfg.model), mim)
-    if cfg.init:
+    if cfg.init and with_init:
         init_weights(model, cfg.init)
     return model
 
@@ -106,10 +107,10 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
     if worker.device.type == "cuda":  # as open_clip's trainer: TF32 matmuls for what runs outside bf16 autocast
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    targets = build_targets(cfg)
-    model = build_model(cfg, targets)
     checkpoints = Checkpoints(cfg.output, writer=worker.rank == 0)
     step, resumed = 0, checkpoints.latest()
+    targets = build_targets(cfg)
+    model = build_model(cfg, targets, with_init=resumed is None)
     if worker.world_size > 1:  # a rank that sees another checkpoint would run other steps and hang the rest
         seen = [None] * worker.world_size
         dist.all_gather_object(seen, resumed.step if resumed else 0)

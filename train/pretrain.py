@@ -23,19 +23,24 @@ from train.data import expand_shards
 from train.engine import Worker, build_model, build_targets, train
 from train.masking import BlockMaskGenerator
 from train.metrics_log import log_folder
+from train.model import model_config
 from train.pretrain_config import PretrainConfig
 
 log = logging.getLogger("train")
 
 
 def check_inputs(cfg: PretrainConfig) -> None:
-    """Fail before starting any worker: the shards exist, the init file and the MIM target load,
-    metrics have a local folder."""
+    """Fail before anything is written: the shards exist, metrics have a local folder, the masks fit
+    the model's grid; for Ray runs also the init file and the MIM target load, before any worker
+    starts (a one-process run loads them once, in `train`, before it writes anything)."""
     expand_shards(cfg.data)
     log_folder(cfg)
-    model = build_model(cfg, build_targets(cfg))
+    vision = model_config(cfg.model)["vision_cfg"]
     if cfg.mim:
-        BlockMaskGenerator(model.grid, cfg.mask_patches, cfg.mask_min_patches, min_aspect=cfg.mask_min_aspect)
+        grid = (vision["image_size"] // vision["patch_size"],) * 2
+        BlockMaskGenerator(grid, cfg.mask_patches, cfg.mask_min_patches, min_aspect=cfg.mask_min_aspect)
+    if cfg.workers:
+        build_model(cfg, build_targets(cfg))
 
 
 def ray_worker(config: dict) -> None:
@@ -93,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             run_on_ray(cfg)
         else:
             train(cfg, Worker(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    except ValueError as err:  # a bad init file or DALL-E encoder, found when train builds the model
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
