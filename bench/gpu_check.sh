@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 2 and 3, prepared to run as is on a GPU machine that gets a copy of this
-# working tree (the device tool's `run`), in one call well under 10 minutes:
+# working tree (the device tool's `run`), in one call of about 7 minutes. Steps in order of value;
+# a step is skipped when it could run past BUDGET seconds (default 450) from the start:
+#   0. the machine, and the bf16 matrix-product ceiling it really reaches (8192^3, random data);
 #   1. ViT-B-16-quickgelu, batch 128 per GPU, bf16 autocast: open_clip's own train_one_epoch (A) vs
 #      our step with MIM off (B) and on (C); images/s per GPU and model FLOP utilisation against the
 #      H200's 989 TFLOP/s bf16 dense peak (PEAK_TFLOPS to change it);
-#   2. `python -m train.pretrain` on CUDA in bf16 (the tiny config over the demo shards): the loop,
-#      checkpoints and metrics on a GPU;
-#   3. the train/ tests that need no Ray, on the GPU (test_metrics' CUDA case runs there).
+#   2. `python -m train.pretrain` with configs/pretrain_vitb16.yaml (pixel targets) over the demo
+#      shards: the whole loop (loader, masks, step, logging) in images/s on one GPU;
+#   3. the same with the tiny config and a checkpoint: the loop, checkpoints and metrics on CUDA;
+#   4. the train/ tests that need no Ray, on the GPU (test_metrics' CUDA case runs there);
+#   5. step 1 at batch 256, B and C only: how MFU grows with the batch;
+#   6. step 2 with --compile.
 #
 #     bash bench/gpu_check.sh      # from the device tool: carry [".whl", "out/demo/shards"]
 #
@@ -16,6 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
+BUDGET=${BUDGET:-450}
 mkdir -p "$OUT"
 
 PY=${PY:-.venv/bin/python}
@@ -29,23 +35,48 @@ fi
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 
+step() {  # step SECONDS NAME COMMAND...: run it under `timeout SECONDS` if the budget allows
+    local limit=$1 name=$2; shift 2
+    if (( SECONDS + limit > BUDGET )); then echo "== $name: skipped, ${SECONDS}s of ${BUDGET}s used"; return; fi
+    echo "== $name (at ${SECONDS}s)"
+    timeout "$limit" bash -c '"$@"' _ "$@"  # bash -c: the command may be one of the functions below
+}
+
 echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
 git rev-parse --short HEAD 2>/dev/null || true
+step 60 "0. bf16 matmul ceiling" "$PY" -c '
+import torch, time
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+for _ in range(3): a @ b
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(20): a @ b
+torch.cuda.synchronize(); print(f"bf16 8192^3 matmul: {20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12:.0f} TFLOP/s")
+' 2>&1 | tee "$OUT/ceiling.txt"
 
-echo "== 1. ViT-B-16-quickgelu, batch 128, bf16: (A) open_clip, (B) ours MIM off, (C) ours MIM on"
-timeout 240 "$PY" -m bench.train_speed --model ViT-B-16-quickgelu --batch-size 128 --device cuda \
-    --precision bf16 --steps 20 --rounds 5 --warmup 5 --idle-wait 10 --peak-tflops "${PEAK_TFLOPS:-989}" \
-    2>&1 | tee "$OUT/train_speed.txt"
+speed() {  # speed BATCH ONLY
+    "$PY" -m bench.train_speed --model ViT-B-16-quickgelu --batch-size "$1" --only "$2" --device cuda \
+        --precision bf16 --steps 20 --rounds 5 --warmup 5 --retries 1 --idle-wait 3 --peak-tflops "${PEAK_TFLOPS:-989}"
+}
+pretrain_vitb() {  # pretrain_vitb OUTPUT [FLAGS...]
+    local output=$1; shift
+    rm -rf "$output"
+    "$PY" -m train.pretrain --config configs/pretrain_vitb16.yaml --mim-target pixel --data out/demo/shards \
+        --output "$output" --steps 60 --warmup-steps 10 --log-every 10 --checkpoint-every 1000 --loader-workers 12 --no-progress "$@" 2>&1 | tail -4
+    cat "$output/metrics.jsonl" 2>/dev/null || echo "no metrics written"
+}
 
-echo "== 2. train.pretrain on CUDA, bf16, tiny config, demo shards"
-rm -rf /tmp/pretrain_gpu
-timeout 120 "$PY" -m train.pretrain --config configs/pretrain_tiny.yaml --data out/demo/shards \
-    --output /tmp/pretrain_gpu --steps 40 --batch-size 16 --no-progress 2>&1 | tail -5 | tee "$OUT/pretrain.txt"
-cp /tmp/pretrain_gpu/metrics.jsonl "$OUT/pretrain_metrics.jsonl" 2>/dev/null || echo "no metrics written"
+export PY; export -f speed pretrain_vitb
 
-echo "== 3. train/ tests without Ray, on the GPU"
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_metrics.py tests/test_model.py tests/test_losses.py \
-    tests/test_face_model.py tests/test_finetune.py tests/test_geometry.py tests/test_augment.py 2>&1 \
+step 200 "1. train_speed, batch 128" speed 128 ABC 2>&1 | tee "$OUT/train_speed.txt"
+step 150 "2. train.pretrain, ViT-B/16, batch 128, bf16" pretrain_vitb /tmp/pretrain_vitb 2>&1 | tee "$OUT/pretrain_vitb.txt"
+step 90 "3. train.pretrain, tiny, CUDA" bash -c "rm -rf /tmp/pretrain_gpu; $PY -m train.pretrain --config configs/pretrain_tiny.yaml \
+    --data out/demo/shards --output /tmp/pretrain_gpu --steps 40 --batch-size 16 --checkpoint-every 20 --no-progress 2>&1 | tail -5; \
+    ls /tmp/pretrain_gpu/checkpoints; tail -2 /tmp/pretrain_gpu/metrics.jsonl" 2>&1 | tee "$OUT/pretrain_tiny.txt"
+step 180 "4. train/ tests without Ray, on the GPU" "$PY" -m pytest -q -p no:cacheprovider tests/test_metrics.py tests/test_model.py \
+    tests/test_losses.py tests/test_face_model.py tests/test_finetune.py tests/test_geometry.py tests/test_augment.py 2>&1 \
     | tail -15 | tee "$OUT/tests.txt"
+step 120 "5. train_speed, batch 256, B and C" speed 256 BC 2>&1 | tee "$OUT/train_speed_256.txt"
+step 200 "6. train.pretrain, ViT-B/16, --compile" pretrain_vitb /tmp/pretrain_vitb_compiled --compile 2>&1 | tee "$OUT/pretrain_vitb_compile.txt"
+echo "== done at ${SECONDS}s"
