@@ -173,8 +173,10 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert main([*common, "--output", str(tmp_path / "resumed"), "--epochs", "3"]) == 0
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    # bit-exact on the CPU; CUDA's backward kernels add in no fixed order, so there only up to rounding
+    tolerance = {"rtol": 1e-3, "atol": 1e-4} if torch.cuda.is_available() else {"atol": 1e-6}
     for key, value in straight["weights"].items():
-        assert torch.allclose(value.float(), resumed["weights"][key].float(), atol=1e-6), key
+        assert torch.allclose(value.float(), resumed["weights"][key].float(), **tolerance), key
     assert [r["epoch"] for r in history(tmp_path / "resumed")] == [1, 2, 3]
     # last.pt is an evaluable checkpoint too
     assert evaluate_main(["--checkpoint", str(tmp_path / "resumed" / "last.pt")]) == 0

@@ -87,7 +87,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     start, records = 0, []
     if output.fs.exists(output.path("last.pt")):
         with output.fs.open(output.path("last.pt"), "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
