@@ -1,6 +1,6 @@
 """Pre-training step speed: open_clip's own training step vs ours with MIM off vs ours with MIM on.
 
-    python -m bench.train_speed --model FaRL-tiny --batch-size 32 --steps 20 [--device cuda] [--precision bf16]
+    python -m bench.train_speed --model FaRL-tiny --batch-size 32 --steps 20 [--device cuda] [--precision bf16] [--compile]
 
   (A) open_clip   open_clip_train.train.train_one_epoch itself, with the `args` fields it reads set
                   as open_clip's main sets them for one process, open_clip.model.CLIP(output_dict=True),
@@ -118,13 +118,16 @@ class OpenClipStep:
             # rank 1: is_master() gates only the logging, whose .item() syncs and log lines our timed loop
             # does not have either; rank is read for nothing else in train_one_epoch.
             rank=1, local_rank=1)
-        self.batches, self.epoch = batches, 0
+        self.batches, self.epoch, self.wrapped = batches, 0, self.model
+
+    def compile(self) -> None:
+        self.wrapped = torch.compile(self.model)  # open_clip's main with --torchcompile
 
     def run(self, steps: int) -> None:
         # train_one_epoch's scheduler step is epoch x batches + i: off after calls of other lengths, which
         # changes the learning rate's value, not the work.
         data = {"train": DataInfo(FixedLoader(self.batches, steps))}
-        train_one_epoch(self.model, data, self.loss, self.epoch, self.optimizer, None, self.scheduler, None, self.args)
+        train_one_epoch(self.wrapped, data, self.loss, self.epoch, self.optimizer, None, self.scheduler, None, self.args)
         self.epoch += 1
 
 
@@ -145,14 +148,17 @@ class OurStep:
         self.loss_fn = FaRLLoss(self.targets, CFG.contrastive_weight, CFG.mim_weight)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                                        enabled=device.type == "cuda" and precision == "bf16")
-        self.batches, self.mim, self.step = batches, mim, 0
+        self.batches, self.mim, self.step, self.wrapped = batches, mim, 0, self.model
         self.model.train()
+
+    def compile(self) -> None:
+        self.wrapped = torch.compile(self.model)  # as engine.train with --compile
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
             images, tokens, mask = self.batches[self.step % len(self.batches)]
             self.set_lr(self.step)
-            engine.train_step(self.model, self.model, self.loss_fn, self.optimizer,
+            engine.train_step(self.model, self.wrapped, self.loss_fn, self.optimizer,
                               (images, tokens, mask if self.mim else None), self.autocast, CFG.grad_clip_norm)
             self.step += 1
 
@@ -216,7 +222,8 @@ def machine(device: torch.device) -> str:
 def report(args: argparse.Namespace, names: dict[str, str], times: dict[str, list[float]],
            others: dict[str, list[float]], flops: dict[str, int], peak: float) -> None:
     print(f"\n{args.model}, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds after {args.warmup} warm-up; "
-          f"{args.device}, {'bf16 autocast' if args.device.startswith('cuda') and args.precision == 'bf16' else 'fp32'}")
+          f"{args.device}, {'bf16 autocast' if args.device.startswith('cuda') and args.precision == 'bf16' else 'fp32'}"
+          f"{', torch.compile' if args.compile else ''}")
     print(f"{machine(torch.device(args.device))}\n")
     print("| step | s/step (median) | min - max | **images/s** | GFLOP/step | TFLOP/s | MFU | others' CPU share (max) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -255,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retries", type=int, default=3, help="re-runs of a run that others disturbed")
     p.add_argument("--idle-wait", type=float, default=60, help="seconds to wait for idle CPUs before a run")
     p.add_argument("--only", default="ABC", help="contenders to run, e.g. AB")
+    p.add_argument("--compile", action="store_true", help="torch.compile all of them (FLOPs are counted eager, first)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -265,9 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     batches = make_batches(reference, args.batch_size, min(args.steps, 4), masks, device)
     total = args.warmup + 1 + args.rounds * args.steps
     names = {"A": "open_clip train_one_epoch", "B": "ours, MIM off", "C": f"ours, MIM on ({masks[0]}/{grid} masked)"}
-    runs = {key: (OpenClipStep(state, args.model, batches, device, args.precision, total) if key == "A" else
-                  OurStep(state, args.model, key == "C", batches, device, args.precision, total)).run for key in args.only}
+    steps = {key: OpenClipStep(state, args.model, batches, device, args.precision, total) if key == "A" else
+             OurStep(state, args.model, key == "C", batches, device, args.precision, total) for key in args.only}
+    runs = {key: step.run for key, step in steps.items()}
     flops = {key: step_flops(run) for key, run in runs.items()}
+    if args.compile:
+        for step in steps.values():
+            step.compile()
     for run in runs.values():
         run(args.warmup)
     times: dict[str, list[float]] = {key: [] for key in runs}
