@@ -5,11 +5,14 @@
 No downloads: the photos are the ones installed packages ship (scikit-image's data, insightface's
 test images). Everything is hashed through the pipeline's own code paths:
 
-  dataset side   pipeline.decode.decode_image(JPEG bytes, BuildConfig()) and its phash, exactly
-                 what the builder stores (re-encoded to <= image_max_side, 512 px by default).
-  excluded side  pipeline.near_dedupe._hash_files on a file: phash of the full-resolution image
-                 and of its mirror (what --exclude-images caches); a dataset image is caught when
-                 it is within k bits of either.
+  dataset side   pipeline.decode.decode_image(JPEG bytes, BuildConfig()) and its 16 pHashes
+                 (decode.phashes: the image's own, then its 15 crops by 2% off one to four sides),
+                 exactly what the builder stores (re-encoded to <= image_max_side, 512 px).
+  excluded side  pipeline.near_dedupe._hash_files on a file: the 16 pHashes of the full-resolution
+                 image and of its mirror (what --exclude-images caches).
+  pairs          as near_dedupe decides: the plain pHash of one within k bits of any of the other's
+                 16 (either way round); a dataset image vs an excluded one, against the excluded
+                 image's plain and mirrored hashes.
 
 Quality
   near-duplicates  every whole photo is the "original" (its JPEG q95 bytes); each kind of
@@ -34,20 +37,19 @@ Quality
                    merge rates are given for whole images only (photos + LFW) and with the tiles
                    ("all"), "dedupe" (hash vs hash, pairs once) and "decontam" (dataset image vs an
                    excluded image's plain and mirrored hashes, ordered pairs).
-  alternatives     prototypes, not pipeline code, hashed on the decoded stored image: dhash,
-                   phash of the central 90%, and phash + 15 query-side crops (each side 0 or 2%,
-                   the pair's distance being the smallest between one's plain hash and any of the
-                   other's 16), and its subset of 5 (plain, and 2% off one side at a time).
+  alternatives     "phash_plain": the pipeline's own pHash alone (index 0 of the 16: what it used
+                   before the crop hashes); prototypes, not pipeline code, hashed on the decoded
+                   stored image: dhash, and imagehash's phash of the central 90%.
   scale            the false neighbours per image at 50M images if hashes were independent and
-                   uniform (pHash: 64 bits with exactly 32 set, imagehash thresholds at the median;
+                   uniform (pHash: 64 bits with exactly 32 set, as it thresholds at the median;
                    dhash: any 64 bits), times the hash comparisons per pair of the multi-hashes.
 
 Cost
-  pHash per second on one core (decoded 512-px image; decode_image end-to-end from JPEG bytes),
-  Arrow bytes per million items of the near-dedupe stage (ITEMS_SCHEMA rows, band_rows for k=8
-  with and without the shuffle's partition column), the candidate comparisons per item at 50M
-  images (bucket occupancy N / 65536 x probes x 4 bands) and the measured cost of one comparison
-  in pipeline.near_dedupe._pairs_in_bucket.
+  Hashes per second on one core (decode.phashes and imagehash on a decoded 512-px image;
+  decode_image end-to-end from JPEG bytes), Arrow bytes per million items of the near-dedupe stage
+  (ITEMS_SCHEMA rows, band_rows at the default k with and without the shuffle's partition column),
+  the candidate comparisons per item at 50M images (rows per item x bucket occupancy N / 65536)
+  and the measured cost of one comparison in pipeline.near_dedupe._pairs_in_bucket.
 """
 
 from __future__ import annotations
@@ -76,9 +78,9 @@ import pyarrow as pa  # noqa: E402
 from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
 from pipeline.build_config import BuildConfig  # noqa: E402
-from pipeline.decode import decode_image  # noqa: E402
-from pipeline.near_dedupe import (BANDS, BAND_BITS, ITEMS_SCHEMA, _hash_files, _pairs_in_bucket,  # noqa: E402
-                                  _probe_masks, _with_partition, band_rows)
+from pipeline.decode import CROPS, decode_image, phashes  # noqa: E402
+from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, _hash_files,  # noqa: E402
+                                  _pairs_in_bucket, _probe_masks, _with_partition, band_rows)
 
 CONFIG = BuildConfig()
 DEFAULT_K = CONFIG.near_duplicate_distance
@@ -87,11 +89,9 @@ TILE = 128
 MIN_TILE_STD = 10.0
 KINDS = ("jpeg", "resize", "crop", "brightness_contrast", "resize+jpeg", "all", "mirror", "mirror+resize+jpeg")
 MIRROR_KINDS = ("mirror", "mirror+resize+jpeg")
-HASHES = ("pipeline_phash", "dhash", "phash_centre90", "phash_multicrop16", "phash_multicrop5")
-MULTICROP5 = (0, 1, 2, 4, 8)  # the plain hash and one side cropped at a time
-HASH_COUNT = {"pipeline_phash": 1, "dhash": 1, "phash_centre90": 1, "phash_multicrop16": 16, "phash_multicrop5": 5}
+HASHES = ("pipeline", "phash_plain", "dhash", "phash_centre90")
+HASH_COUNT = {"pipeline": len(CROPS), "phash_plain": 1, "dhash": 1, "phash_centre90": 1}
 RESAMPLERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX)
-MULTICROP_SIDE = 0.02
 RECALL_TARGET, MERGE_TARGET = 0.95, 0.001
 
 # scikit-image's real photographs (cat() is chelsea(); stereo_motorcycle's right view is the left
@@ -178,32 +178,26 @@ def h64(value) -> int:
     return int(str(value), 16)
 
 
-def multicrop(image: Image.Image) -> list[int]:
-    """phash of the image, then of its 15 crops by MULTICROP_SIDE on some of the four sides."""
-    width, height = image.size
-    dx, dy = round(MULTICROP_SIDE * width), round(MULTICROP_SIDE * height)
-    out = []
-    for mask in range(16):
-        left, top, right, bottom = ((mask >> i) & 1 for i in range(4))
-        out.append(h64(imagehash.phash(image.crop((left * dx, top * dy, width - right * dx, height - bottom * dy)))))
-    return out
+def pipeline_hashes(hexes: list[str]) -> dict[str, list[int]]:
+    """The pipeline's 16 hashes, and its plain pHash alone (all it had before the crop hashes)."""
+    hashes = [h64(h) for h in hexes]
+    assert len(hashes) == len(CROPS)
+    return {"pipeline": hashes, "phash_plain": hashes[:1]}
 
 
 def alternative_hashes(image: Image.Image) -> dict[str, list[int]]:
     width, height = image.size
     centre = image.crop((round(0.05 * width), round(0.05 * height), width - round(0.05 * width),
                          height - round(0.05 * height)))
-    crops = multicrop(image)
-    return {"dhash": [h64(imagehash.dhash(image))], "phash_centre90": [h64(imagehash.phash(centre))],
-            "phash_multicrop16": crops, "phash_multicrop5": [crops[i] for i in MULTICROP5]}
+    return {"dhash": [h64(imagehash.dhash(image))], "phash_centre90": [h64(imagehash.phash(centre))]}
 
 
 def dataset_hashes(data: bytes) -> dict[str, list[int]]:
-    """What the builder stores (decode_image's phash), and the prototypes on the stored image."""
-    stored, *_, phash = decode_image(data, CONFIG)
+    """What the builder stores (decode_image's 16 pHashes), and the prototypes on the stored image."""
+    stored, *_, hexes = decode_image(data, CONFIG)
     with Image.open(io.BytesIO(stored)) as image:
         hashes = alternative_hashes(image.convert("RGB"))
-    return {"pipeline_phash": [h64(phash)], **hashes}
+    return {**pipeline_hashes(hexes), **hashes}
 
 
 def reference_hashes(path: str) -> dict[str, list[list[int]]]:
@@ -211,11 +205,9 @@ def reference_hashes(path: str) -> dict[str, list[list[int]]]:
     row = _hash_files({"path": [path]})
     with Image.open(path) as image:
         upright = ImageOps.exif_transpose(image).convert("RGB")
-    plain, mirrored = alternative_hashes(upright), alternative_hashes(ImageOps.mirror(upright))
-    out = {"pipeline_phash": [[h64(row["phash"][0])], [h64(row["phash_mirror"][0])]]}
-    for name in plain:
-        out[name] = [plain[name], mirrored[name]]
-    return out
+    sides = [{**pipeline_hashes(row[column][0]), **alternative_hashes(side)}
+             for column, side in (("phashes", upright), ("phashes_mirror", ImageOps.mirror(upright)))]
+    return {name: [side[name] for side in sides] for name in HASHES}
 
 
 def popcount(a: int, b: int) -> int:
@@ -335,10 +327,11 @@ def throughput(photos: dict[str, Image.Image]) -> dict:
             image.load()
 
     return {
-        "phash_decoded_512x512": per_second(lambda: imagehash.phash(small)),
-        "phash_decoded_512x341": per_second(lambda: imagehash.phash(wide_stored)),
+        "phashes16_decoded_512x512": per_second(lambda: phashes(small)),
+        "phashes16_decoded_512x341": per_second(lambda: phashes(wide_stored)),
+        "imagehash_phash_decoded_512x512": per_second(lambda: imagehash.phash(small)),
+        "imagehash_phash_decoded_512x341": per_second(lambda: imagehash.phash(wide_stored)),
         "dhash_decoded_512x512": per_second(lambda: imagehash.dhash(small)),
-        "multicrop16_decoded_512x512": per_second(lambda: multicrop(small), seconds=2.0),
         "jpeg_decode_only_512": per_second(lambda: decode_only(bytes_512)),
         "decode_image_512_jpeg_kept": per_second(lambda: decode_image(bytes_512, CONFIG)),
         "decode_image_1411_jpeg_reencoded": per_second(lambda: decode_image(bytes_big, CONFIG)),
@@ -346,19 +339,27 @@ def throughput(photos: dict[str, Image.Image]) -> dict:
     }
 
 
+def random_hashes(shape: int | tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(-2 ** 63, 2 ** 63 - 1, shape, dtype=np.int64)
+
+
 def synthetic_items(n: int, rng: np.random.Generator) -> pa.Table:
     keys = [f"{(i // 10000) % 100000:05d}{i:09d}" for i in range(n)]  # make_key's 14 digits
     shards = [f"{(i // 10000):05d}" for i in range(n)]
-    return pa.table({"key": keys, "phash": pa.array(rng.integers(-2 ** 63, 2 ** 63 - 1, n, dtype=np.int64)),
+    crops = pa.ListArray.from_arrays(pa.array(np.arange(0, n * CROP_HASHES + 1, CROP_HASHES, dtype=np.int32)),
+                                     pa.array(random_hashes(n * CROP_HASHES, rng)))
+    return pa.table({"key": keys, "phash": pa.array(random_hashes(n, rng)), "crops": crops,
                      "area": pa.array(rng.integers(10_000, 4_000_000, n, dtype=np.int64)),
                      "shard": shards, "overlap_set": pa.nulls(n, pa.string())}, schema=ITEMS_SCHEMA)
 
 
 def rows_per_item(k: int) -> int:
-    return BANDS * sum(comb(BAND_BITS, r) for r in range(k // BANDS + 1))
+    """band_rows per item: each of its 16 hashes probes, on each band, the values within k // 4 bits."""
+    return len(CROPS) * BANDS * sum(comb(BAND_BITS, r) for r in range(k // BANDS + 1))
 
 
 def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -> dict:
+    """Arrow sizes and comparison counts of the near-dedupe stage at the default k."""
     rng = np.random.default_rng(seed)
     items = synthetic_items(items_n, rng)
     per_item_items = items.nbytes / items_n
@@ -368,23 +369,29 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -
     band_seconds = time.process_time() - start
     assert bands.num_rows == band_n * rows_per_item(DEFAULT_K)
     with_part = _with_partition(bands, "bucket", 200)
-    out = {"items_measured": items_n, "band_items_measured": band_n,
+    out = {"k": DEFAULT_K, "items_measured": items_n, "band_items_measured": band_n,
            "items_bytes_per_item": per_item_items, "items_GB_per_million": per_item_items * 1e6 / 1e9,
            "band_rows_per_item": {k: rows_per_item(k) for k in KS},
            "band_rows_bytes_per_row": bands.nbytes / bands.num_rows,
-           "band_rows_bytes_per_item_k8": bands.nbytes / band_n,
-           "band_rows_GB_per_million_k8": bands.nbytes / band_n * 1e6 / 1e9,
-           "shuffled_GB_per_million_k8": with_part.nbytes / band_n * 1e6 / 1e9,
-           "band_rows_seconds_per_million_items_k8": band_seconds / band_n * 1e6}
+           "band_rows_bytes_per_item": bands.nbytes / band_n,
+           "band_rows_GB_per_million": bands.nbytes / band_n * 1e6 / 1e9,
+           "shuffled_GB_per_million": with_part.nbytes / band_n * 1e6 / 1e9,
+           "band_rows_seconds_per_million_items": band_seconds / band_n * 1e6}
     del bands, with_part
 
-    # One bucket as it would be at 50M images, scaled down: F filed rows and F x (probes - 1) probe rows.
+    # One bucket as it would be at 50M images, scaled down: F filed rows (each image is filed once per
+    # band, N / 65536 per bucket), and each image probes with 16 hashes x `probes` values per band, so
+    # the bucket holds F x 16 x probes rows, the filed ones included.
     n_images = 50_000_000
     occupancy = n_images / 2 ** BAND_BITS
     probes = len(_probe_masks(DEFAULT_K // BANDS))
-    template = synthetic_items(filed_n * probes, rng)
-    bucket = template.append_column("bucket", pa.array(np.zeros(template.num_rows, np.int64))).append_column(
-        "probe", pa.array(np.arange(template.num_rows) >= filed_n))
+    per_filed = len(CROPS) * probes
+    template = synthetic_items(filed_n * per_filed, rng).drop_columns(["crops"])
+    filed = np.arange(template.num_rows) < filed_n
+    query = np.where(filed, template["phash"].to_numpy(), random_hashes(template.num_rows, rng))
+    bucket = (template.append_column("query", pa.array(query))
+              .append_column("bucket", pa.array(np.zeros(template.num_rows, np.int64)))
+              .append_column("probe", pa.array(~filed)))
     comparisons = bucket.num_rows * filed_n
     timings = []
     for _ in range(3):
@@ -396,22 +403,23 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -
     peak_bytes = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     ns_per_comparison = min(timings) / comparisons * 1e9
-    per_item = {k: rows_per_item(k) * occupancy for k in KS}
+    per_item = {k: rows_per_item(k) * occupancy for k in KS}  # each row meets its bucket's filed rows
     total = per_item[DEFAULT_K] * n_images
-    bucket_rows_at_50m = occupancy * probes
+    bucket_rows_at_50m = occupancy * per_filed
+    shuffled_gb = out["shuffled_GB_per_million"] * n_images / 1e6
     out["at_50M"] = {
-        "images": n_images, "bucket_occupancy_filed": occupancy, "probes_per_band_k8": probes,
-        "candidate_comparisons_per_item": per_item, "total_comparisons_k8": total,
+        "images": n_images, "bucket_occupancy_filed": occupancy, "probes_per_band": probes,
+        "candidate_comparisons_per_item": per_item, "total_comparisons": total,
         "ns_per_comparison_measured": ns_per_comparison,
         "measured_bucket": {"filed": filed_n, "rows": bucket.num_rows, "seconds": min(timings),
                             "peak_python_bytes": peak_bytes, "bytes_per_matrix_entry": peak_bytes / comparisons},
-        "core_hours_k8": total * ns_per_comparison / 1e9 / 3600,
-        "rows_in_one_bucket_k8": bucket_rows_at_50m,
-        "distance_matrix_entries_per_bucket_k8": bucket_rows_at_50m * occupancy,
-        "GB_peak_per_bucket_k8": bucket_rows_at_50m * occupancy * peak_bytes / comparisons / 1e9,
-        "band_rows_total_k8": n_images * rows_per_item(DEFAULT_K),
-        "shuffled_TB_k8": out["shuffled_GB_per_million_k8"] * n_images / 1e6 / 1e3,
-        "GB_per_groupby_partition_at_200_partitions_k8": out["shuffled_GB_per_million_k8"] * n_images / 1e6 / 200,
+        "core_hours": total * ns_per_comparison / 1e9 / 3600,
+        "rows_in_one_bucket": bucket_rows_at_50m,
+        "distance_matrix_entries_per_bucket": bucket_rows_at_50m * occupancy,
+        "GB_peak_per_bucket": bucket_rows_at_50m * occupancy * peak_bytes / comparisons / 1e9,
+        "band_rows_total": n_images * rows_per_item(DEFAULT_K),
+        "shuffled_TB": shuffled_gb / 1e3,
+        "GB_per_groupby_partition_at_200_partitions": shuffled_gb / 200,
     }
     return out
 
@@ -468,14 +476,14 @@ def run(args: argparse.Namespace) -> dict:
             crop_bins.setdefault(group, {})[hname] = {
                 label: {"n": len(d), "recall": {k: float((np.array(d) <= k).mean()) for k in KS}}
                 for label, d in sorted(bins.items())}
-        worst = sorted(((pair_distance(v["hashes"]["pipeline_phash"], dataset[v["source"]]["pipeline_phash"]),
+        worst = sorted(((pair_distance(v["hashes"]["pipeline"], dataset[v["source"]]["pipeline"]),
                          v["source"], v["kind"], v["params"]) for v in rows if v["kind"] not in MIRROR_KINDS),
                        key=lambda t: -t[0])[:15]
         near.setdefault(group, {})["worst_pipeline_dedupe"] = [
             {"distance": d, "source": s, "kind": k, "params": p} for d, s, k, p in worst]
     per_source = {}
     for name in photos:
-        d = [pair_distance(v["hashes"]["pipeline_phash"], dataset[name]["pipeline_phash"])
+        d = [pair_distance(v["hashes"]["pipeline"], dataset[name]["pipeline"])
              for v in variants if v["source"] == name and v["kind"] not in MIRROR_KINDS]
         per_source[name] = {"n": len(d), "recall_at_default": float((np.array(d) <= DEFAULT_K).mean()),
                             "max_distance": int(max(d))}
@@ -508,14 +516,14 @@ def run(args: argparse.Namespace) -> dict:
             distinct_out.setdefault(label, {})[hname] = {
                 "dedupe": merge_table(dd[iu][mask[iu]]),
                 "decontam": merge_table(dr[mask & off_diagonal])}
-        if hname == "pipeline_phash":
+        if hname == "pipeline":
             order = np.argsort(dd[iu], kind="stable")[:20]
             closest = [{"a": names[iu[0][i]], "b": names[iu[1][i]], "distance": int(dd[iu][i])} for i in order]
 
     # stereo pair: two photos of one scene a few cm apart (not in the distinct set)
     left, right, _ = __import__("skimage.data", fromlist=["x"]).stereo_motorcycle()
-    stereo = popcount(dataset_hashes(jpeg(Image.fromarray(left)))["pipeline_phash"][0],
-                      dataset_hashes(jpeg(Image.fromarray(right)))["pipeline_phash"][0])
+    views = [dataset_hashes(jpeg(Image.fromarray(view))) for view in (left, right)]
+    stereo = {hname: pair_distance(views[0][hname], views[1][hname]) for hname in ("pipeline", "phash_plain")}
 
     quality_seconds = time.perf_counter() - started
     print(f"quality done in {quality_seconds:.0f} s; measuring cost", flush=True)
@@ -566,13 +574,17 @@ def summary(result: dict) -> str:
                 lines.append(f"    merge {label:12s} {path:8s} pairs={m['pairs']:6d} "
                              + " ".join(f"{m['merge_rate'][k] * 100:.4f}%" for k in KS))
     lines.append(f"k meeting every target: {result['k_meeting_all_targets']} (default {k0})")
+    for hname in ("pipeline", "phash_plain"):
+        bins = result["crop_recall_by_amount"]["photos"][hname]
+        lines.append(f"crop recall at k={k0} by amount, {hname}: "
+                     + ", ".join(f"{label} {b['recall'][k0]:.3f} (n={b['n']})" for label, b in bins.items()))
     cost = result["cost"]
     lines.append("throughput per core: " + ", ".join(f"{k} {v:.0f}/s" for k, v in cost["throughput_per_core"].items()))
     mem = cost["memory"]
-    lines.append(f"items {mem['items_GB_per_million']:.3f} GB/M, band rows k={k0} {mem['band_rows_GB_per_million_k8']:.2f}"
-                 f" GB/M ({mem['shuffled_GB_per_million_k8']:.2f} GB/M with the partition column); at 50M: "
-                 f"{mem['at_50M']['candidate_comparisons_per_item'][k0]:.0f} comparisons per item, "
-                 f"{mem['at_50M']['core_hours_k8']:.0f} core-hours")
+    lines.append(f"items {mem['items_GB_per_million']:.3f} GB/M, band rows k={k0} ({mem['band_rows_per_item'][k0]} per"
+                 f" item) {mem['band_rows_GB_per_million']:.2f} GB/M ({mem['shuffled_GB_per_million']:.2f} GB/M with"
+                 f" the partition column); at 50M: {mem['at_50M']['candidate_comparisons_per_item'][k0]:.0f}"
+                 f" comparisons per item, {mem['at_50M']['core_hours']:.0f} core-hours")
     return "\n".join(lines)
 
 

@@ -77,7 +77,7 @@ class BuildConfig:
 
     # --- quality: near-duplicates and benchmark decontamination ---
     near_dedupe: bool = option(True, "remove near-duplicates (perceptual hashes within near_duplicate_distance)")
-    near_duplicate_distance: int = option(8, "largest Hamming distance between 64-bit pHashes of near-duplicates")
+    near_duplicate_distance: int = option(6, "largest Hamming distance between one pHash and another image's pHash or crop pHashes")
     exclude_images: list[str] = option([], "folder or glob of benchmark test images (e.g. CelebAMask-HQ, LaPa, 300W, "
                                            "AFLW-19, WFLW test splits) whose near-copies, mirrored too, are removed; "
                                            "repeatable", flag="--exclude-images")
@@ -97,7 +97,7 @@ class BuildConfig:
             host, _, port = entry.rpartition(":")
             if not host.strip("[]") or not port.isdigit():
                 raise ConfigError(f"--allow-host wants HOST:PORT, got '{entry}'")
-        if not 0 <= self.near_duplicate_distance <= 12:  # past 12, 4 bands need over 2,000 probes each
+        if not 0 <= self.near_duplicate_distance <= 12:  # at 12 an image already probes 44,608 band values
             raise ConfigError("near_duplicate_distance must be between 0 and 12")
         if self.sample_ids and not self.sample_id_col:
             raise ConfigError("--sample-ids needs a SAMPLE_ID column: set --sample-id-col")

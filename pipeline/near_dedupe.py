@@ -1,11 +1,14 @@
 """Near-duplicates and benchmark decontamination, global, by multi-index hashing of 64-bit pHashes.
 
-Two images are near-duplicates when their perceptual hashes differ in at most k bits
-(`near_duplicate_distance`). To find every such pair without comparing all pairs, each hash
-is cut into 4 bands of 16 bits: two hashes within k bits agree within r = k // 4 bits on at
-least one band (pigeonhole). Every image is filed under its exact band values and probes the
-band values within r bits of its own; a Ray Data groupby on (band, value) brings candidates
-together, where the full 64-bit distance is checked. No process ever holds every hash.
+Every image has its pHash and the pHashes of 15 crops of itself (2% off one to four sides:
+decode.phashes). Two images are near-duplicates when the pHash of one is within k bits
+(`near_duplicate_distance`) of any of the other's 16: so a copy cropped by a few per cent is
+caught, which its own pHash alone misses (docs/PERFORMANCE.md). To find every such pair without
+comparing all pairs, each hash is cut into 4 bands of 16 bits: two hashes within k bits agree
+within r = k // 4 bits on at least one band (pigeonhole). Every image is filed under the exact
+band values of its pHash and probes, with each of its 16 hashes, the band values within r bits;
+a Ray Data groupby on (band, value) brings candidates together, where the full 64-bit distance
+is checked. No process ever holds every hash.
 
 The kept copy is deterministic: the larger image (original pixels), then the smaller key. An
 image is removed when any image of higher priority is within k bits of it. Images of the
@@ -25,16 +28,17 @@ import ray
 from PIL import Image, ImageOps
 
 from pipeline.config import ConfigError
-from pipeline.decode import phash_hex
+from pipeline.decode import CROPS, phashes
 from pipeline.dedupe import (REMOVED_SCHEMA, Rows, by_group, map_tables, materialize, remove_from_shards,
                              written_samples)
 from pipeline.storage import Output
 
 BANDS, BAND_BITS = 4, 16
 REFERENCE_AREA = np.iinfo(np.int64).max  # excluded images outrank every dataset image
+CROP_HASHES = len(CROPS) - 1
 
-ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("area", pa.int64()),
-                          ("shard", pa.string()), ("overlap_set", pa.string())])
+ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("crops", pa.list_(pa.int64())),
+                          ("area", pa.int64()), ("shard", pa.string()), ("overlap_set", pa.string())])
 PAIRS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("winner", pa.string()),
                           ("winner_area", pa.int64()), ("distance", pa.int32()), ("overlap_set", pa.string())])
 
@@ -52,17 +56,23 @@ def _probe_masks(radius: int) -> np.ndarray:
 
 
 def band_rows(items: pa.Table, k: int) -> pa.Table:
-    """One row per (item, band, probed value): the exact value (probe = False) and its neighbours."""
+    """One row per (item, band, probed value): filed under its pHash's exact values (probe False),
+    probing with each of its 16 hashes (`query`) the values within k // 4 bits."""
     masks = _probe_masks(k // BANDS)
-    hashes = items["phash"].to_numpy().view(np.uint64)
+    crops = pc.list_flatten(items["crops"]).to_numpy().reshape(items.num_rows, CROP_HASHES)
+    query = np.concatenate([items["phash"].to_numpy()[:, None], crops], axis=1).ravel()
+    owner = np.repeat(np.arange(items.num_rows), 1 + CROP_HASHES)
+    own = np.tile(np.arange(1 + CROP_HASHES) == 0, items.num_rows)  # the pHash itself, not a crop's
+    hashes = query.view(np.uint64)
     parts = []
     for band in range(BANDS):
         values = ((hashes >> np.uint64(band * BAND_BITS)) & np.uint64(0xFFFF)).astype(np.int64)
-        probed = (values[:, None] ^ masks[None, :]).ravel()
-        index = np.repeat(np.arange(items.num_rows), len(masks))
-        part = items.take(pa.array(index))
-        parts.append(part.append_column("bucket", pa.array(band << BAND_BITS | probed, pa.int64()))
-                     .append_column("probe", pa.array(np.tile(masks != 0, items.num_rows))))
+        part = items.drop_columns(["crops"]).take(pa.array(np.repeat(owner, len(masks))))
+        filed = (own[:, None] & (masks == 0)[None, :]).ravel()
+        parts.append(part.append_column("query", pa.array(np.repeat(query, len(masks)), pa.int64()))
+                     .append_column("bucket", pa.array(band << BAND_BITS | (values[:, None] ^ masks[None, :]).ravel(),
+                                                       pa.int64()))
+                     .append_column("probe", pa.array(~filed)))
     return pa.concat_tables(parts)
 
 
@@ -71,23 +81,29 @@ def _outranks(area_a: np.ndarray, key_a: np.ndarray, area_b: np.ndarray, key_b: 
 
 
 def _pairs_in_bucket(bucket: pa.Table, k: int) -> pa.Table | None:
-    """Within one bucket: every (loser, winner) pair within k bits, the winner filed here exactly."""
+    """Within one bucket: every (loser, winner) pair where one's query hash is within k bits of the
+    other's filed pHash; either may win (a crop hash finds the pair from one side only)."""
     filed = bucket.filter(pc.invert(bucket["probe"]))
     if filed.num_rows == 0:
         return None
-    h_all, h_filed = bucket["phash"].to_numpy().view(np.uint64), filed["phash"].to_numpy().view(np.uint64)
-    distance = np.bitwise_count(h_all[:, None] ^ h_filed[None, :])
+    query, h_filed = bucket["query"].to_numpy().view(np.uint64), filed["phash"].to_numpy().view(np.uint64)
+    distance = np.bitwise_count(query[:, None] ^ h_filed[None, :])
     area_all, area_filed = bucket["area"].to_numpy(), filed["area"].to_numpy()
     key_all = np.array(bucket["key"].to_pylist(), dtype=object)
     key_filed = np.array(filed["key"].to_pylist(), dtype=object)
-    wins = _outranks(area_filed[None, :], key_filed[None, :], area_all[:, None], key_all[:, None])
-    losers, winners = np.nonzero((distance <= k) & wins & (area_all[:, None] != REFERENCE_AREA))
-    if losers.size == 0:
-        return None
-    lose, win = bucket.take(pa.array(losers)), filed.take(pa.array(winners))
-    return pa.table({"key": lose["key"], "shard": lose["shard"], "winner": win["key"], "winner_area": win["area"],
-                     "distance": pa.array(distance[losers, winners], pa.int32()),
-                     "overlap_set": win["overlap_set"]}, schema=PAIRS_SCHEMA)
+    close = (distance <= k) & (key_all[:, None] != key_filed[None, :])
+    filed_wins = _outranks(area_filed[None, :], key_filed[None, :], area_all[:, None], key_all[:, None])
+    found = []
+    for loser_side, mask in (("probe", close & filed_wins), ("filed", close & ~filed_wins)):
+        rows, columns = np.nonzero(mask)
+        lose, win = (bucket.take(pa.array(rows)), filed.take(pa.array(columns))) if loser_side == "probe" else \
+            (filed.take(pa.array(columns)), bucket.take(pa.array(rows)))
+        keep = pc.not_equal(lose["area"], REFERENCE_AREA)  # excluded images are never removed
+        found.append(pa.table({"key": lose["key"], "shard": lose["shard"], "winner": win["key"],
+                               "winner_area": win["area"], "distance": pa.array(distance[rows, columns], pa.int32()),
+                               "overlap_set": win["overlap_set"]}, schema=PAIRS_SCHEMA).filter(keep))
+    pairs = pa.concat_tables(found)
+    return pairs if pairs.num_rows else None
 
 
 def bucket_pairs(rows: pa.Table, k: int) -> pa.Table:
@@ -135,7 +151,7 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 EXCLUSIONS_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
-                               ("phash", pa.string()), ("phash_mirror", pa.string())])
+                               ("phashes", pa.list_(pa.string())), ("phashes_mirror", pa.list_(pa.string()))])
 
 
 def exclusion_sets(patterns: list[str]) -> dict[str, list[str]]:
@@ -166,7 +182,7 @@ def _hash_files(batch: dict) -> dict:
             upright = ImageOps.exif_transpose(image).convert("RGB")
         out["path"].append(path), out["size"].append(int(info.get("size", 0)))
         out["mtime"].append(float(info.get("mtime", 0) or 0))
-        out["phash"].append(phash_hex(upright)), out["phash_mirror"].append(phash_hex(ImageOps.mirror(upright)))
+        out["phashes"].append(phashes(upright)), out["phashes_mirror"].append(phashes(ImageOps.mirror(upright)))
     return out
 
 
@@ -176,7 +192,7 @@ def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
     for name, paths in exclusion_sets(patterns).items():
         cache_path = output.path("exclusions", f"{name}.parquet")
         cached = output.read_table(cache_path) if output.fs.exists(cache_path) else EXCLUSIONS_SCHEMA.empty_table()
-        known = {r["path"]: r for r in cached.to_pylist()}
+        known = {r["path"]: r for r in cached.to_pylist()} if cached.schema == EXCLUSIONS_SCHEMA else {}  # else: older
         todo = [p for p in paths if p not in known]  # a file is hashed once; delete the cache to redo
         if todo:
             fresh = ray.data.from_items([{"path": p} for p in todo]).map_batches(_hash_files, batch_size=64)
@@ -185,9 +201,10 @@ def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
             output.write_table(cache_path, pa.Table.from_pylist(sorted(known.values(), key=lambda r: r["path"]),
                                                                 schema=EXCLUSIONS_SCHEMA))
         rows = [known[p] for p in paths]
-        for column, suffix in (("phash", ""), ("phash_mirror", " (mirrored)")):
+        for column, suffix in (("phashes", ""), ("phashes_mirror", " (mirrored)")):
             tables.append(pa.table({"key": [r["path"] + suffix for r in rows],
-                                    "phash": pa.array([phash_to_int(r[column]) for r in rows], pa.int64()),
+                                    "phash": pa.array([phash_to_int(r[column][0]) for r in rows], pa.int64()),
+                                    "crops": [[phash_to_int(h) for h in r[column][1:]] for r in rows],
                                     "area": pa.array([REFERENCE_AREA] * len(rows), pa.int64()),
                                     "shard": [""] * len(rows), "overlap_set": [name] * len(rows)},
                                    schema=ITEMS_SCHEMA))
@@ -197,6 +214,7 @@ def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
 def _written_items(t: pa.Table) -> pa.Table:
     area = pc.multiply(pc.cast(t["original_width"], pa.int64()), pc.cast(t["original_height"], pa.int64()))
     return pa.table({"key": t["key"], "phash": pa.array([phash_to_int(h) for h in t["phash"].to_pylist()], pa.int64()),
+                     "crops": [[phash_to_int(h) for h in crops] for crops in t["phash_crops"].to_pylist()],
                      "area": area, "shard": t["shard"], "overlap_set": pa.nulls(t.num_rows, pa.string())},
                     schema=ITEMS_SCHEMA)
 
@@ -216,7 +234,7 @@ def _as_removed(t: pa.Table) -> pa.Table:
 
 def remove_near_duplicates(output: Output, k: int, exclude: list[str], dedupe_within: bool) -> int:
     """Remove benchmark overlaps, and near-duplicates when dedupe_within; returns how many."""
-    written = written_samples(output, ["key", "phash", "original_width", "original_height", "shard"])
+    written = written_samples(output, ["key", "phash", "phash_crops", "original_width", "original_height", "shard"])
     if written is None or (not exclude and not dedupe_within):
         return 0
     items = map_tables(written, _written_items)

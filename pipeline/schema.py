@@ -58,7 +58,8 @@ METADATA_SCHEMA = pa.schema([
     ("original_width", pa.int32()),  # image as downloaded (after EXIF orientation)
     ("original_height", pa.int32()),
     ("sha256", pa.string()),  # of the stored bytes
-    ("phash", pa.string()),  # 64-bit perceptual hash (imagehash.phash) of the stored image, 16 hex digits
+    ("phash", pa.string()),  # 64-bit perceptual hash (pHash) of the stored image, 16 hex digits
+    ("phash_crops", pa.list_(pa.string())),  # pHashes of its 15 crops by 2% on 1-4 sides (decode.phashes)
     ("num_faces", pa.int32()),
     ("faces", pa.list_(FACE_TYPE)),
     ("license", pa.string()),
@@ -128,6 +129,7 @@ class Sample:
     height: int | None = None
     sha256: str | None = None
     phash: str | None = None
+    phash_crops: list[str] | None = None
     faces: list[Face] = field(default_factory=list)
 
     @property
@@ -147,7 +149,7 @@ class Sample:
             "key": self.key, "shard": shard, "url": self.url, "caption": self.caption,
             "sample_id": self.sample_id, "width": self.width, "height": self.height,
             "original_width": self.original_width, "original_height": self.original_height,
-            "sha256": self.sha256, "phash": self.phash, "num_faces": len(self.faces), "faces": [f.to_dict() for f in self.faces],
+            "sha256": self.sha256, "phash": self.phash, "phash_crops": self.phash_crops, "num_faces": len(self.faces), "faces": [f.to_dict() for f in self.faces],
             "license": self.license, "nsfw": self.nsfw, "similarity": self.similarity,
         }
 

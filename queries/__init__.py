@@ -24,7 +24,7 @@ QUERY_DIR = Path(__file__).parent
 TABLES = ("metadata", "status")
 # Columns that outputs of older builds lack, with their DuckDB types: the views fill them with NULL.
 OPTIONAL_COLUMNS: dict[str, dict[str, str]] = {
-    "metadata": {"phash": "VARCHAR"},
+    "metadata": {"phash": "VARCHAR", "phash_crops": "VARCHAR[]"},
     "status": {"distance": "INTEGER", "overlap_set": "VARCHAR"},
 }
 INPUTS_SCHEMA = pa.schema([("index", pa.int32()), ("path", pa.string()), ("rows", pa.int64()),

@@ -1,5 +1,5 @@
 """The decode stage (pipeline.decode) on real photos: what is stored, its size, orientation and colour,
-and the refusals (decompression bombs, truncated or non-image bytes)."""
+the refusals (decompression bombs, truncated or non-image bytes), and the perceptual hashes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import io
 import os
 import time
 
+import imagehash
 import insightface
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import skimage.data
 from PIL import Image
 
 from pipeline.build_config import BuildConfig
-from pipeline.decode import EXIF_ORIENTATION, decode_samples
+from pipeline.decode import CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, decode_samples, phashes
 from pipeline.demo_server import bomb_png
 from pipeline.schema import Sample
 
@@ -194,3 +195,52 @@ def test_samples_already_decided_are_left_alone() -> None:
 def test_image_over_max_image_pixels_is_refused_by_our_header_check() -> None:
     sample = decode(bomb_png(side=7000))  # 49 M pixels: under PIL's own guard, over our 40 M default
     assert sample.status == "image_too_large" and "7000x7000" in sample.reason
+
+
+PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "retina", "page")
+
+
+def hamming(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_phash_is_imagehash_phash_and_crop_hashes_are_the_crops(name: str) -> None:
+    """phashes()[0] is imagehash's pHash of the (box-reduced) image and phashes()[i] imagehash's pHash
+    of the crop CROPS[i] describes, to within the bits that rounding the 32 x 32 image flips."""
+    image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    reduced = image.reduce(max(image.size) // HASH_SIDE) if max(image.size) >= 2 * HASH_SIDE else image
+    hashes = phashes(image)
+    assert len(hashes) == 16 and len(set(hashes)) > 1 and all(len(h) == 16 for h in hashes)
+    width, height = reduced.size
+    for (left, top, right, bottom), ours in zip(CROPS, hashes):
+        box = (left * CROP_SIDE * width, top * CROP_SIDE * height,
+               width - right * CROP_SIDE * width, height - bottom * CROP_SIDE * height)
+        # imagehash.phash resizes to 32 x 32 with Lanczos; doing it with the box is the same crop
+        expected = str(imagehash.phash(reduced.resize((32, 32), Image.Resampling.LANCZOS, box=box)))
+        assert hamming(ours, expected) <= 4, (name, box)  # textures (brick) reach 4, most are 0-2
+
+
+@pytest.mark.parametrize("name, cut", [("t1.jpg", (0, 0, 0.02, 0.02)), ("mask_black.jpg", (0.02, 0.02, 0, 0)),
+                                       ("rocket", (0, 0, 0.02, 0.02)), ("coffee", (0.025,) * 4)])
+def test_a_cropped_copy_is_near_a_crop_hash_but_not_the_phash(name: str, cut: tuple[float, ...]) -> None:
+    """The point of the crop hashes: cutting a few per cent off some sides of a real photo moves its
+    pHash past the default k = 6, and one of the original's crop hashes stays close."""
+    if name.endswith(".jpg"):
+        with Image.open(os.path.join(os.path.dirname(T1_JPG), name)) as image:
+            original = image.convert("RGB")
+    else:
+        original = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    width, height = original.size
+    left, top, right, bottom = cut
+    copy = original.crop((round(left * width), round(top * height), width - round(right * width),
+                          height - round(bottom * height)))
+    copy_hash, own = phashes(copy)[0], phashes(original)
+    assert hamming(copy_hash, own[0]) > 6
+    assert min(hamming(copy_hash, h) for h in own[1:]) <= 2
+
+
+def test_decoded_sample_carries_all_16_hashes(t1_bytes: bytes) -> None:
+    sample = decode(t1_bytes)
+    with Image.open(io.BytesIO(sample.content)) as stored:
+        assert [sample.phash, *sample.phash_crops] == phashes(stored.convert("RGB"))

@@ -1,5 +1,6 @@
-"""Multi-index hashing of pHashes: it finds exactly the pairs brute force finds, decides the same
-way whatever the partitioning, and lets excluded images win."""
+"""Multi-index hashing of pHashes and crop pHashes: it finds exactly the pairs brute force finds
+(either image's pHash near any of the other's 16 hashes), decides the same way whatever the
+partitioning, and lets excluded images win."""
 
 from __future__ import annotations
 
@@ -16,21 +17,40 @@ from pipeline.near_dedupe import (ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucke
 
 
 def random_items(n: int, k: int, seed: int = 0) -> pa.Table:
-    """n hashes, a third of them planted within 0..k+2 bits of an earlier one."""
+    """n items of 16 random hashes (pHash, then 15 crop pHashes) with planted pairs within 0..k+2
+    bits: pHash near an earlier pHash, a crop hash near an earlier pHash, a pHash near an earlier crop."""
     rng = np.random.default_rng(seed)
-    hashes = rng.integers(0, 2**63, size=n, dtype=np.int64).view(np.uint64) * np.uint64(2) + np.uint64(1)
-    for i in range(1, n, 3):
+    hashes = rng.integers(0, 2**63, size=(n, 16), dtype=np.int64).view(np.uint64) * np.uint64(2) + np.uint64(1)
+
+    def near(value: np.uint64) -> np.uint64:
         flips = rng.choice(64, size=rng.integers(0, k + 3), replace=False)
-        hashes[i] = hashes[rng.integers(0, i)] ^ np.uint64(sum(1 << int(b) for b in flips))
-    return pa.table({"key": [f"{i:05d}" for i in range(n)], "phash": pa.array(hashes.view(np.int64)),
+        return value ^ np.uint64(sum(1 << int(b) for b in flips))
+
+    for i in range(1, n):
+        j = rng.integers(0, i)
+        if i % 3 == 1:
+            hashes[i, 0] = near(hashes[j, 0])
+        elif i % 5 == 2:
+            hashes[i, rng.integers(1, 16)] = near(hashes[j, 0])
+        elif i % 7 == 3:
+            hashes[i, 0] = near(hashes[j, rng.integers(1, 16)])
+    signed = hashes.view(np.int64)
+    return pa.table({"key": [f"{i:05d}" for i in range(n)], "phash": pa.array(signed[:, 0]),
+                     "crops": pa.array(signed[:, 1:].tolist(), pa.list_(pa.int64())),
                      "area": pa.array(rng.integers(1, 4, size=n), pa.int64()), "shard": ["00000"] * n,
                      "overlap_set": pa.nulls(n, pa.string())}, schema=ITEMS_SCHEMA)
 
 
+def all_hashes(items: pa.Table) -> np.ndarray:
+    crops = np.array(items["crops"].to_pylist(), dtype=np.int64).reshape(items.num_rows, 15)
+    return np.concatenate([items["phash"].to_numpy()[:, None], crops], axis=1).view(np.uint64)
+
+
 def brute_force_losers(items: pa.Table, k: int) -> set[str]:
-    h = items["phash"].to_numpy().view(np.uint64)
+    h = all_hashes(items)
     area, keys = items["area"].to_numpy(), items["key"].to_pylist()
-    distance = np.bitwise_count(h[:, None] ^ h[None, :])
+    one_way = np.bitwise_count(h[:, None, :1] ^ h[None, :, :]).min(axis=2)  # i's pHash vs j's 16
+    distance = np.minimum(one_way, one_way.T)
     losers = set()
     for i in range(len(keys)):
         for j in range(len(keys)):
@@ -48,6 +68,9 @@ def test_band_buckets_find_exactly_the_brute_force_pairs(k: int) -> None:
     assert all(d <= k for d in pairs["distance"].to_pylist())
     assert found == brute_force_losers(items, k)
     assert found  # the planted pairs are there
+    plain = items["phash"].to_numpy().view(np.uint64)
+    plain_only = np.bitwise_count(plain[:, None] ^ plain[None, :])
+    assert any(np.sort(plain_only[int(key)])[1] > k for key in found)  # some only through a crop hash
 
 
 def test_ray_result_does_not_depend_on_partitioning(ray_address: str) -> None:
@@ -70,6 +93,7 @@ def test_excluded_images_always_win_and_only_catch(ray_address: str) -> None:
     items = random_items(30, 6, seed=5)
     victim = items.slice(4, 1).to_pylist()[0]
     reference = pa.table({"key": ["/bench/test/001.png"], "phash": [victim["phash"] ^ 0b101],
+                          "crops": [[phash_to_int("0" * 16)] * 15],
                           "area": pa.array([REFERENCE_AREA], pa.int64()), "shard": [""],
                           "overlap_set": ["bench"]}, schema=ITEMS_SCHEMA)
     losers = find_near_duplicates(ray.data.from_arrow(pa.concat_tables([items, reference])), 6, 3).to_pandas()
