@@ -80,7 +80,7 @@ from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 from pipeline.build_config import BuildConfig  # noqa: E402
 from pipeline.decode import CROPS, decode_image, phashes  # noqa: E402
 from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, _hash_files,  # noqa: E402
-                                  _pairs_in_bucket, _probe_masks, _with_partition, band_rows)
+                                  _pairs_in_bucket, _with_partition, band_rows)
 
 CONFIG = BuildConfig()
 DEFAULT_K = CONFIG.near_duplicate_distance
@@ -353,9 +353,14 @@ def synthetic_items(n: int, rng: np.random.Generator) -> pa.Table:
                      "shard": shards, "overlap_set": pa.nulls(n, pa.string())}, schema=ITEMS_SCHEMA)
 
 
+def neighbours(k: int) -> int:
+    """Band values within k // 4 bits of one: those an image's pHash is filed under, per band."""
+    return sum(comb(BAND_BITS, r) for r in range(k // BANDS + 1))
+
+
 def rows_per_item(k: int) -> int:
-    """band_rows per item: each of its 16 hashes probes, on each band, the values within k // 4 bits."""
-    return len(CROPS) * BANDS * sum(comb(BAND_BITS, r) for r in range(k // BANDS + 1))
+    """band_rows per item: per band, filed under its pHash's neighbours, looking with its 15 crop hashes."""
+    return BANDS * (neighbours(k) + len(CROPS) - 1)
 
 
 def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -> dict:
@@ -379,20 +384,20 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -
            "band_rows_seconds_per_million_items": band_seconds / band_n * 1e6}
     del bands, with_part
 
-    # One bucket as it would be at 50M images, scaled down: F filed rows (each image is filed once per
-    # band, N / 65536 per bucket), and each image probes with 16 hashes x `probes` values per band, so
-    # the bucket holds F x 16 x probes rows, the filed ones included.
+    # One bucket as it would be at 50M images, scaled down: an image is filed under `probes` values
+    # per band and looks under 16 (its 16 hashes' exact values), so a bucket holds N / 65536 x probes
+    # filed rows and N / 65536 x 16 looking ones: 16 looking rows for every `probes` filed ones.
     n_images = 50_000_000
     occupancy = n_images / 2 ** BAND_BITS
-    probes = len(_probe_masks(DEFAULT_K // BANDS))
-    per_filed = len(CROPS) * probes
-    template = synthetic_items(filed_n * per_filed, rng).drop_columns(["crops"])
+    probes = neighbours(DEFAULT_K)
+    looking_n = round(filed_n * len(CROPS) / probes)
+    template = synthetic_items(filed_n + looking_n, rng).drop_columns(["crops"])
     filed = np.arange(template.num_rows) < filed_n
     query = np.where(filed, template["phash"].to_numpy(), random_hashes(template.num_rows, rng))
     bucket = (template.append_column("query", pa.array(query))
-              .append_column("bucket", pa.array(np.zeros(template.num_rows, np.int64)))
-              .append_column("probe", pa.array(~filed)))
-    comparisons = bucket.num_rows * filed_n
+              .append_column("filed", pa.array(filed)).append_column("probes", pa.array(~filed))
+              .append_column("bucket", pa.array(np.zeros(template.num_rows, np.int64))))
+    comparisons = looking_n * filed_n
     timings = []
     for _ in range(3):
         start = time.process_time()
@@ -403,9 +408,9 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -
     peak_bytes = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     ns_per_comparison = min(timings) / comparisons * 1e9
-    per_item = {k: rows_per_item(k) * occupancy for k in KS}  # each row meets its bucket's filed rows
+    per_item = {k: BANDS * len(CROPS) * neighbours(k) * occupancy for k in KS}  # 64 looks x filed per bucket
     total = per_item[DEFAULT_K] * n_images
-    bucket_rows_at_50m = occupancy * per_filed
+    filed_at_50m, looking_at_50m = occupancy * probes, occupancy * len(CROPS)
     shuffled_gb = out["shuffled_GB_per_million"] * n_images / 1e6
     out["at_50M"] = {
         "images": n_images, "bucket_occupancy_filed": occupancy, "probes_per_band": probes,
@@ -414,9 +419,9 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -
         "measured_bucket": {"filed": filed_n, "rows": bucket.num_rows, "seconds": min(timings),
                             "peak_python_bytes": peak_bytes, "bytes_per_matrix_entry": peak_bytes / comparisons},
         "core_hours": total * ns_per_comparison / 1e9 / 3600,
-        "rows_in_one_bucket": bucket_rows_at_50m,
-        "distance_matrix_entries_per_bucket": bucket_rows_at_50m * occupancy,
-        "GB_peak_per_bucket": bucket_rows_at_50m * occupancy * peak_bytes / comparisons / 1e9,
+        "rows_in_one_bucket": filed_at_50m + looking_at_50m,
+        "distance_matrix_entries_per_bucket": filed_at_50m * looking_at_50m,
+        "GB_peak_per_bucket": filed_at_50m * looking_at_50m * peak_bytes / comparisons / 1e9,
         "band_rows_total": n_images * rows_per_item(DEFAULT_K),
         "shuffled_TB": shuffled_gb / 1e3,
         "GB_per_groupby_partition_at_200_partitions": shuffled_gb / 200,
@@ -598,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-tile", type=int, default=4, help="random copies of each such tile per kind")
     parser.add_argument("--items", type=int, default=100_000, help="synthetic items for the Arrow sizes")
     parser.add_argument("--band-items", type=int, default=20_000, help="of which expanded by band_rows")
-    parser.add_argument("--bucket-filed", type=int, default=300, help="filed rows of the timed bucket")
+    parser.add_argument("--bucket-filed", type=int, default=3000, help="filed rows of the timed bucket")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
