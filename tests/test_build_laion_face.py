@@ -263,11 +263,13 @@ def test_near_duplicates_and_benchmark_overlaps_are_removed_the_same_way_with_1_
             first_of_source.setdefault(image.source, image)
     original, other, benchmark = (Image.open(io.BytesIO(image.data)).convert("RGB")
                                   for image in list(first_of_source.values())[:3])
-    variants = {  # web copies of one photo: re-encoded, resized, brightened
+    width, height = original.size
+    variants = {  # web copies of one photo: re-encoded, resized, brightened, cropped
         "orig.jpg": jpeg_bytes(original, 95), "q40.jpg": jpeg_bytes(original, 40),
         "small.jpg": jpeg_bytes(original.resize((original.width * 3 // 4, original.height * 3 // 4))),
         "bright.jpg": jpeg_bytes(ImageEnhance.Brightness(original).enhance(1.08)),
         "other.jpg": jpeg_bytes(other), "benchmark-copy.jpg": jpeg_bytes(benchmark, 70),
+        "cropped.jpg": jpeg_bytes(original.crop((width * 3 // 100, height * 2 // 100, width, height - height // 50))),
     }
     for name, data in variants.items():
         server.add(f"/near/{tmp_path.name}/{name}", data)
@@ -290,5 +292,5 @@ def test_near_duplicates_and_benchmark_overlaps_are_removed_the_same_way_with_1_
     by_row = {row: (status, duplicate_of, overlap) for row, status, duplicate_of, overlap in results[0]}
     kept_key = "00000000000000"  # orig.jpg: the largest copy
     assert by_row[0][0] == "ok" and by_row[4][0] == "ok"
-    assert [by_row[i][:2] for i in (1, 2, 3)] == [("near_duplicate", kept_key)] * 3
+    assert [by_row[i][:2] for i in (1, 2, 3, 6)] == [("near_duplicate", kept_key)] * 4
     assert by_row[5] == ("benchmark_overlap", str(excluded / "0001.png") + " (mirrored)", "wflw_test")
