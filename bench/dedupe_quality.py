@@ -49,7 +49,7 @@ Cost
   decode_image end-to-end from JPEG bytes), Arrow bytes per million items of the near-dedupe stage
   (ITEMS_SCHEMA rows, band_rows at the default k with and without the shuffle's partition column),
   the candidate comparisons per item at 50M images (rows per item x bucket occupancy N / 65536)
-  and the measured cost of one comparison in pipeline.near_dedupe._pairs_in_bucket.
+  and the measured cost of one comparison in pipeline.near_dedupe.bucket_pairs (one bucket).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 from pipeline.build_config import BuildConfig  # noqa: E402
 from pipeline.decode import CROPS, decode_image, phashes  # noqa: E402
 from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, _hash_files,  # noqa: E402
-                                  _pairs_in_bucket, _with_partition, band_rows)
+                                  _with_partition, band_rows, bucket_pairs)
 
 CONFIG = BuildConfig()
 DEFAULT_K = CONFIG.near_duplicate_distance
@@ -401,10 +401,10 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -
     timings = []
     for _ in range(3):
         start = time.process_time()
-        _pairs_in_bucket(bucket, DEFAULT_K)
+        bucket_pairs(bucket, DEFAULT_K)
         timings.append(time.process_time() - start)
     tracemalloc.start()  # numpy reports its buffers to tracemalloc
-    _pairs_in_bucket(bucket, DEFAULT_K)
+    bucket_pairs(bucket, DEFAULT_K)
     peak_bytes = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     ns_per_comparison = min(timings) / comparisons * 1e9

@@ -81,45 +81,62 @@ def band_rows(items: pa.Table, k: int) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def _outranks(area_a: np.ndarray, key_a: np.ndarray, area_b: np.ndarray, key_b: np.ndarray) -> np.ndarray:
-    return (area_a > area_b) | ((area_a == area_b) & (key_a < key_b))
-
-
-def _pairs_in_bucket(bucket: pa.Table, k: int) -> pa.Table | None:
-    """Within one bucket: every (loser, winner) pair where one's query hash is within k bits of the
-    other's pHash; either may win (a crop hash finds the pair from one side only)."""
-    filed, probing = bucket.filter(bucket["filed"]), bucket.filter(bucket["probes"])
-    if filed.num_rows == 0 or probing.num_rows == 0:
-        return None
-    query, h_filed = probing["query"].to_numpy().view(np.uint64), filed["phash"].to_numpy().view(np.uint64)
-    distance = np.bitwise_count(query[:, None] ^ h_filed[None, :])
-    area_probing, area_filed = probing["area"].to_numpy(), filed["area"].to_numpy()
-    key_probing = np.array(probing["key"].to_pylist(), dtype=object)
-    key_filed = np.array(filed["key"].to_pylist(), dtype=object)
-    close = (distance <= k) & (key_probing[:, None] != key_filed[None, :])
-    filed_wins = _outranks(area_filed[None, :], key_filed[None, :], area_probing[:, None], key_probing[:, None])
+def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(looking item, filed item, smallest distance) of every pair where a query of one is within
+    k bits of the other's pHash filed in the same bucket; `rows` sorted by bucket, `item` their ids."""
+    buckets, filed, looks = rows["bucket"].to_numpy(), rows["filed"].to_numpy(False), rows["probes"].to_numpy(False)
+    query, phash = rows["query"].to_numpy().view(np.uint64), rows["phash"].to_numpy().view(np.uint64)
+    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
     found = []
-    for prober_loses, mask in ((True, close & filed_wins), (False, close & ~filed_wins)):
-        rows, columns = np.nonzero(mask)
-        lose, win = (probing.take(pa.array(rows)), filed.take(pa.array(columns))) if prober_loses else \
-            (filed.take(pa.array(columns)), probing.take(pa.array(rows)))
-        keep = pc.not_equal(lose["area"], REFERENCE_AREA)  # excluded images are never removed
-        found.append(pa.table({"key": lose["key"], "shard": lose["shard"], "winner": win["key"],
-                               "winner_area": win["area"], "distance": pa.array(distance[rows, columns], pa.int32()),
-                               "overlap_set": win["overlap_set"]}, schema=PAIRS_SCHEMA).filter(keep))
-    pairs = pa.concat_tables(found)
-    return pairs if pairs.num_rows else None
+    for start, stop in zip(starts, np.r_[starts[1:], len(buckets)]):
+        if stop - start < 2:
+            continue
+        f, q = start + np.flatnonzero(filed[start:stop]), start + np.flatnonzero(looks[start:stop])
+        if not f.size or not q.size:
+            continue
+        q = q[np.argsort(item[q], kind="stable")]
+        first_look = np.flatnonzero(np.r_[True, item[q][1:] != item[q][:-1]])  # an image looks with several hashes
+        distance = np.minimum.reduceat(np.bitwise_count(query[q][:, None] ^ phash[f][None, :]), first_look, axis=0)
+        looking = item[q][first_look]
+        i, j = np.nonzero((distance <= k) & (looking[:, None] != item[f][None, :]))
+        found.append((looking[i], item[f][j], distance[i, j]))
+    looking, filed_item, distance = (np.concatenate(column) for column in zip(*found)) if found else \
+        (np.array([], np.int64), np.array([], np.int64), np.array([], np.uint8))
+    if not looking.size:
+        return looking, filed_item, distance
+    pair = looking * (item.max() + 1) + filed_item  # a pair meets in many buckets: keep it once, closest
+    order = np.argsort(pair, kind="stable")
+    first = np.flatnonzero(np.r_[True, pair[order][1:] != pair[order][:-1]])
+    return looking[order][first], filed_item[order][first], np.minimum.reduceat(distance[order], first)
 
 
 def bucket_pairs(rows: pa.Table, k: int) -> pa.Table:
-    """Candidate pairs of every bucket in `rows` (one shuffle partition holds many buckets)."""
+    """The best winner of every loser that the buckets in `rows` (one shuffle partition) reveal.
+
+    Either image of a close pair may win (a crop hash finds the pair from one side only): the
+    larger one, then the smaller key. A pair shows up in several buckets and through several of
+    an image's hashes, so pairs are reduced to one row per loser here, with item ids in numpy,
+    before anything is shuffled again; best_winners then reduces across partitions."""
+    if rows.num_rows == 0:
+        return PAIRS_SCHEMA.empty_table()
     rows = rows.sort_by("bucket")
-    buckets = rows["bucket"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-    sizes = np.diff(np.r_[starts, len(buckets)])
-    found = [_pairs_in_bucket(rows.slice(start, size), k) for start, size in zip(starts, sizes) if size > 1]
-    found = [f for f in found if f is not None]
-    return pa.concat_tables(found) if found else PAIRS_SCHEMA.empty_table()
+    keys, first, item = np.unique(rows["key"].to_numpy(False), return_index=True, return_inverse=True)
+    a, b, distance = _close_pairs(rows, item, k)  # item ids follow key order: smaller id, smaller key
+    area = rows["area"].to_numpy()[first]
+    a_wins = (area[a] > area[b]) | ((area[a] == area[b]) & (a < b))
+    loser, winner = np.where(a_wins, b, a), np.where(a_wins, a, b)
+    keep = area[loser] != REFERENCE_AREA  # excluded images are never removed
+    loser, winner, distance = loser[keep], winner[keep], distance[keep]
+    overlap = rows["overlap_set"].take(pa.array(first))
+    not_overlap = pc.is_null(overlap).to_numpy(False)[winner]
+    rank = np.where(not_overlap, -area[winner], distance)  # an excluded image: the closest wins
+    order = np.lexsort((distance, winner, rank, not_overlap, loser))
+    best = order[np.r_[True, loser[order][1:] != loser[order][:-1]]] if order.size else order
+    lose, win = first[loser[best]], winner[best]
+    return pa.table({"key": keys[loser[best]].tolist(), "shard": rows["shard"].take(pa.array(lose)),
+                     "winner": keys[win].tolist(), "winner_area": pa.array(area[win], pa.int64()),
+                     "distance": pa.array(distance[best], pa.int32()), "overlap_set": overlap.take(pa.array(win))},
+                    schema=PAIRS_SCHEMA)
 
 
 def best_winners(pairs: pa.Table) -> pa.Table:
@@ -129,7 +146,7 @@ def best_winners(pairs: pa.Table) -> pa.Table:
     frame = pairs.to_pandas()
     frame["not_overlap"] = frame["overlap_set"].isna()
     frame["rank"] = np.where(frame["not_overlap"], -frame["winner_area"], frame["distance"])
-    frame = frame.sort_values(["key", "not_overlap", "rank", "winner"]).drop_duplicates("key")
+    frame = frame.sort_values(["key", "not_overlap", "rank", "winner", "distance"]).drop_duplicates("key")
     return pa.Table.from_pandas(frame[PAIRS_SCHEMA.names], schema=PAIRS_SCHEMA, preserve_index=False)
 
 

@@ -46,18 +46,24 @@ def all_hashes(items: pa.Table) -> np.ndarray:
     return np.concatenate([items["phash"].to_numpy()[:, None], crops], axis=1).view(np.uint64)
 
 
-def brute_force_losers(items: pa.Table, k: int) -> set[str]:
+def brute_force_winners(items: pa.Table, k: int) -> dict[str, tuple[str, int]]:
+    """loser -> (its best winner: the largest, then smallest key, of those within k; their distance)."""
     h = all_hashes(items)
     area, keys = items["area"].to_numpy(), items["key"].to_pylist()
     one_way = np.bitwise_count(h[:, None, :1] ^ h[None, :, :]).min(axis=2)  # i's pHash vs j's 16
     distance = np.minimum(one_way, one_way.T)
-    losers = set()
+    best = {}
     for i in range(len(keys)):
-        for j in range(len(keys)):
-            outranks = area[j] > area[i] or (area[j] == area[i] and keys[j] < keys[i])
-            if i != j and distance[i, j] <= k and outranks:
-                losers.add(keys[i])
-    return losers
+        winners = [j for j in range(len(keys)) if i != j and distance[i, j] <= k and
+                   (area[j] > area[i] or (area[j] == area[i] and keys[j] < keys[i]))]
+        if winners:
+            j = min(winners, key=lambda j: (-area[j], keys[j]))
+            best[keys[i]] = (keys[j], int(distance[i, j]))
+    return best
+
+
+def brute_force_losers(items: pa.Table, k: int) -> set[str]:
+    return set(brute_force_winners(items, k))
 
 
 @pytest.mark.parametrize("k", [0, 3, 5, 8])
@@ -65,8 +71,8 @@ def test_band_buckets_find_exactly_the_brute_force_pairs(k: int) -> None:
     items = random_items(120, k, seed=k)
     pairs = bucket_pairs(band_rows(items, k), k)
     found = set(pairs["key"].to_pylist())
-    assert all(d <= k for d in pairs["distance"].to_pylist())
-    assert found == brute_force_losers(items, k)
+    winners = dict(zip(pairs["key"].to_pylist(), zip(pairs["winner"].to_pylist(), pairs["distance"].to_pylist())))
+    assert winners == brute_force_winners(items, k)  # the best winner, at their smallest distance
     assert found  # the planted pairs are there
     plain = items["phash"].to_numpy().view(np.uint64)
     plain_only = np.bitwise_count(plain[:, None] ^ plain[None, :])
@@ -117,3 +123,11 @@ def test_exclusion_sets_are_named_by_folder(tmp_path: Path) -> None:
     assert sets == {"test": [str(tmp_path / "celebamask_hq/test/a.jpg")], "wflw": [str(tmp_path / "wflw/a.jpg")]}
     with pytest.raises(ConfigError, match="no images found"):
         exclusion_sets([str(tmp_path / "nothing-*")])
+
+
+def test_buckets_without_close_pairs_give_no_pairs() -> None:
+    items = random_items(40, 4, seed=1)
+    far = items.take(pa.array([0, 1]))  # random 64-bit hashes: far apart, but their buckets are shared
+    far = far.set_column(1, "phash", pa.array([0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0F ^ 0xFFFF0000], pa.int64()))
+    assert bucket_pairs(band_rows(far, 6), 6).num_rows == 0
+    assert bucket_pairs(band_rows(items.slice(0, 0), 6), 6).num_rows == 0
