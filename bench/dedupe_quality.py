@@ -8,7 +8,7 @@ test images). Everything is hashed through the pipeline's own code paths:
   dataset side   pipeline.decode.decode_image(JPEG bytes, BuildConfig()) and its 16 pHashes
                  (decode.phashes: the image's own, then its 15 crops by 2% off one to four sides),
                  exactly what the builder stores (re-encoded to <= image_max_side, 512 px).
-  excluded side  pipeline.near_dedupe._hash_files on a file: the 16 pHashes of the full-resolution
+  excluded side  pipeline.near_dedupe.hash_files on a file: the 16 pHashes of the full-resolution
                  image and of its mirror (what --exclude-images caches).
   pairs          as near_dedupe decides: the plain pHash of one within k bits of any of the other's
                  16 (either way round); a dataset image vs an excluded one, against the excluded
@@ -79,8 +79,8 @@ from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
 from pipeline.build_config import BuildConfig  # noqa: E402
 from pipeline.decode import CROPS, decode_image, phashes  # noqa: E402
-from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, _hash_files,  # noqa: E402
-                                  _with_partition, band_rows, bucket_pairs)
+from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, hash_files,  # noqa: E402
+                                  with_partition, band_rows, bucket_pairs)
 
 CONFIG = BuildConfig()
 DEFAULT_K = CONFIG.near_duplicate_distance
@@ -201,8 +201,8 @@ def dataset_hashes(data: bytes) -> dict[str, list[int]]:
 
 
 def reference_hashes(path: str) -> dict[str, list[list[int]]]:
-    """An excluded image's hashes, plain and mirrored: the pipeline's (_hash_files), and the prototypes'."""
-    row = _hash_files({"path": [path]})
+    """An excluded image's hashes, plain and mirrored: the pipeline's (hash_files), and the prototypes'."""
+    row = hash_files({"path": [path]})
     with Image.open(path) as image:
         upright = ImageOps.exif_transpose(image).convert("RGB")
     sides = [{**pipeline_hashes(row[column][0]), **alternative_hashes(side)}
@@ -373,7 +373,7 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -
     bands = band_rows(sample, DEFAULT_K)
     band_seconds = time.process_time() - start
     assert bands.num_rows == band_n * rows_per_item(DEFAULT_K)
-    with_part = _with_partition(bands, "bucket", 200)
+    with_part = with_partition(bands, "bucket", 200)
     out = {"k": DEFAULT_K, "items_measured": items_n, "band_items_measured": band_n,
            "items_bytes_per_item": per_item_items, "items_GB_per_million": per_item_items * 1e6 / 1e9,
            "band_rows_per_item": {k: rows_per_item(k) for k in KS},

@@ -30,7 +30,7 @@ from pipeline.fetch import fetch_samples
 from pipeline.filter import filter_samples
 from pipeline.near_dedupe import exclusion_sets, remove_near_duplicates
 from pipeline.report import write_report
-from pipeline.schema import TRANSIENT_STATUSES, iter_units, pack, shard_name
+from pipeline.schema import TRANSIENT_STATUSES, iter_units, pack, shard_attempt, shard_name, shard_unit
 from pipeline.source import Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_unit, register_inputs
 from pipeline.storage import Output
 from pipeline.write import commit_unit, referenced_shards, remove_orphans
@@ -100,7 +100,7 @@ def url_candidates(batch: dict, config: BuildConfig, allowlist: np.ndarray | Non
 
 def plan_work(output: Output, units: list[Unit], retry_failed: bool) -> list[Work]:
     """Units without a status file; with retry_failed, also the transient rows of committed ones."""
-    committed = {int(name[:-len(".parquet")]) for name in output.list("status", ".parquet")}
+    committed = {shard_unit(name) for name in output.list("status", ".parquet")}
     work = [Work(u, shard_name(u.unit)) for u in units if u.unit not in committed]
     if retry_failed:
         shards = referenced_shards(output) | {n[:-4] for n in output.list("shards", ".tar")}
@@ -111,7 +111,7 @@ def plan_work(output: Output, units: list[Unit], retry_failed: bool) -> list[Wor
             failed = [r for r, s in zip(status["input_row"].to_pylist(), status["status"].to_pylist())
                       if s in TRANSIENT_STATUSES]
             if failed:
-                attempt = 1 + max((int(s.split("_")[1]) for s in shards if s.startswith(f"{u.unit:05d}_")), default=0)
+                attempt = 1 + max((shard_attempt(s) for s in shards if shard_unit(s) == u.unit), default=0)
                 work.append(Work(u, shard_name(u.unit, attempt), failed))
     return work
 

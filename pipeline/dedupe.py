@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.schema import STATUS_SCHEMA
+from pipeline.schema import STATUS_SCHEMA, shard_unit
 from pipeline.storage import Output
 
 LOCAL_ROWS = 100_000
@@ -118,7 +118,7 @@ def _rewrite_shard(output: Output, removed: pa.Table) -> pa.Table:
     """Drop rows (REMOVED_SCHEMA) from one shard: status first, then tar, then metadata (the
     dedupe's input), so that a kill in between is repaired by the next run recomputing them."""
     shard = removed["shard"][0].as_py()
-    unit = int(shard.split("_")[0])
+    unit = shard_unit(shard)
     changes = {row.pop("key"): row for row in removed.to_pylist()}
     status = output.read_table(output.status_path(unit)).to_pylist()
     for row in status:
@@ -173,7 +173,7 @@ def written_samples(output: Output, columns: list[str]) -> Rows | None:
 
 
 def with_unit(t: pa.Table) -> pa.Table:
-    """Adds the unit a shard belongs to ('00003_1' -> 3)."""
+    """Adds the unit a shard belongs to (schema.shard_unit, in Arrow: '00003_1' -> 3)."""
     return t.append_column("unit", pc.cast(pc.utf8_slice_codeunits(t["shard"], 0, 5), pa.int64()))
 
 

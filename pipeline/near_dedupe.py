@@ -150,7 +150,8 @@ def best_winners(pairs: pa.Table) -> pa.Table:
     return pa.Table.from_pandas(frame[PAIRS_SCHEMA.names], schema=PAIRS_SCHEMA, preserve_index=False)
 
 
-def _with_partition(table: pa.Table, column: str, partitions: int) -> pa.Table:
+def with_partition(table: pa.Table, column: str, partitions: int) -> pa.Table:
+    """Adds `part`, the shuffle partition of each row: by its bucket, or by its (loser's) key."""
     values = table[column].to_numpy() if column == "bucket" else np.array(
         [int(key) for key in table[column].to_pylist()], dtype=np.int64)  # dataset keys are digits
     return table.append_column("part", pa.array(values % partitions, pa.int64()))
@@ -163,9 +164,9 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
     hash, and a Ray task per bucket would cost far more than the comparisons.
     """
     partitions = max(1, min(partitions, 200))
-    bands = map_tables(items, lambda t: _with_partition(band_rows(t, k), "bucket", partitions))
+    bands = map_tables(items, lambda t: with_partition(band_rows(t, k), "bucket", partitions))
     pairs = by_group(bands, "part", lambda t: bucket_pairs(t, k), partitions)
-    pairs = map_tables(pairs, lambda t: _with_partition(t, "key", partitions))
+    pairs = map_tables(pairs, lambda t: with_partition(t, "key", partitions))
     return by_group(pairs, "part", lambda t: best_winners(t.drop_columns(["part"])), partitions)
 
 
@@ -195,7 +196,8 @@ def exclusion_sets(patterns: list[str]) -> dict[str, list[str]]:
     return sets
 
 
-def _hash_files(batch: dict) -> dict:
+def hash_files(batch: dict) -> dict:
+    """EXCLUSIONS_SCHEMA columns for a batch of image paths: the 16 pHashes of each image and of its mirror."""
     out: dict[str, list] = {name: [] for name in EXCLUSIONS_SCHEMA.names}
     for path in batch["path"]:
         fs, local = fsspec.core.url_to_fs(path)
@@ -217,7 +219,7 @@ def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
         known = {r["path"]: r for r in cached.to_pylist()} if cached.schema == EXCLUSIONS_SCHEMA else {}  # else: older
         todo = [p for p in paths if p not in known]  # a file is hashed once; delete the cache to redo
         if todo:
-            fresh = ray.data.from_items([{"path": p} for p in todo]).map_batches(_hash_files, batch_size=64)
+            fresh = ray.data.from_items([{"path": p} for p in todo]).map_batches(hash_files, batch_size=64)
             known.update({r["path"]: r for r in fresh.take_all()})
             output.fs.makedirs(output.path("exclusions"), exist_ok=True)
             output.write_table(cache_path, pa.Table.from_pylist(sorted(known.values(), key=lambda r: r["path"]),

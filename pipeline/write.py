@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline.schema import METADATA_SCHEMA, STATUS_SCHEMA, Sample
+from pipeline.schema import METADATA_SCHEMA, STATUS_SCHEMA, Sample, shard_unit
 from pipeline.storage import Output
 
 REJECT_EXAMPLES = 3  # thumbnails kept per status per unit, for the report
@@ -109,10 +109,10 @@ def referenced_shards(output: Output) -> set[str]:
 def remove_orphans(output: Output) -> int:
     """Delete shards, metadata and reject examples of units a killed run wrote but never committed."""
     live = referenced_shards(output)
-    committed = {name[:5] for name in output.list("status", ".parquet")}
+    committed = {shard_unit(name) for name in output.list("status", ".parquet")}
     removed = 0
     for name in output.list("rejects", ".parquet"):
-        if name[:5] not in committed:
+        if shard_unit(name) not in committed:
             output.fs.rm(output.path("rejects", name))
             removed += 1
     for sub, suffix in (("shards", ".tar"), ("metadata", ".parquet")):
