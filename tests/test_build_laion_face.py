@@ -25,7 +25,7 @@ from pipeline.build_config import BuildConfig
 from pipeline.build_laion_face import build
 from pipeline.demo_data import make_demo_images
 from pipeline.demo_server import ImageServer
-from pipeline.schema import STATUSES
+from pipeline.schema import METADATA_SCHEMA, STATUSES
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ImageServer]:
@@ -223,6 +223,17 @@ def test_bad_input_gives_one_clear_line_and_leaves_nothing(tmp_path: Path) -> No
         assert not out.exists(), f"{name}: output created"
     unwritable = cli("--input", str(good), "--output", str(a_file / "out"))
     assert unwritable.returncode == 2 and "not writable" in unwritable.stderr
+
+
+def test_an_output_of_an_older_version_is_refused_before_any_work(tmp_path: Path) -> None:
+    good = laion_parquet(tmp_path / "good.parquet", ["http://example.invalid/a.jpg"])
+    old = tmp_path / "old"
+    (old / "metadata").mkdir(parents=True)
+    pq.write_table(METADATA_SCHEMA.empty_table().drop_columns(["phash_crops"]), old / "metadata" / "00000.parquet")
+    result = cli("--input", str(good), "--output", str(old))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "older version" in lines[0] and "phash_crops" in lines[0]
+    assert sorted(p.name for p in old.iterdir()) == ["metadata"]  # nothing written
 
 
 def test_help_documents_every_setting() -> None:
