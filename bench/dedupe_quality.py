@@ -48,7 +48,8 @@ Cost
   Hashes per second on one core (decode.phashes and imagehash on a decoded 512-px image;
   decode_image end-to-end from JPEG bytes), Arrow bytes per million items of the near-dedupe stage
   (ITEMS_SCHEMA rows, band_rows at the default k with and without the shuffle's partition column),
-  the candidate comparisons per item at 50M images (rows per item x bucket occupancy N / 65536)
+  the candidate comparisons per item at 50M images (its 64 looks x the pHashes filed per bucket,
+  N / 65536 x the 17 band values each is filed under at k = 6)
   and the measured cost of one comparison in pipeline.near_dedupe.bucket_pairs (one bucket).
 """
 
