@@ -7,6 +7,7 @@ Each actor loads its ONNX model once and runs it on batches of images letterboxe
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import cv2
@@ -25,6 +26,10 @@ NMS_IOU = 0.4  # RetinaFace's customary NMS threshold
 def onnx_providers(use_gpu: bool) -> list[str]:
     if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if use_gpu:  # the actor holds a GPU it cannot use: say so rather than run on the CPU unnoticed
+        logging.getLogger(__name__).warning(
+            "a GPU was given to the face detector, but this onnxruntime has no CUDAExecutionProvider "
+            "(install onnxruntime-gpu, as cluster.yaml's GPU nodes do): detecting on the CPU")
     return ["CPUExecutionProvider"]
 
 

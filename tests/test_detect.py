@@ -9,19 +9,22 @@ Only its missing-model error is tested.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import time
 from pathlib import Path
 
 import insightface
 import numpy as np
+import onnxruntime as ort
 import pytest
 import skimage.data
 from PIL import Image
 
 from pipeline.build_config import BuildConfig
 from pipeline.config import ConfigError
-from pipeline.detect import DETECTION_FLOOR, detect_samples, insightface_model_path, letterbox, make_detector
+from pipeline.detect import (DETECTION_FLOOR, detect_samples, insightface_model_path, letterbox, make_detector,
+                             onnx_providers)
 from pipeline.schema import Face, Sample
 
 T1_JPG = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")  # 6 people, 1280 x 886
@@ -206,3 +209,14 @@ def test_existing_insightface_model_path_is_returned(tmp_path: Path) -> None:
 def test_detection_floor_follows_a_lower_min_face_score() -> None:
     assert make_detector(BuildConfig(min_face_score=0.3), use_gpu=False).floor == 0.3
     assert make_detector(BuildConfig(min_face_score=0.95), use_gpu=False).floor == DETECTION_FLOOR
+
+
+def test_a_gpu_without_onnxruntimes_cuda_build_falls_back_to_the_cpu_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with caplog.at_level(logging.WARNING, logger="pipeline.detect"):
+        assert onnx_providers(True) == ["CPUExecutionProvider"]
+    assert "onnxruntime-gpu" in caplog.text
+    caplog.clear()
+    assert onnx_providers(False) == ["CPUExecutionProvider"] and not caplog.text
