@@ -174,7 +174,8 @@ def written_samples(output: Output, columns: list[str]) -> Rows | None:
 
 def with_unit(t: pa.Table) -> pa.Table:
     """Adds the unit a shard belongs to (schema.shard_unit, in Arrow: '00003_1' -> 3)."""
-    return t.append_column("unit", pc.cast(pc.utf8_slice_codeunits(t["shard"], 0, 5), pa.int64()))
+    unit = pc.list_element(pc.split_pattern(t["shard"], "_"), 0)  # units past 99,999 have more digits
+    return t.append_column("unit", pc.cast(unit, pa.int64()))
 
 
 def remove_duplicate_images(output: Output) -> int:

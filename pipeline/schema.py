@@ -95,13 +95,13 @@ def shard_name(unit: int, attempt: int = 0) -> str:
 
 
 def shard_unit(name: str) -> int:
-    """The unit of a shard, or of a file named after one: '00003_1.tar' -> 3."""
-    return int(name[:5])
+    """The unit of a shard, or of a file named after one: '00003_1.tar' -> 3, '123456.tar' -> 123456."""
+    return int(name.split(".")[0].split("_")[0])
 
 
 def shard_attempt(name: str) -> int:
     """Which pass wrote a shard: '00003' -> 0, '00003_2' -> 2."""
-    return int(name.split("_")[1]) if "_" in name else 0
+    return int(name.split(".")[0].split("_")[1]) if "_" in name else 0
 
 
 @dataclass
