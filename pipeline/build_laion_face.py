@@ -10,6 +10,7 @@ then the global image dedupe. Rerunning the same command after a kill finishes t
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -199,8 +200,10 @@ def start_ray(address: str | None) -> None:
 
 @ray.remote(num_cpus=1)
 def _warm_up() -> None:
-    """Nothing: running it makes a worker import this module and every stage's, while the driver
-    plans, instead of when the first unit arrives (seconds, on a small build)."""
+    """Makes a worker import every stage module while the driver plans, instead of when the first
+    unit arrives (seconds, on a small build). The import is explicit: run as `python -m`, this
+    module is __main__, and Ray ships its functions by value, importing nothing on their own."""
+    importlib.import_module("pipeline.build_laion_face")
 
 
 def warm_up_workers() -> None:

@@ -38,12 +38,15 @@ LOW_DCT = 2 * np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None, :]
 
 
 def _lanczos(start: float, stop: float, size: int) -> np.ndarray:
-    """(32, size): PIL's Lanczos (a = 3) resampling of pixels [start, stop) of a row to 32 values."""
+    """(32, size): PIL's Lanczos (a = 3) resampling to 32 values of the pixels of a row whose
+    centres lie in [start, stop), as if those pixels had been cut out first (the kernel stops at
+    the cut, as it does at the edge of a cropped copy, rather than reaching past it)."""
     scale = (stop - start) / 32
     stretch = max(scale, 1.0)  # downscaling widens the kernel: it averages, as PIL does
     centres = start + (np.arange(32) + 0.5) * scale
-    x = (np.arange(size)[None, :] + 0.5 - centres[:, None]) / stretch
-    weights = np.sinc(x) * np.sinc(x / 3) * (np.abs(x) < 3)
+    pixels = np.arange(size) + 0.5
+    x = (pixels[None, :] - centres[:, None]) / stretch
+    weights = np.sinc(x) * np.sinc(x / 3) * (np.abs(x) < 3) * ((pixels >= start) & (pixels < stop))[None, :]
     return weights / weights.sum(axis=1, keepdims=True)
 
 
@@ -66,8 +69,9 @@ def phashes(image: Image.Image) -> list[str]:
     matrix product: resampling and DCT are linear, so each crop's 8 x 8 terms are
     (DCT rows x vertical window) @ image @ (DCT rows x horizontal window)^T, and the 4 vertical and
     4 horizontal windows combine into all 16 crops. Unlike imagehash, the 32 x 32 image is not
-    rounded to bytes first, so its hash can differ from imagehash's by a bit or two. A big image is
-    first box-reduced to about HASH_SIDE, which moves the hash by about as much.
+    rounded to bytes first, so a hash can differ from imagehash's by a few bits (0-2 on most
+    photos, up to 4 on textures). A big image is first box-reduced to about HASH_SIDE, which moves
+    the hash by about as much.
     """
     factor = max(image.size) // HASH_SIDE
     grey = np.asarray(image.convert("L").reduce(max(factor, 1)), dtype=np.float64)

@@ -36,6 +36,7 @@ from pipeline.storage import Output
 BANDS, BAND_BITS = 4, 16
 REFERENCE_AREA = np.iinfo(np.int64).max  # excluded images outrank every dataset image
 CROP_HASHES = len(CROPS) - 1
+MAX_MATRIX = 1 << 24  # distances computed at once in a bucket (~150 MB): a hot bucket goes in pieces
 
 ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("crops", pa.list_(pa.int64())),
                           ("area", pa.int64()), ("shard", pa.string()), ("overlap_set", pa.string())])
@@ -96,10 +97,17 @@ def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, 
             continue
         q = q[np.argsort(item[q], kind="stable")]
         first_look = np.flatnonzero(np.r_[True, item[q][1:] != item[q][:-1]])  # an image looks with several hashes
-        distance = np.minimum.reduceat(np.bitwise_count(query[q][:, None] ^ phash[f][None, :]), first_look, axis=0)
-        looking = item[q][first_look]
-        i, j = np.nonzero((distance <= k) & (looking[:, None] != item[f][None, :]))
-        found.append((looking[i], item[f][j], distance[i, j]))
+        bounds = np.r_[first_look, len(q)]
+        lo = 0
+        while lo < len(first_look):  # whole looking images at a time, at most MAX_MATRIX distances
+            hi = max(lo + 1, int(np.searchsorted(bounds, bounds[lo] + max(1, MAX_MATRIX // len(f)), "right")) - 1)
+            rows = q[bounds[lo]:bounds[hi]]
+            distance = np.minimum.reduceat(np.bitwise_count(query[rows][:, None] ^ phash[f][None, :]),
+                                           first_look[lo:hi] - bounds[lo], axis=0)
+            looking = item[q[first_look[lo:hi]]]
+            i, j = np.nonzero((distance <= k) & (looking[:, None] != item[f][None, :]))
+            found.append((looking[i], item[f][j], distance[i, j]))
+            lo = hi
     looking, filed_item, distance = (np.concatenate(column) for column in zip(*found)) if found else \
         (np.array([], np.int64), np.array([], np.int64), np.array([], np.uint8))
     if not looking.size:

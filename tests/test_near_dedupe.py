@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import ray
 
+from pipeline import near_dedupe
 from pipeline.config import ConfigError
 from pipeline.near_dedupe import (ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucket_pairs, exclusion_sets,
                                   find_near_duplicates, phash_to_int)
@@ -66,8 +67,11 @@ def brute_force_losers(items: pa.Table, k: int) -> set[str]:
     return set(brute_force_winners(items, k))
 
 
-@pytest.mark.parametrize("k", [0, 3, 5, 8])
-def test_band_buckets_find_exactly_the_brute_force_pairs(k: int) -> None:
+@pytest.mark.parametrize("k, max_matrix", [(0, 1 << 24), (3, 1 << 24), (5, 1 << 24), (8, 1 << 24), (6, 1), (6, 40)])
+def test_band_buckets_find_exactly_the_brute_force_pairs(k: int, max_matrix: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_matrix: hot buckets done in pieces (1: one looking image at a time) give the same pairs."""
+    monkeypatch.setattr(near_dedupe, "MAX_MATRIX", max_matrix)
     items = random_items(120, k, seed=k)
     pairs = bucket_pairs(band_rows(items, k), k)
     found = set(pairs["key"].to_pylist())
