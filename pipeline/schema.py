@@ -47,6 +47,10 @@ FACE_TYPE = pa.struct([
     ("score", pa.float32()),
 ])
 
+# Which decode.phashes made `phash` and `phash_crops`: bump it when that function's output changes,
+# so that hashes of two versions are never compared (a build checks it against what it finds).
+PHASH_VERSION = "1"
+
 METADATA_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("shard", pa.string()),
@@ -65,7 +69,7 @@ METADATA_SCHEMA = pa.schema([
     ("license", pa.string()),
     ("nsfw", pa.string()),
     ("similarity", pa.float32()),
-])
+], metadata={"phash_version": PHASH_VERSION})
 
 STATUS_SCHEMA = pa.schema([
     ("input_file", pa.string()),

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -225,14 +226,19 @@ def test_bad_input_gives_one_clear_line_and_leaves_nothing(tmp_path: Path) -> No
     assert unwritable.returncode == 2 and "not writable" in unwritable.stderr
 
 
-def test_an_output_of_an_older_version_is_refused_before_any_work(tmp_path: Path) -> None:
+@pytest.mark.parametrize("old_schema, message", [
+    (METADATA_SCHEMA.remove(METADATA_SCHEMA.get_field_index("phash_crops")), "has no column phash_crops"),
+    (METADATA_SCHEMA.with_metadata({"phash_version": "0"}), "has pHashes of version 0"),
+])
+def test_an_output_of_another_version_is_refused_before_any_work(tmp_path: Path, old_schema: pa.Schema,
+                                                                 message: str) -> None:
     good = laion_parquet(tmp_path / "good.parquet", ["http://example.invalid/a.jpg"])
     old = tmp_path / "old"
     (old / "metadata").mkdir(parents=True)
-    pq.write_table(METADATA_SCHEMA.empty_table().drop_columns(["phash_crops"]), old / "metadata" / "00000.parquet")
+    pq.write_table(old_schema.empty_table(), old / "metadata" / "00000.parquet")
     result = cli("--input", str(good), "--output", str(old))
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "older version" in lines[0] and "phash_crops" in lines[0]
+    assert result.returncode == 2 and len(lines) == 1 and "another version" in lines[0] and message in lines[0]
     assert sorted(p.name for p in old.iterdir()) == ["metadata"]  # nothing written
 
 

@@ -1,6 +1,6 @@
 """Multi-index hashing of pHashes and crop pHashes: it finds exactly the pairs brute force finds
 (either image's pHash near any of the other's 16 hashes), decides the same way whatever the
-partitioning, and lets excluded images win."""
+partitioning, and lets excluded images win; the excluded images' hash cache."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
+import skimage.data
+from PIL import Image
 
 from pipeline import near_dedupe
 from pipeline.config import ConfigError
-from pipeline.near_dedupe import (ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucket_pairs, exclusion_sets,
-                                  find_near_duplicates, phash_to_int)
+from pipeline.near_dedupe import (EXCLUSIONS_SCHEMA, ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucket_pairs,
+                                  exclusion_items, exclusion_sets, find_near_duplicates, phash_to_int)
+from pipeline.storage import Output
 
 
 def random_items(n: int, k: int, seed: int = 0) -> pa.Table:
@@ -135,3 +139,19 @@ def test_buckets_without_close_pairs_give_no_pairs() -> None:
     far = far.set_column(1, "phash", pa.array([0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0F ^ 0xFFFF0000], pa.int64()))
     assert bucket_pairs(band_rows(far, 6), 6).num_rows == 0
     assert bucket_pairs(band_rows(items.slice(0, 0), 6), 6).num_rows == 0
+
+
+def test_cached_hashes_of_another_version_are_recomputed(ray_address: str, tmp_path: Path) -> None:
+    """OUT/exclusions/SET.parquet carries the pHash version; a cache of another version is hashed again."""
+    folder = tmp_path / "celebamask_test"
+    folder.mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(folder / "0001.png")
+    output = Output(str(tmp_path / "out"))
+    fresh = exclusion_items(output, [str(folder)])
+    cache = tmp_path / "out" / "exclusions" / "celebamask_test.parquet"
+    stale = pq.read_table(cache)
+    stale = stale.set_column(3, "phashes", pa.array([["0" * 16] * 16], pa.list_(pa.string())))
+    pq.write_table(stale.replace_schema_metadata({"phash_version": "0"}), cache)  # another version's hashes
+    assert exclusion_items(output, [str(folder)]).equals(fresh)
+    pq.write_table(stale.replace_schema_metadata(EXCLUSIONS_SCHEMA.metadata), cache)  # the same version: trusted
+    assert exclusion_items(output, [str(folder)])["phash"].to_pylist()[0] == 0
