@@ -124,8 +124,8 @@ def bucket_pairs(rows: pa.Table, k: int) -> pa.Table:
 
     Either image of a close pair may win (a crop hash finds the pair from one side only): the
     larger one, then the smaller key. A pair shows up in several buckets and through several of
-    an image's hashes, so pairs are reduced to one row per loser here, with item ids in numpy,
-    before anything is shuffled again; best_winners then reduces across partitions."""
+    an image's hashes: each pair is kept once (at its closest) in numpy, and best_winners reduces
+    them to one row per loser here, before anything is shuffled again, and across partitions later."""
     if rows.num_rows == 0:
         return PAIRS_SCHEMA.empty_table()
     rows = rows.sort_by("bucket")
@@ -136,27 +136,23 @@ def bucket_pairs(rows: pa.Table, k: int) -> pa.Table:
     loser, winner = np.where(a_wins, b, a), np.where(a_wins, a, b)
     keep = area[loser] != REFERENCE_AREA  # excluded images are never removed
     loser, winner, distance = loser[keep], winner[keep], distance[keep]
-    overlap = rows["overlap_set"].take(pa.array(first))
-    not_overlap = pc.is_null(overlap).to_numpy(False)[winner]
-    rank = np.where(not_overlap, -area[winner], distance)  # an excluded image: the closest wins
-    order = np.lexsort((distance, winner, rank, not_overlap, loser))
-    best = order[np.r_[True, loser[order][1:] != loser[order][:-1]]] if order.size else order
-    lose, win = first[loser[best]], winner[best]
-    return pa.table({"key": keys[loser[best]].tolist(), "shard": rows["shard"].take(pa.array(lose)),
-                     "winner": keys[win].tolist(), "winner_area": pa.array(area[win], pa.int64()),
-                     "distance": pa.array(distance[best], pa.int32()), "overlap_set": overlap.take(pa.array(win))},
-                    schema=PAIRS_SCHEMA)
+    return best_winners(pa.table({
+        "key": keys[loser].tolist(), "shard": rows["shard"].take(pa.array(first[loser])),
+        "winner": keys[winner].tolist(), "winner_area": pa.array(area[winner], pa.int64()),
+        "distance": pa.array(distance, pa.int32()), "overlap_set": rows["overlap_set"].take(pa.array(first[winner]))},
+        schema=PAIRS_SCHEMA))
 
 
 def best_winners(pairs: pa.Table) -> pa.Table:
     """One row per loser: an excluded image if any (the closest), else the highest-priority winner."""
     if pairs.num_rows == 0:
         return PAIRS_SCHEMA.empty_table()
-    frame = pairs.to_pandas()
-    frame["not_overlap"] = frame["overlap_set"].isna()
-    frame["rank"] = np.where(frame["not_overlap"], -frame["winner_area"], frame["distance"])
-    frame = frame.sort_values(["key", "not_overlap", "rank", "winner", "distance"]).drop_duplicates("key")
-    return pa.Table.from_pandas(frame[PAIRS_SCHEMA.names], schema=PAIRS_SCHEMA, preserve_index=False)
+    not_overlap = pc.is_null(pairs["overlap_set"])
+    rank = pc.if_else(not_overlap, pc.negate(pairs["winner_area"]), pc.cast(pairs["distance"], pa.int64()))
+    ranked = pairs.append_column("not_overlap", not_overlap).append_column("rank", rank).sort_by(
+        [(column, "ascending") for column in ("key", "not_overlap", "rank", "winner", "distance")])
+    keys = ranked["key"].to_numpy(False)
+    return ranked.take(pa.array(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]))).select(PAIRS_SCHEMA.names)
 
 
 def with_partition(table: pa.Table, column: str, partitions: int) -> pa.Table:
