@@ -116,7 +116,8 @@ def load_allowlist(path: str) -> np.ndarray:
     """Sorted int64 SAMPLE_IDs from a text file (one per line) or a parquet file."""
     try:
         if path.endswith(".parquet"):
-            table = pq.read_table(fsspec.open(path, "rb").open())
+            with fsspec.open(path, "rb") as f:
+                table = pq.ParquetFile(f).read()  # not pq.read_table: see Output.read_table
             column = "SAMPLE_ID" if "SAMPLE_ID" in table.column_names else table.column_names[0]
             ids = table[column].to_numpy()
         else:

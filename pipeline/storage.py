@@ -69,7 +69,9 @@ class Output:
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            # Not pq.read_table: its dataset reader can drop the Python file on an Arrow thread after
+            # the interpreter has shut down, which aborts the process ("terminate called without ...").
+            return pq.ParquetFile(f).read(columns=columns)
 
     def list(self, sub: str, suffix: str) -> list[str]:
         """Committed files of OUT/sub ending in suffix (temporary files excluded), sorted."""
