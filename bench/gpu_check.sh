@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 2 and 3, prepared to run as is on a GPU machine that gets a copy of this
-# working tree (the device tool's `run`), in one call of about 9 minutes. Steps in order of value;
+# working tree (the device tool's `run`), in one call of about 9 minutes. Steps in order of value
+# (the open question is issue 2's MFU >= 40 %: 35.2 % in the last run, docs/PERFORMANCE.md "GPU: H200");
 # a step is skipped when it could run past BUDGET seconds (default 540) from the start:
 #   0. the machine, and the bf16 matrix-product ceiling it really reaches (8192^3, random data);
-#   1. ViT-B-16-quickgelu, batch 128 per GPU, bf16 autocast: open_clip's own train_one_epoch (A) vs
-#      our step with MIM off (B) and on (C); images/s per GPU and model FLOP utilisation against the
-#      H200's 989 TFLOP/s bf16 dense peak (PEAK_TFLOPS to change it);
-#   2. step 1 at batch 256 with torch.compile (B and C: ~1 minute of compiling each), which
-#      configs/pretrain_vitb16.yaml turns on;
+#   1. ViT-B-16-quickgelu, batch 256 per GPU, bf16 autocast, torch.compile (as configs/pretrain_vitb16.yaml):
+#      our step with MIM off (B) and on (C), images/s per GPU and model FLOP utilisation against the
+#      H200's 989 TFLOP/s bf16 dense peak (PEAK_TFLOPS to change it); then a profile of each
+#      (operators by device time, device-busy share of the wall time) into $OUT/profile/;
+#   2. C again with torch's fused AdamW: the optimiser step is one kernel instead of many;
 #   3. `python -m train.pretrain` with configs/pretrain_vitb16.yaml (pixel targets) over the demo
 #      shards: the whole loop (loader, masks, compiled step, logging) in images/s on one GPU;
-#   4. the tiny config with checkpoints: the loop, checkpoints and metrics on CUDA;
-#   5. the train/ tests that need no Ray, on the GPU (test_metrics' CUDA case runs there).
+#   4. batch 128, eager: open_clip's own train_one_epoch (A) vs B and C (measured before: 1.001, 1.82);
+#   5. the tiny config with checkpoints: the loop, checkpoints and metrics on CUDA;
+#   6. the train/ tests that need no Ray, on the GPU (test_metrics' CUDA case runs there).
 #
 #     bash bench/gpu_check.sh      # from the device tool: carry [".whl", "out/demo/shards"]
 #
@@ -69,14 +71,16 @@ pretrain_vitb() {  # pretrain_vitb OUTPUT [FLAGS...]
 
 export PY; export -f speed pretrain_vitb
 
-step 120 "1. train_speed, batch 128" speed 128 2>&1 | tee "$OUT/train_speed.txt"
-step 300 "2. train_speed, batch 256, torch.compile, B and C" speed 256 --compile --only BC --rounds 3 2>&1 \
-    | tee "$OUT/train_speed_compiled.txt"
+step 300 "1. train_speed, batch 256, torch.compile, B and C, profiled" speed 256 --compile --only BC --rounds 3 \
+    --profile "$OUT/profile" 2>&1 | tee "$OUT/train_speed_compiled.txt"
+step 180 "2. train_speed, batch 256, torch.compile, C, fused AdamW" speed 256 --compile --only C --rounds 3 --fused-adamw 2>&1 \
+    | tee "$OUT/train_speed_fused.txt"
 step 150 "3. train.pretrain, ViT-B/16, batch 128, bf16, compiled" pretrain_vitb /tmp/pretrain_vitb 2>&1 | tee "$OUT/pretrain_vitb.txt"
-step 90 "4. train.pretrain, tiny, CUDA" bash -c "rm -rf /tmp/pretrain_gpu; $PY -m train.pretrain --config configs/pretrain_tiny.yaml \
+step 120 "4. train_speed, batch 128, eager" speed 128 2>&1 | tee "$OUT/train_speed.txt"
+step 90 "5. train.pretrain, tiny, CUDA" bash -c "rm -rf /tmp/pretrain_gpu; $PY -m train.pretrain --config configs/pretrain_tiny.yaml \
     --data out/demo/shards --output /tmp/pretrain_gpu --steps 40 --batch-size 16 --checkpoint-every 20 --no-progress 2>&1 | tail -5; \
     ls /tmp/pretrain_gpu/checkpoints; tail -2 /tmp/pretrain_gpu/metrics.jsonl" 2>&1 | tee "$OUT/pretrain_tiny.txt"
-step 120 "5. train/ tests without Ray, on the GPU" "$PY" -m pytest -q -p no:cacheprovider tests/test_metrics.py tests/test_model.py \
+step 120 "6. train/ tests without Ray, on the GPU" "$PY" -m pytest -q -p no:cacheprovider tests/test_metrics.py tests/test_model.py \
     tests/test_losses.py tests/test_face_model.py tests/test_finetune.py tests/test_geometry.py tests/test_augment.py 2>&1 \
     | tail -15 | tee "$OUT/tests.txt"
 echo "== done at ${SECONDS}s"

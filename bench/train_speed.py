@@ -1,6 +1,7 @@
 """Pre-training step speed: open_clip's own training step vs ours with MIM off vs ours with MIM on.
 
     python -m bench.train_speed --model FaRL-tiny --batch-size 32 --steps 20 [--device cuda] [--precision bf16] [--compile]
+        [--compile-mode max-autotune-no-cudagraphs] [--fused-adamw] [--profile DIR]
 
   (A) open_clip   open_clip_train.train.train_one_epoch itself, with the `args` fields it reads set
                   as open_clip's main sets them for one process, open_clip.model.CLIP(output_dict=True),
@@ -16,6 +17,8 @@ clock, CUDA synchronised around each run), after --warmup steps each; medians ov
 rounds, and ratios from the times of the same round, since a shared machine drifts between rounds.
 FLOPs: torch.utils.flop_counter.FlopCounterMode around one step of each (forward + backward;
 matmuls, convolutions and attention, i.e. model FLOPs). MFU = FLOPs/step x steps/s / --peak-tflops.
+--profile DIR writes, per contender, torch.profiler's operators by device time over a few steps
+and how much of the wall time the device was busy: where a step below the MFU target spends it.
 Results and analysis: docs/PERFORMANCE.md.
 """
 
@@ -78,8 +81,11 @@ def make_batches(model: FaRL, batch_size: int, count: int, masks: tuple[int, int
     return out
 
 
+FUSED_ADAMW = False  # --fused-adamw: torch's one-kernel AdamW instead of its default multi-tensor one
+
+
 def adamw(groups: list[dict]) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=CFG.lr, betas=(CFG.beta1, CFG.beta2), eps=CFG.eps)
+    return torch.optim.AdamW(groups, lr=CFG.lr, betas=(CFG.beta1, CFG.beta2), eps=CFG.eps, fused=FUSED_ADAMW or None)
 
 
 class FixedLoader:
@@ -120,8 +126,8 @@ class OpenClipStep:
             rank=1, local_rank=1)
         self.batches, self.epoch, self.wrapped = batches, 0, self.model
 
-    def compile(self) -> None:
-        self.wrapped = torch.compile(self.model)  # open_clip's main with --torchcompile
+    def compile(self, mode: str | None = None) -> None:
+        self.wrapped = torch.compile(self.model, mode=mode)  # open_clip's main with --torchcompile
 
     def run(self, steps: int) -> None:
         # train_one_epoch's scheduler step is epoch x batches + i: off after calls of other lengths, which
@@ -151,8 +157,8 @@ class OurStep:
         self.batches, self.mim, self.step, self.wrapped = batches, mim, 0, self.model
         self.model.train()
 
-    def compile(self) -> None:
-        self.wrapped = torch.compile(self.model)  # as engine.train with --compile
+    def compile(self, mode: str | None = None) -> None:
+        self.wrapped = torch.compile(self.model, mode=mode)  # as engine.train with --compile
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
@@ -209,6 +215,28 @@ def step_flops(run: Callable[[int], None]) -> int:
     return counter.get_total_flops()
 
 
+def profile(run: Callable[[int], None], steps: int, device: torch.device, path: str) -> str:
+    """Profile `steps` steps; writes the operators by self device time to path, returns a one-line summary."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sync(device)
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        run(steps)
+        sync(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    # kernels only: a CPU operator's self device time repeats that of the kernels it launched
+    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(events.table(sort_by=sort, row_limit=50, max_name_column_width=90))
+    # with the profiler's overhead on the host, the device share is a lower bound
+    return (f"{steps} steps in {wall:.3f} s under the profiler; device busy {busy:.3f} s ({busy / wall:.0%})"
+            if device.type == "cuda" else f"{steps} steps in {wall:.3f} s under the profiler")
+
+
 def machine(device: torch.device) -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -223,7 +251,8 @@ def report(args: argparse.Namespace, names: dict[str, str], times: dict[str, lis
            others: dict[str, list[float]], flops: dict[str, int], peak: float) -> None:
     print(f"\n{args.model}, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds after {args.warmup} warm-up; "
           f"{args.device}, {'bf16 autocast' if args.device.startswith('cuda') and args.precision == 'bf16' else 'fp32'}"
-          f"{', torch.compile' if args.compile else ''}")
+          f"{', torch.compile' if args.compile else ''}{f' ({args.compile_mode})' if args.compile_mode else ''}"
+          f"{', fused AdamW' if args.fused_adamw else ''}")
     print(f"{machine(torch.device(args.device))}\n")
     print("| step | s/step (median) | min - max | **images/s** | GFLOP/step | TFLOP/s | MFU | others' CPU share (max) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -263,7 +292,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--idle-wait", type=float, default=60, help="seconds to wait for idle CPUs before a run")
     p.add_argument("--only", default="ABC", help="contenders to run, e.g. AB")
     p.add_argument("--compile", action="store_true", help="torch.compile all of them (FLOPs are counted eager, first)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile's mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for all of them")
+    p.add_argument("--profile", metavar="DIR", help="after timing, profile 5 steps of each: DIR/profile_<key>.txt")
     args = p.parse_args(argv)
+    global FUSED_ADAMW
+    FUSED_ADAMW = args.fused_adamw
     device = torch.device(args.device)
     torch.manual_seed(0)
     reference = FaRL(model_config(args.model))
@@ -279,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     flops = {key: step_flops(run) for key, run in runs.items()}
     if args.compile:
         for step in steps.values():
-            step.compile()
+            step.compile(args.compile_mode)
     for run in runs.values():
         run(args.warmup)
     times: dict[str, list[float]] = {key: [] for key in runs}
@@ -290,6 +324,11 @@ def main(argv: list[str] | None = None) -> None:
             times[key].append(seconds / args.steps)
             others[key].append(share)
     report(args, names, times, others, flops, args.peak_tflops or (989.0 if device.type == "cuda" else 0.0))
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        for key, run in runs.items():
+            path = os.path.join(args.profile, f"profile_{key}.txt")
+            print(f"profile of ({key}): {profile(run, 5, device, path)}; operators in {path}")
 
 
 if __name__ == "__main__":
