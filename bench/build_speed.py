@@ -43,30 +43,20 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image  # noqa: E402
-
+from bench.machine_load import DISTURBED, Phase  # noqa: E402
+from bench.speed_input import Row, make_rows, start_server, write_input  # noqa: E402
 from pipeline.build_config import BuildConfig  # noqa: E402
-from pipeline.demo_data import LAION_SCHEMA, DemoImage, make_demo_images  # noqa: E402
-from pipeline.demo_server import ImageServer  # noqa: E402
 
 DEFAULT_ROWS = 2000
 DEFAULT_OUT = "out/bench"
@@ -74,207 +64,7 @@ DEFAULT_OUT = "out/bench"
 # measured. "written" counts what is left after the exact and near-duplicate removal that
 # follows, which on this input (48 photos, each varied by one pixel) removes the near-copies.
 DECODED_STATUSES = ("ok", "no_face", "face_rejected", "duplicate_image", "near_duplicate", "benchmark_overlap")
-DISTURBED = 0.15  # others used more than this fraction of the machine's CPU time: measure again
 TARGETS = {"b_over_a": 1.0, "detect_stage_over_d": 0.85, "c_over_two_stage_bound": 0.8}
-
-
-# --- the input -------------------------------------------------------------------------------
-
-def _flip(value):
-    """A pixel value as far as it gets from `value` as seen after flattening onto white (what
-    the builder stores), made opaque so that the change survives any re-encoding."""
-    if isinstance(value, int):
-        return 0 if value > 127 else 255
-    if len(value) in (2, 4):  # LA, RGBA
-        alpha = value[-1] / 255
-        seen = [v * alpha + 255 * (1 - alpha) for v in value[:-1]]
-        return tuple([0 if v > 127 else 255 for v in seen] + [255])
-    return tuple(0 if v > 127 else 255 for v in value)
-
-
-def unique_variant(image: DemoImage, copy: int) -> bytes:
-    """`image` with pixel number `copy` flipped, re-encoded in its own format."""
-    with Image.open(io.BytesIO(image.data)) as img:
-        img.load()
-        fmt, exif = img.format, img.info.get("exif", b"")
-        if img.mode not in ("L", "RGB", "RGBA", "LA"):
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        xy = (copy % img.width, (copy // img.width) % img.height)
-        img.putpixel(xy, _flip(img.getpixel(xy)))
-        out = io.BytesIO()
-        if fmt == "JPEG":
-            img.save(out, format="JPEG", quality="keep", subsampling="keep", exif=exif)
-        else:
-            img.save(out, format="PNG")
-        return out.getvalue()
-
-
-@dataclass
-class Row:
-    index: int
-    image: DemoImage
-    path: str
-    data: bytes
-
-
-def _variants(args: tuple[DemoImage, list[int]]) -> list[bytes]:
-    image, copies = args
-    return [unique_variant(image, copy) for copy in copies]
-
-
-def make_rows(n: int, seed: int = 0) -> list[Row]:
-    images = make_demo_images(seed)
-    copies = {i: list(range(len(range(i, n, len(images))))) for i in range(len(images))}
-    # the large PNGs and JPEGs take up to 0.3 s each to re-encode: use every core
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=mp.get_context("fork")) as pool:
-        data = dict(zip(copies, pool.map(_variants, [(images[i], copies[i]) for i in copies])))
-    rows = []
-    for i in range(n):
-        photo, copy = i % len(images), i // len(images)
-        image = images[photo]
-        rows.append(Row(i, image, f"/b/{i:06d}/{image.name}", data[photo][copy]))
-    if len({r.data for r in rows}) != n:
-        raise AssertionError("generated rows are not all distinct")
-    return rows
-
-
-def write_input(path: Path, rows: list[Row], server: ImageServer) -> None:
-    n = len(rows)
-    rng = np.random.default_rng(0)
-    table = pa.table({
-        "SAMPLE_ID": np.arange(1, n + 1, dtype=np.int64) * 1000,
-        "URL": [server.url(r.path) for r in rows],
-        "TEXT": [r.image.note for r in rows],
-        "HEIGHT": [r.image.size[1] for r in rows],
-        "WIDTH": [r.image.size[0] for r in rows],
-        "LICENSE": ["?"] * n,
-        "NSFW": ["UNLIKELY"] * n,
-        "similarity": rng.uniform(0.25, 0.45, size=n),
-    }, schema=LAION_SCHEMA)
-    pq.write_table(table, path)
-
-
-def start_server(rows: list[Row], seconds: float) -> tuple[ImageServer, threading.Timer]:
-    server = ImageServer()
-    for row in rows:
-        server.add(row.path, row.data, row.image.content_type)
-    watchdog = threading.Timer(seconds, server.stop)  # bounded: stops by itself
-    watchdog.daemon = True
-    watchdog.start()
-    return server, watchdog
-
-
-# --- the machine: others may share it ------------------------------------------------------------
-
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine since boot, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-def wait_idle(max_wait: float, threshold: float = 0.15, window: float = 2.0) -> dict:
-    """Wait (up to max_wait seconds) until the machine's CPUs are less than `threshold` busy."""
-    started = time.perf_counter()
-    while True:
-        b0, t0 = cpu_jiffies()
-        time.sleep(window)
-        b1, t1 = cpu_jiffies()
-        busy = (b1 - b0) / max(1, t1 - t0)
-        waited = time.perf_counter() - started
-        if busy < threshold or waited >= max_wait:
-            return {"busy_fraction_before": round(busy, 3), "waited_s": round(waited, 1)}
-
-
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, utime + stime in jiffies) of every process."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # gone
-            continue
-        table[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    return table
-
-
-class CpuSampler(threading.Thread):
-    """Samples /proc twice a second: CPU used by processes that are not ours (not descendants of
-    this process at any sample, which also covers Ray daemons orphaned when a build exits).
-    A lower bound: a foreign process born and dead between two samples is missed."""
-
-    def __init__(self, interval: float = 0.5):
-        super().__init__(daemon=True)
-        self.interval, self.stop_event = interval, threading.Event()
-        self.ours: set[int] = {os.getpid()}
-        self.first: dict[int, int] = {}
-        self.last: dict[int, int] = {}
-        self.foreign_names: dict[int, str] = {}
-        self._sample(initial=True)
-
-    def _sample(self, initial: bool = False) -> None:
-        table = _proc_table()
-        changed = True
-        while changed:  # descendants of ours are ours
-            changed = False
-            for pid, (ppid, _) in table.items():
-                if pid not in self.ours and ppid in self.ours:
-                    self.ours.add(pid)
-                    changed = True
-        for pid, (_, cpu) in table.items():
-            if pid not in self.first and pid not in self.ours:
-                self.foreign_names[pid] = _cmdline(pid)
-            self.first.setdefault(pid, cpu if initial else 0)
-            self.last[pid] = cpu
-
-    def run(self) -> None:
-        while not self.stop_event.wait(self.interval):
-            self._sample()
-
-    def finish(self) -> dict:
-        self.stop_event.set()
-        self.join()
-        self._sample()
-        hz = os.sysconf("SC_CLK_TCK")
-        foreign = {pid: (self.last[pid] - self.first[pid]) / hz for pid in self.last if pid not in self.ours}
-        top = sorted(((cpu, pid) for pid, cpu in foreign.items() if cpu >= 0.5), reverse=True)[:5]
-        return {"foreign_cpu_s": round(sum(max(0.0, v) for v in foreign.values()), 1),
-                "foreign_top": [f"{self.foreign_names.get(pid) or _cmdline(pid)} {cpu:.1f}s" for cpu, pid in top]}
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80].strip()
-    except OSError:
-        return f"pid {pid} (exited)"
-
-
-class Phase:
-    """Waits for an idle machine, then records its CPU use during one measurement and how much
-    of that was others' (other users' jobs on a shared machine distort every number here)."""
-
-    def __init__(self, max_wait: float):
-        self.max_wait = max_wait
-
-    def __enter__(self) -> "Phase":
-        self.info = wait_idle(self.max_wait) if self.max_wait > 0 else {}
-        self.jiffies, self.t0 = cpu_jiffies(), time.perf_counter()
-        self.sampler = CpuSampler()
-        self.sampler.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        foreign = self.sampler.finish()
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = (cpu_jiffies()[0] - self.jiffies[0]) / hz
-        seconds = time.perf_counter() - self.t0
-        self.info.update({"seconds": round(seconds, 2), "machine_cpu_s": round(busy, 1),
-                          "machine_busy_fraction": round(busy / (seconds * (os.cpu_count() or 1)), 3),
-                          **foreign,
-                          "foreign_fraction_of_machine": round(foreign["foreign_cpu_s"] / (seconds * (os.cpu_count() or 1)), 3)})
 
 
 # --- the contenders --------------------------------------------------------------------------

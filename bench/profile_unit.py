@@ -28,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from bench.build_speed import make_rows, start_server, write_input  # noqa: E402
+from bench.speed_input import make_rows, start_server, write_input  # noqa: E402
 from pipeline.build_config import BuildConfig  # noqa: E402
 from pipeline.decode import decode_samples  # noqa: E402
 from pipeline.fetch import fetch_samples  # noqa: E402

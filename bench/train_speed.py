@@ -44,6 +44,7 @@ from open_clip_train.scheduler import cosine_lr
 from open_clip_train.train import train_one_epoch
 from torch.utils import flop_counter
 
+from bench.machine_load import DISTURBED, cpu_jiffies
 from train import engine
 from train.losses import FaRLLoss
 from train.masking import BlockMaskGenerator
@@ -54,7 +55,6 @@ from train.targets import PixelTargets
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 TARGETS = {"ours_over_open_clip": 0.95, "mim_over_no_mim": 2.1, "mfu": 0.40}
 MASKS = {196: (75, 16), 64: (24, 4)}  # patches: (masked, smallest block); BEiT/FaRL's 75 of 196, scaled for 8 x 8
-DISTURBED = 0.15  # others took more than this share of the CPUs during a run: run it again
 CFG = PretrainConfig()  # optimiser settings and MIM depth: the pre-training defaults, for all three
 
 # FlopCounterMode has no formula for the CPU flash-attention kernel that SDPA picks on the CPU, so
@@ -175,13 +175,8 @@ def sync(device: torch.device) -> None:
 
 
 def busy_seconds() -> float:
-    """CPU-seconds all CPUs of the machine have been busy since boot (/proc/stat; 0 where absent)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    """CPU-seconds all CPUs of the machine have been busy since boot."""
+    return cpu_jiffies()[0] / os.sysconf("SC_CLK_TCK")
 
 
 def watched(fn: Callable[[], object]) -> tuple[float, float]:

@@ -19,6 +19,8 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from bench import build_speed  # noqa: E402
+from bench.machine_load import Phase  # noqa: E402
+from bench.speed_input import make_rows, start_server, write_input  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,15 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     shard_size = args.shard_size or max(1, -(-args.rows // 8))
-    rows = build_speed.make_rows(args.rows)
-    server, watchdog = build_speed.start_server(rows, 1800)
+    rows = make_rows(args.rows)
+    server, watchdog = start_server(rows, 1800)
     if args.context:
         os.environ["BENCH_DATA_CONTEXT"] = args.context  # read by bench.timed_build in the subprocess
     original_args = build_speed.builder_args
     build_speed.builder_args = lambda *a: original_args(*a) + extra
     try:
-        build_speed.write_input(work / "input.parquet", rows, server)
-        with build_speed.Phase(args.idle_wait) as phase:
+        write_input(work / "input.parquet", rows, server)
+        with Phase(args.idle_wait) as phase:
             result = build_speed.run_builder(work, work / "input.parquet", server.port, args.detector, shard_size,
                                              True, "build")
     finally:
