@@ -51,6 +51,9 @@ Cost
   the candidate comparisons per item at 50M images (its 64 looks x the pHashes filed per bucket,
   N / 65536 x the 17 band values each is filed under at k = 6)
   and the measured cost of one comparison in pipeline.near_dedupe.bucket_pairs (one bucket).
+
+The photos and their near-copies are made in bench.dedupe_images, the cost measured in
+bench.dedupe_cost; this module hashes, pairs, counts and reports.
 """
 
 from __future__ import annotations
@@ -63,7 +66,6 @@ import os
 import platform
 import tempfile
 import time
-import tracemalloc
 import zlib
 from math import comb
 from multiprocessing import get_context
@@ -75,102 +77,21 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import imagehash  # noqa: E402
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
+from bench.dedupe_cost import memory_and_comparisons, throughput  # noqa: E402
+from bench.dedupe_images import KINDS, cut_tiles, jpeg, load_lfw, load_photos, transform  # noqa: E402
 from pipeline.build_config import BuildConfig  # noqa: E402
-from pipeline.decode import CROPS, decode_image, phashes  # noqa: E402
-from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, hash_files,  # noqa: E402
-                                  with_partition, band_rows, bucket_pairs)
+from pipeline.decode import CROPS, decode_image  # noqa: E402
+from pipeline.near_dedupe import hash_files  # noqa: E402
 
 CONFIG = BuildConfig()
 DEFAULT_K = CONFIG.near_duplicate_distance
 KS = list(range(4, 13))
-TILE = 128
-MIN_TILE_STD = 10.0
-KINDS = ("jpeg", "resize", "crop", "brightness_contrast", "resize+jpeg", "all", "mirror", "mirror+resize+jpeg")
 MIRROR_KINDS = ("mirror", "mirror+resize+jpeg")
 HASHES = ("pipeline", "phash_plain", "dhash", "phash_centre90")
 HASH_COUNT = {"pipeline": len(CROPS), "phash_plain": 1, "dhash": 1, "phash_centre90": 1}
-RESAMPLERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX)
 RECALL_TARGET, MERGE_TARGET = 0.95, 0.001
-
-# scikit-image's real photographs (cat() is chelsea(); stereo_motorcycle's right view is the left
-# one shifted, so only the left one is used; colorwheel, logo, horse, checkerboard... are drawings)
-SKIMAGE_PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-                  "retina", "page", "moon", "coins", "brick", "grass", "gravel", "clock", "cell", "text",
-                  "microaneurysms", "motorcycle")
-INSIGHTFACE_PHOTOS = ("t1.jpg", "Tom_Hanks_54745.png", "mask_black.jpg", "mask_blue.jpg", "mask_green.jpg",
-                      "mask_white.jpg")
-
-
-# --- images ----------------------------------------------------------------------------------------
-
-def load_photos() -> dict[str, Image.Image]:
-    import insightface
-    import skimage.data as data
-    photos = {}
-    for name in SKIMAGE_PHOTOS:
-        array = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
-        photos[name] = Image.fromarray(array).convert("RGB")
-    folder = Path(insightface.__file__).parent / "data" / "images"
-    for name in INSIGHTFACE_PHOTOS:
-        with Image.open(folder / name) as image:
-            photos[name.rsplit(".", 1)[0]] = ImageOps.exif_transpose(image).convert("RGB")
-    return photos
-
-
-def load_lfw() -> dict[str, Image.Image]:
-    import skimage.data as data
-    faces = data.lfw_subset()
-    return {f"lfw_{'face' if i < 100 else 'background'}_{i:03d}":
-            Image.fromarray(np.round(a * 255).astype(np.uint8)).convert("RGB") for i, a in enumerate(faces)}
-
-
-def cut_tiles(photos: dict[str, Image.Image]) -> tuple[dict[str, Image.Image], int]:
-    tiles, flat = {}, 0
-    for name, image in photos.items():
-        width, height = image.size
-        if min(width, height) < 2 * TILE:
-            continue
-        for y in range(0, height - TILE + 1, TILE):
-            for x in range(0, width - TILE + 1, TILE):
-                tile = image.crop((x, y, x + TILE, y + TILE))
-                if np.asarray(tile.convert("L"), dtype=np.float32).std() < MIN_TILE_STD:
-                    flat += 1
-                    continue
-                tiles[f"{name}@{x},{y}"] = tile
-    return tiles, flat
-
-
-def jpeg(image: Image.Image, quality: int = 95) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality)
-    return out.getvalue()
-
-
-def transform(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, dict]:
-    """A near-copy of `image` as JPEG bytes, and the parameters drawn."""
-    params: dict = {}
-    parts = {"all": ("crop", "brightness_contrast", "resize", "jpeg")}.get(kind, kind.split("+"))
-    if "mirror" in parts:
-        image = ImageOps.mirror(image)
-    if "crop" in parts:
-        width, height = image.size
-        left, top, right, bottom = rng.uniform(0, 0.025, 4)
-        box = (round(left * width), round(top * height), width - round(right * width), height - round(bottom * height))
-        image = image.crop(box)
-        params["crop_x"], params["crop_y"] = float(left + right), float(top + bottom)
-    if "brightness_contrast" in parts:
-        params["brightness"], params["contrast"] = (float(v) for v in rng.uniform(0.9, 1.1, 2))
-        image = ImageEnhance.Contrast(ImageEnhance.Brightness(image).enhance(params["brightness"])).enhance(
-            params["contrast"])
-    if "resize" in parts:
-        params["scale"] = scale = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
-        resample = RESAMPLERS[rng.integers(len(RESAMPLERS))]
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
-    params["quality"] = int(rng.integers(40, 96)) if "jpeg" in parts else 95
-    return jpeg(image, params["quality"]), params
 
 
 # --- hashes ----------------------------------------------------------------------------------------
@@ -301,135 +222,6 @@ def random_neighbours(hname: str, k: int, images: int = 50_000_000) -> float:
     return p * (2 * HASH_COUNT[hname] - 1) * images
 
 
-# --- cost --------------------------------------------------------------------------------------------
-
-def per_second(fn, seconds: float = 3.0, minimum: int = 20) -> float:
-    """Calls per CPU second of this (single-threaded) process: per core, whatever else the machine runs."""
-    fn()  # warm-up
-    count, start = 0, time.process_time()
-    while count < minimum or time.process_time() - start < seconds:
-        fn()
-        count += 1
-    return count / (time.process_time() - start)
-
-
-def throughput(photos: dict[str, Image.Image]) -> dict:
-    """Single process, one thread: hashes per second per core."""
-    small = photos["astronaut"]  # 512 x 512
-    wide = photos["coffee"]  # 600 x 400 -> 512 x 341 when stored
-    wide_stored = wide.resize((512, 341), Image.Resampling.LANCZOS)
-    big = photos["retina"]  # 1411 x 1411
-    bytes_512 = jpeg(small, 95)
-    bytes_big = jpeg(big, 90)
-    bytes_1600 = jpeg(big.resize((1600, 1600), Image.Resampling.LANCZOS), 90)
-
-    def decode_only(data: bytes) -> None:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-
-    return {
-        "phashes16_decoded_512x512": per_second(lambda: phashes(small)),
-        "phashes16_decoded_512x341": per_second(lambda: phashes(wide_stored)),
-        "imagehash_phash_decoded_512x512": per_second(lambda: imagehash.phash(small)),
-        "imagehash_phash_decoded_512x341": per_second(lambda: imagehash.phash(wide_stored)),
-        "dhash_decoded_512x512": per_second(lambda: imagehash.dhash(small)),
-        "jpeg_decode_only_512": per_second(lambda: decode_only(bytes_512)),
-        "decode_image_512_jpeg_kept": per_second(lambda: decode_image(bytes_512, CONFIG)),
-        "decode_image_1411_jpeg_reencoded": per_second(lambda: decode_image(bytes_big, CONFIG)),
-        "decode_image_1600_jpeg_reencoded": per_second(lambda: decode_image(bytes_1600, CONFIG)),
-    }
-
-
-def random_hashes(shape: int | tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(-2 ** 63, 2 ** 63 - 1, shape, dtype=np.int64)
-
-
-def synthetic_items(n: int, rng: np.random.Generator) -> pa.Table:
-    keys = [f"{(i // 10000) % 100000:05d}{i:09d}" for i in range(n)]  # make_key's 14 digits
-    shards = [f"{(i // 10000):05d}" for i in range(n)]
-    crops = pa.ListArray.from_arrays(pa.array(np.arange(0, n * CROP_HASHES + 1, CROP_HASHES, dtype=np.int32)),
-                                     pa.array(random_hashes(n * CROP_HASHES, rng)))
-    return pa.table({"key": keys, "phash": pa.array(random_hashes(n, rng)), "crops": crops,
-                     "area": pa.array(rng.integers(10_000, 4_000_000, n, dtype=np.int64)),
-                     "shard": shards, "overlap_set": pa.nulls(n, pa.string())}, schema=ITEMS_SCHEMA)
-
-
-def neighbours(k: int) -> int:
-    """Band values within k // 4 bits of one: those an image's pHash is filed under, per band."""
-    return sum(comb(BAND_BITS, r) for r in range(k // BANDS + 1))
-
-
-def rows_per_item(k: int) -> int:
-    """band_rows per item: per band, filed under its pHash's neighbours, looking with its 15 crop hashes."""
-    return BANDS * (neighbours(k) + len(CROPS) - 1)
-
-
-def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int) -> dict:
-    """Arrow sizes and comparison counts of the near-dedupe stage at the default k."""
-    rng = np.random.default_rng(seed)
-    items = synthetic_items(items_n, rng)
-    per_item_items = items.nbytes / items_n
-    sample = items.slice(0, band_n)
-    start = time.process_time()
-    bands = band_rows(sample, DEFAULT_K)
-    band_seconds = time.process_time() - start
-    assert bands.num_rows == band_n * rows_per_item(DEFAULT_K)
-    with_part = with_partition(bands, "bucket", 200)
-    out = {"k": DEFAULT_K, "items_measured": items_n, "band_items_measured": band_n,
-           "items_bytes_per_item": per_item_items, "items_GB_per_million": per_item_items * 1e6 / 1e9,
-           "band_rows_per_item": {k: rows_per_item(k) for k in KS},
-           "band_rows_bytes_per_row": bands.nbytes / bands.num_rows,
-           "band_rows_bytes_per_item": bands.nbytes / band_n,
-           "band_rows_GB_per_million": bands.nbytes / band_n * 1e6 / 1e9,
-           "shuffled_GB_per_million": with_part.nbytes / band_n * 1e6 / 1e9,
-           "band_rows_seconds_per_million_items": band_seconds / band_n * 1e6}
-    del bands, with_part
-
-    # One bucket as it would be at 50M images, scaled down: an image is filed under `probes` values
-    # per band and looks under 16 (its 16 hashes' exact values), so a bucket holds N / 65536 x probes
-    # filed rows and N / 65536 x 16 looking ones: 16 looking rows for every `probes` filed ones.
-    n_images = 50_000_000
-    occupancy = n_images / 2 ** BAND_BITS
-    probes = neighbours(DEFAULT_K)
-    looking_n = round(filed_n * len(CROPS) / probes)
-    template = synthetic_items(filed_n + looking_n, rng).drop_columns(["crops"])
-    filed = np.arange(template.num_rows) < filed_n
-    query = np.where(filed, template["phash"].to_numpy(), random_hashes(template.num_rows, rng))
-    bucket = (template.append_column("query", pa.array(query))
-              .append_column("filed", pa.array(filed)).append_column("probes", pa.array(~filed))
-              .append_column("bucket", pa.array(np.zeros(template.num_rows, np.int64))))
-    comparisons = looking_n * filed_n
-    timings = []
-    for _ in range(3):
-        start = time.process_time()
-        bucket_pairs(bucket, DEFAULT_K)
-        timings.append(time.process_time() - start)
-    tracemalloc.start()  # numpy reports its buffers to tracemalloc
-    bucket_pairs(bucket, DEFAULT_K)
-    peak_bytes = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    ns_per_comparison = min(timings) / comparisons * 1e9
-    per_item = {k: BANDS * len(CROPS) * neighbours(k) * occupancy for k in KS}  # 64 looks x filed per bucket
-    total = per_item[DEFAULT_K] * n_images
-    filed_at_50m, looking_at_50m = occupancy * probes, occupancy * len(CROPS)
-    shuffled_gb = out["shuffled_GB_per_million"] * n_images / 1e6
-    out["at_50M"] = {
-        "images": n_images, "bucket_occupancy_filed": occupancy, "probes_per_band": probes,
-        "candidate_comparisons_per_item": per_item, "total_comparisons": total,
-        "ns_per_comparison_measured": ns_per_comparison,
-        "measured_bucket": {"filed": filed_n, "rows": bucket.num_rows, "seconds": min(timings),
-                            "peak_python_bytes": peak_bytes, "bytes_per_matrix_entry": peak_bytes / comparisons},
-        "core_hours": total * ns_per_comparison / 1e9 / 3600,
-        "rows_in_one_bucket": filed_at_50m + looking_at_50m,
-        "distance_matrix_entries_per_bucket": filed_at_50m * looking_at_50m,
-        "GB_peak_per_bucket": filed_at_50m * looking_at_50m * peak_bytes / comparisons / 1e9,
-        "band_rows_total": n_images * rows_per_item(DEFAULT_K),
-        "shuffled_TB": shuffled_gb / 1e3,
-        "GB_per_groupby_partition_at_200_partitions": shuffled_gb / 200,
-    }
-    return out
-
-
 # --- main ----------------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict:
@@ -533,8 +325,8 @@ def run(args: argparse.Namespace) -> dict:
 
     quality_seconds = time.perf_counter() - started
     print(f"quality done in {quality_seconds:.0f} s; measuring cost", flush=True)
-    cost = {"throughput_per_core": throughput(photos),
-            "memory": memory_and_comparisons(args.items, args.band_items, args.bucket_filed, args.seed)}
+    cost = {"throughput_per_core": throughput(photos, CONFIG),
+            "memory": memory_and_comparisons(args.items, args.band_items, args.bucket_filed, args.seed, DEFAULT_K, KS)}
 
     # verdicts
     def meets(k: int, hname: str) -> dict:
