@@ -33,7 +33,8 @@ from pipeline.fetch import fetch_samples
 from pipeline.filter import filter_samples
 from pipeline.near_dedupe import exclusion_sets, remove_near_duplicates
 from pipeline.report import write_report
-from pipeline.schema import METADATA_SCHEMA, PHASH_VERSION, TRANSIENT_STATUSES, iter_units, pack, shard_attempt, shard_name, shard_unit
+from pipeline.schema import (METADATA_SCHEMA, PHASH_VERSION, TRANSIENT_STATUSES, iter_units, pack, phash_version,
+                             shard_attempt, shard_name, shard_unit)
 from pipeline.source import Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_unit, register_inputs
 from pipeline.storage import Output
 from pipeline.write import commit_unit, referenced_shards, remove_orphans
@@ -182,7 +183,7 @@ def check_output(url: str) -> Output:
         with output.fs.open(output.path("metadata", written[0]), "rb") as f:
             found = pq.read_schema(f)
         missing = [name for name in METADATA_SCHEMA.names if name not in found.names]
-        version = (found.metadata or {}).get(b"phash_version", b"none").decode()
+        version = phash_version(found) or "none"
         if missing or version != PHASH_VERSION:
             problem = f"has no column {', '.join(missing)}" if missing else f"has pHashes of version {version}"
             raise ConfigError(f"output {url} was written by another version: metadata/{written[0]} {problem} "

@@ -31,7 +31,7 @@ from pipeline.config import ConfigError
 from pipeline.decode import CROPS, phashes
 from pipeline.dedupe import (REMOVED_SCHEMA, Rows, by_group, map_tables, materialize, remove_from_shards,
                              written_samples)
-from pipeline.schema import PHASH_VERSION
+from pipeline.schema import PHASH_VERSION, PHASH_VERSION_KEY, phash_version
 from pipeline.storage import Output
 
 BANDS, BAND_BITS = 4, 16
@@ -180,7 +180,7 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 EXCLUSIONS_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
                                ("phashes", pa.list_(pa.string())), ("phashes_mirror", pa.list_(pa.string()))],
-                              metadata={"phash_version": PHASH_VERSION})
+                              metadata={PHASH_VERSION_KEY: PHASH_VERSION})
 
 
 def exclusion_sets(patterns: list[str]) -> dict[str, list[str]]:
@@ -222,8 +222,7 @@ def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
     for name, paths in exclusion_sets(patterns).items():
         cache_path = output.path("exclusions", f"{name}.parquet")
         cached = output.read_table(cache_path) if output.fs.exists(cache_path) else EXCLUSIONS_SCHEMA.empty_table()
-        version = (cached.schema.metadata or {}).get(b"phash_version")
-        current = cached.schema.equals(EXCLUSIONS_SCHEMA) and version == PHASH_VERSION.encode()  # else: rehash
+        current = cached.schema.equals(EXCLUSIONS_SCHEMA) and phash_version(cached.schema) == PHASH_VERSION  # else: rehash
         known = {r["path"]: r for r in cached.to_pylist()} if current else {}
         todo = [p for p in paths if p not in known]  # a file is hashed once; delete the cache to redo
         if todo:

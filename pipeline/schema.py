@@ -50,6 +50,13 @@ FACE_TYPE = pa.struct([
 # Which decode.phashes made `phash` and `phash_crops`: bump it when that function's output changes,
 # so that hashes of two versions are never compared (a build checks it against what it finds).
 PHASH_VERSION = "1"
+PHASH_VERSION_KEY = b"phash_version"  # where METADATA_SCHEMA and the exclusion caches record it
+
+
+def phash_version(schema: pa.Schema) -> str | None:
+    """The pHash version a file's schema records; None for files written before versions existed."""
+    version = (schema.metadata or {}).get(PHASH_VERSION_KEY)
+    return version.decode() if version is not None else None
 
 METADATA_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -69,7 +76,7 @@ METADATA_SCHEMA = pa.schema([
     ("license", pa.string()),
     ("nsfw", pa.string()),
     ("similarity", pa.float32()),
-], metadata={"phash_version": PHASH_VERSION})
+], metadata={PHASH_VERSION_KEY: PHASH_VERSION})
 
 STATUS_SCHEMA = pa.schema([
     ("input_file", pa.string()),
