@@ -180,6 +180,29 @@ def test_one_pass_splits_by_worker_and_node(output, monkeypatch):
     assert Counter(per_rank[0] + per_rank[1]) == Counter(captions.keys())
 
 
+def test_one_pass_goes_on_from_the_workers_positions(tmp_path: Path):
+    """A loader started at the positions of the batches trained on delivers exactly the rest of the
+    epoch, corrupt samples included in the counts (they are drawn, then skipped)."""
+    shards = tmp_path / "out" / "shards"
+    shards.mkdir(parents=True)
+    for shard in range(4):
+        samples = shard_samples(shard)
+        if shard == 1:
+            del samples[next(iter(samples))]["txt"]  # drawn, then skipped when decoded
+        (shards / f"{shard:05d}.tar").write_bytes(tar_bytes(samples))
+    config = LoaderConfig(batch_size=2, workers=2, resampled=False, shuffle_buffer=4, seed=3)
+    whole = list(make_loader(str(tmp_path / "out"), config, epoch=2))
+    assert len(keys_of(whole)) == 11 and sum(int(b["skipped"]) for b in whole) == 1
+    for trained in (1, 3, 4):
+        start = [0, 0]
+        for batch in whole[:trained]:
+            worker, drawn = batch["position"].tolist()
+            start[worker] = drawn
+        rest = keys_of(list(make_loader(str(tmp_path / "out"), config, epoch=2, start=start)))
+        assert sorted(rest) == sorted(keys_of(whole[trained:]))
+    assert list(make_loader(str(tmp_path / "out"), config, epoch=2, start=[6, 6])) == []  # the epoch was over
+
+
 def test_too_few_shards_for_one_pass(output, monkeypatch):
     root, _ = output
     with pytest.raises(ValueError, match="resampled") as error:

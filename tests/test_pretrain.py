@@ -107,6 +107,22 @@ def test_resume_after_kill(built_output: Path, tmp_path: Path) -> None:
     assert len(kept) <= 3  # older checkpoints are pruned
 
 
+def test_one_pass_resume_goes_on_with_its_epoch(built_output: Path, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """--no-resampled: a resumed run passes over the samples its epoch already gave (train.data's
+    test checks which samples), so its epochs turn over at the same steps as an unbroken run's."""
+    def run(out: Path, steps: int) -> int:
+        return main(["--config", TINY, "--data", str(built_output), "--output", str(out), "--no-progress",
+                     "--no-resampled", "--batch-size", "6", "--steps", str(steps), "--log-every", "1",
+                     "--checkpoint-every", "4"])
+
+    assert run(tmp_path / "unbroken", 9) == 0
+    assert run(tmp_path / "resumed", 4) == 0 and run(tmp_path / "resumed", 9) == 0
+    assert "one-pass data: epoch 1 goes on after" in caplog.text
+    unbroken, resumed = ({r["step"]: r["epoch"] for r in metrics(tmp_path / name)} for name in ("unbroken", "resumed"))
+    assert resumed == unbroken and unbroken[9] >= 2
+
+
 def test_corrupt_shards_are_skipped_and_counted(built_output: Path, tmp_path: Path) -> None:
     data = tmp_path / "shards"
     shutil.copytree(built_output / "shards", data)

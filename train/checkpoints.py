@@ -1,7 +1,7 @@
 """Training checkpoints in OUTPUT/checkpoints/, local or fsspec, and initialisation from weight files.
 
 Every N steps: `step_00001000.pt` (the model in the official FaRL layout, loadable on its own),
-then `step_00001000.state.pt` (optimizer state), then `latest.json` naming both. Each file appears
+then `step_00001000.state.pt` (optimizer state and the data stream's position), then `latest.json` naming both. Each file appears
 atomically (pipeline.storage), and latest.json is written last, so a kill at any moment leaves the
 previous checkpoint in force; rerunning the same command resumes from it.
 """
@@ -28,6 +28,7 @@ class Resumed:
     path: str
     state_dict: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
+    data: dict[str, Any] | None  # where the data stream stood (train.engine.DataPosition); None in older files
 
 
 class Checkpoints:
@@ -36,13 +37,13 @@ class Checkpoints:
         if writer:  # what a kill left half-written (gigabytes for ViT-B and its optimizer state)
             self.output.remove_temporaries(("checkpoints",))
 
-    def save(self, step: int, model: FaRL, optimizer: torch.optim.Optimizer) -> str:
+    def save(self, step: int, model: FaRL, optimizer: torch.optim.Optimizer, data: dict[str, Any] | None = None) -> str:
         name = f"step_{step:08d}"
         folder = self.output.path("checkpoints")
         self.output.fs.makedirs(folder, exist_ok=True)
         model_bytes = model.checkpoint_bytes(step=step)
         state = io.BytesIO()
-        torch.save({"optimizer": optimizer.state_dict(), "step": step}, state)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "data": data}, state)
         self.output.write_atomic(f"{folder}/{name}.pt", lambda f: f.write(model_bytes))
         self.output.write_atomic(f"{folder}/{name}.state.pt", lambda f: f.write(state.getvalue()))
         self.output.write_json("checkpoints/latest.json", {"step": step, "model": f"{name}.pt", "state": f"{name}.state.pt"})
@@ -68,7 +69,8 @@ class Checkpoints:
         state_dict, _ = load_state_dict(url)
         with self.output.fs.open(self.output.path("checkpoints", pointer["state"]), "rb") as f:
             state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        return Resumed(step=pointer["step"], path=url, state_dict=state_dict, optimizer=state["optimizer"])
+        return Resumed(step=pointer["step"], path=url, state_dict=state_dict, optimizer=state["optimizer"],
+                       data=state.get("data"))
 
 
 def init_weights(model: FaRL, path: str) -> None:

@@ -9,7 +9,8 @@ Choices:
   own seed, so the stream is infinite and no rank runs dry before the others. With one pass
   split by node, ranks get unequal sample counts (shards differ in size, samples get skipped)
   and DDP hangs on the rank that stops first; the one-pass mode is for evaluation and
-  single-process runs.
+  single-process runs. Each batch says which loader worker made it and how many samples that
+  worker has drawn in the epoch, so a resumed one-pass run can pass over exactly those.
 - Crop scale (0.9, 1.0), open_clip's training default: the caption describes the whole
   image, so a crop must keep nearly all of it; FaRL's faces are often small, and aggressive
   crops (torchvision's 0.08) would cut most of them out.
@@ -35,7 +36,8 @@ import random
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 import fsspec
@@ -162,7 +164,7 @@ def _prepare(sample: dict[str, Any], config: LoaderConfig, tokenizer: Callable) 
     crop = F.resized_crop(image, *window, [config.image_size] * 2,
                           interpolation=InterpolationMode.BICUBIC, antialias=True)
     out = {"image": F.normalize(F.to_tensor(crop), open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
-           "text": tokenizer([caption])[0]}
+           "text": tokenizer([caption])[0], "__drawn__": sample["__drawn__"]}
     return out
 
 
@@ -185,11 +187,28 @@ class _Skips:
         log.warning("skipped a sample or shard: %s", repr(exn)[:300])
         return True  # continue with the next sample or shard
 
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = {name: torch.stack([s[name] for s in samples]) for name in samples[0] if name != "__key__"}
-        batch["key"] = [s["__key__"] for s in samples]  # wds.map carries the key over
-        batch["skipped"], self.count = torch.tensor(self.count, dtype=torch.int64), 0
-        return batch
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+def _number(samples: Iterable[dict], start: Sequence[int]) -> Iterator[dict]:
+    """Numbers the samples this loader worker draws from its shuffled stream in this epoch, after
+    passing over the `start[worker]` that a resumed one-pass run already trained on (before
+    decoding). Samples skipped later as corrupt have numbers too, so the last number of a batch
+    says exactly where the worker's stream stands."""
+    worker = pytorch_worker_info()[2]
+    first = start[worker] if worker < len(start) else 0
+    for number, sample in enumerate(islice(samples, first, None), first + 1):
+        yield {**sample, "__drawn__": number}
+
+
+def _collate(samples: list[dict[str, Any]], skips: _Skips) -> dict[str, Any]:
+    batch = {name: torch.stack([s[name] for s in samples]) for name in samples[0] if not name.startswith("__")}
+    batch["key"] = [s["__key__"] for s in samples]  # wds.map carries the key over
+    batch["skipped"] = torch.tensor(skips.take(), dtype=torch.int64)
+    batch["position"] = torch.tensor([pytorch_worker_info()[2], samples[-1]["__drawn__"]], dtype=torch.int64)
+    return batch
 
 
 def _worker_seed(seed: int, epoch: int) -> int:
@@ -214,12 +233,14 @@ def _shuffle(samples: Iterable[dict], bufsize: int, seed: int, epoch: int) -> It
 
 
 def make_loader(pattern: str, config: LoaderConfig, mask_fn: MaskFn | None = None,
-                epoch: int = 0) -> Iterable[dict[str, Any]]:
+                epoch: int = 0, start: Sequence[int] = ()) -> Iterable[dict[str, Any]]:
     """Batches as dicts: image float32 (B,3,S,S) normalised with open_clip's OPENAI_DATASET_MEAN/STD,
     text int64 (B, context_length), mask bool (B, N) when mask_fn is given (mask_fn(rng) per sample,
     flattened), key list[str], skipped int64 scalar: samples or shards the producing worker skipped
-    since its previous batch. Infinite when resampled; one pass (reshuffled by epoch and seed)
-    otherwise, with a last partial batch."""
+    since its previous batch, position int64 (2,): the producing loader worker and how many samples
+    it has drawn in this epoch. Infinite when resampled; one pass (reshuffled by epoch and seed)
+    otherwise, with a last partial batch. `start[w]`: samples loader worker w drew in this epoch
+    before a resume (the `position`s of the last batches trained on), passed over before decoding."""
     urls = expand_shards(pattern)
     if config.resampled:
         shards = [wds.ResampledShards(urls, worker_seed=partial(_worker_seed, config.seed, epoch),
@@ -241,9 +262,10 @@ def make_loader(pattern: str, config: LoaderConfig, mask_fn: MaskFn | None = Non
         partial(group_by_keys, handler=skips),
         # shuffle the encoded bytes, a tenth the size of decoded tensors
         partial(_shuffle, bufsize=config.shuffle_buffer, seed=config.seed, epoch=epoch),
+        partial(_number, start=start),
         wds.map(partial(_prepare, config=config, tokenizer=tokenizer), handler=skips),
         *([partial(_add_masks, mask_fn=mask_fn, seed=config.seed, epoch=epoch)] if mask_fn else []),
-        wds.batched(config.batch_size, collation_fn=skips.collate, partial=True),
+        wds.batched(config.batch_size, collation_fn=partial(_collate, skips=skips), partial=True),
     )
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=config.workers,
                                        persistent_workers=False, pin_memory=torch.cuda.is_available())

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 from open_clip_train.scheduler import cosine_lr
 from torch import nn
 
-from train.checkpoints import Checkpoints, init_weights
+from train.checkpoints import Checkpoints, Resumed, init_weights
 from train.data import LoaderConfig, make_loader
 from train.losses import FaRLLoss
 from train.masking import BlockMaskGenerator
@@ -67,8 +67,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def batches(cfg: PretrainConfig, model: FaRL, first_epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches: resampled loaders never end; one-pass loaders start the next epoch."""
+@dataclass
+class DataPosition:
+    """Where the data stream stands after the batches trained on: the epoch, and the samples each
+    loader worker has drawn in it (see train.data.make_loader). Saved with every checkpoint, so a
+    resumed one-pass run goes on with the epoch where it stopped, each sample seen once per epoch."""
+
+    epoch: int = 0
+    drawn: list[int] = field(default_factory=list)
+
+    def advance(self, batch: dict[str, torch.Tensor]) -> None:
+        worker, drawn = batch["position"].tolist()
+        self.drawn += [0] * (worker + 1 - len(self.drawn))
+        self.drawn[worker] = drawn
+
+
+def batches(cfg: PretrainConfig, model: FaRL, position: DataPosition) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches from `position` on, which is kept up to date with each batch handed out:
+    resampled loaders never end; one-pass loaders start the next epoch."""
     mask_fn = None
     if cfg.mim:
         mask_fn = BlockMaskGenerator(model.grid, cfg.mask_patches, cfg.mask_min_patches,
@@ -78,10 +94,34 @@ def batches(cfg: PretrainConfig, model: FaRL, first_epoch: int) -> Iterator[dict
         batch_size=cfg.batch_size, image_size=vision["image_size"], crop_scale=(cfg.crop_scale_min, 1.0),
         face_crop_bias=cfg.face_crop_bias, workers=cfg.loader_workers, shuffle_buffer=cfg.shuffle_buffer,
         resampled=cfg.resampled, seed=cfg.seed, context_length=text["context_length"])
-    epoch = first_epoch
     while True:
-        yield from make_loader(cfg.data, loader_config, mask_fn, epoch=epoch)
-        epoch += 1
+        for batch in make_loader(cfg.data, loader_config, mask_fn, epoch=position.epoch, start=position.drawn):
+            position.advance(batch)
+            yield batch
+        position.epoch, position.drawn = position.epoch + 1, []
+
+
+def stream_settings(cfg: PretrainConfig) -> dict[str, int]:
+    """What decides which samples each loader worker draws in an epoch, besides the data itself."""
+    return {"loader_workers": cfg.loader_workers, "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed}
+
+
+def start_position(cfg: PretrainConfig, resumed: Resumed | None) -> DataPosition:
+    """A resampled stream has no place to go back to: a resumed run draws a freshly seeded one
+    (epoch = its step). A resumed one-pass run goes on from the checkpoint's position."""
+    if resumed is None:
+        return DataPosition()
+    if cfg.resampled:
+        return DataPosition(epoch=resumed.step)
+    saved = resumed.data or {}
+    position = DataPosition(saved.get("epoch", 0), saved.get("drawn", []))
+    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in stream_settings(cfg).items() if saved.get(k) != v]
+    if position.drawn and changed:
+        log.warning("one-pass data: epoch %d starts again from its beginning, since the checkpoint's place in it "
+                    "does not hold after a change of %s", position.epoch, ", ".join(changed))
+        return DataPosition(position.epoch)
+    log.info("one-pass data: epoch %d goes on after the %d samples already drawn", position.epoch, sum(position.drawn))
+    return position
 
 
 def train_step(model: FaRL, wrapped: nn.Module, loss_fn: FaRLLoss, optimizer: torch.optim.Optimizer,
@@ -139,7 +179,8 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
     autocast = torch.autocast(worker.device.type, dtype=torch.bfloat16,
                               enabled=worker.device.type == "cuda" and cfg.precision == "bf16")
     metrics_log = MetricsLog(cfg, worker.rank, start_step=step, world_size=worker.world_size)
-    data = batches(cfg, model, first_epoch=step)  # a resumed run starts a freshly seeded stream
+    position = start_position(cfg, resumed)
+    data = batches(cfg, model, position)
     last: dict[str, float] = {}
     skipped = 0  # samples this rank's loader skipped as corrupt
     wrapped.train()
@@ -154,9 +195,11 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
         skipped += int(batch["skipped"])
         if step % cfg.log_every == 0 or step == cfg.steps:
             values = reduce(losses, skipped, worker)
+            if not cfg.resampled:  # a one-pass run counts its passes over the data
+                values["epoch"] = position.epoch
             last = metrics_log.write(step, lr, model.clip.logit_scale.exp().item(), values)
         if worker.rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            checkpoints.save(step, model, optimizer)
+            checkpoints.save(step, model, optimizer, data={**asdict(position), **stream_settings(cfg)})
     metrics_log.close()
     return last
 
