@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,12 +33,14 @@ MAX_LOGIT_SCALE = math.log(100)
 
 @dataclass
 class Worker:
-    """Where this copy of the loop runs: rank, world size, device, and how to wrap the model (DDP)."""
+    """Where this copy of the loop runs: rank, world size, device, how to wrap the model (DDP), and
+    where rank 0's metrics go (train.metrics_log.MetricsFiles, an actor in Ray runs; None: LOG_DIR here)."""
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     wrap: Callable[[nn.Module], nn.Module] = lambda model: model
+    metrics_files: Any = None
 
 
 def build_model(cfg: PretrainConfig, targets: Targets | None, with_init: bool = True) -> FaRL:
@@ -178,7 +181,8 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
     set_lr = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
     autocast = torch.autocast(worker.device.type, dtype=torch.bfloat16,
                               enabled=worker.device.type == "cuda" and cfg.precision == "bf16")
-    metrics_log = MetricsLog(cfg, worker.rank, start_step=step, world_size=worker.world_size)
+    metrics_log = MetricsLog(cfg, worker.rank, start_step=step, world_size=worker.world_size,
+                             files=worker.metrics_files)
     position = start_position(cfg, resumed)
     data = batches(cfg, model, position)
     last: dict[str, float] = {}

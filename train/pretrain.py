@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, load_config
 from train.data import expand_shards
 from train.engine import Worker, build_model, build_targets, train
 from train.masking import BlockMaskGenerator
-from train.metrics_log import log_folder
+from train.metrics_log import MetricsFiles, log_folder
 from train.model import model_config
 from train.pretrain_config import PretrainConfig
 
@@ -51,8 +51,9 @@ def ray_worker(config: dict) -> None:
     setup_logging()
     context = ray.train.get_context()
     worker = Worker(rank=context.get_world_rank(), world_size=context.get_world_size(),
-                    device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model)
-    train(PretrainConfig(**config), worker)
+                    device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model,
+                    metrics_files=config["metrics_files"])
+    train(PretrainConfig(**config["cfg"]), worker)
 
 
 def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
@@ -67,10 +68,14 @@ def run_on_ray(cfg: PretrainConfig) -> None:
     import ray
     from ray.train import RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ray.init(address=cfg.address or None, logging_level=logging.WARNING)
+    cfg = absolute_paths(cfg)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    metrics_files = ray.remote(MetricsFiles).options(num_cpus=0, scheduling_strategy=here).remote(str(log_folder(cfg)))
     trainer = TorchTrainer(
-        ray_worker, train_loop_config=dataclasses.asdict(absolute_paths(cfg)),
+        ray_worker, train_loop_config={"cfg": dataclasses.asdict(cfg), "metrics_files": metrics_files},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}),
         run_config=RunConfig(name="farl-pretrain"))
@@ -78,6 +83,8 @@ def run_on_ray(cfg: PretrainConfig) -> None:
         trainer.fit()
     except TrainingFailedError as err:  # the workers' tracebacks are in the log above; one line here
         raise RuntimeError(f"training failed in a Ray worker: {str(err).strip().splitlines()[-1]}") from None
+    finally:
+        ray.get(metrics_files.close.remote())
 
 
 def setup_logging() -> None:

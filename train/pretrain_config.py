@@ -17,7 +17,8 @@ class PretrainConfig:
     data: str = option("", "shards: a builder output folder, a glob, a brace pattern (out/shards/{00000..00009}.tar), "
                            "or any of these as an fsspec URL (s3://...)")
     output: str = option("out/pretrain", "checkpoints/, metrics.jsonl and tensorboard/ go here (local path or fsspec URL)")
-    log_dir: str = option("", "local folder for metrics.jsonl and tensorboard/; empty = the output folder (must then be local)")
+    log_dir: str = option("", "local folder for metrics.jsonl and tensorboard/, on the machine that runs the command "
+                              "(also with Ray workers elsewhere); empty = the output folder (must then be local)")
     steps: int = option(1000, "optimizer steps in all; a rerun after a kill resumes and stops here too")
     # model
     model: str = option("ViT-B-16-quickgelu", "FaRL-tiny or an open_clip model name; the paper's is ViT-B-16-quickgelu")
