@@ -161,6 +161,17 @@ def test_init_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--dataset", "300w", "--task", "parsing", "--data", str(tmp_path / "300W")]) == 2
     assert "dataset 300w is for alignment, not parsing" in capsys.readouterr().err
     assert evaluate_main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for bad in (tmp_path / "junk.pt", tmp_path / "300W"):  # a file torch cannot read, a folder
+        capsys.readouterr()
+        assert evaluate_main(["--checkpoint", str(bad)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: checkpoint {bad} cannot be read") and error.count("\n") == 1
+    # a rerun into the same output with settings other than its run's is refused before it loads anything
+    assert main(["--dataset", "300w", "--data", str(tmp_path / "300W"), "--output", str(out), "--epochs", "2",
+                 "--init", str(tmp_path / "clip.pt"), "--max-steps-per-epoch", "1", *SMALL, "--backbone-lr", "5e-2"]) == 2
+    error = capsys.readouterr().err
+    assert "other settings (backbone_lr 0.001 -> 0.05)" in error and error.count("\n") == 1
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
@@ -180,6 +191,25 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert [r["epoch"] for r in history(tmp_path / "resumed")] == [1, 2, 3]
     # last.pt is an evaluable checkpoint too
     assert evaluate_main(["--checkpoint", str(tmp_path / "resumed" / "last.pt")]) == 0
+
+
+def test_whole_training_split_without_validation(tmp_path: Path) -> None:
+    """--val-fraction 0: every training image is trained on, and the report has the best-epoch number only."""
+    make_300w(tmp_path / "300W")
+    out = tmp_path / "run"
+    assert main(["--dataset", "300w", "--data", str(tmp_path / "300W"), "--output", str(out), "--epochs", "2",
+                 "--val-fraction", "0", *SMALL]) == 0
+    records = history(out)
+    assert all("test" in r and "val" not in r for r in records)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"best_epoch_test"} and "val_chosen_test" not in report
+    assert (out / "best_test.pt").exists() and not (out / "best_val.pt").exists()
+    from train.finetune import make_splits
+
+    cfg = FinetuneConfig(dataset="300w", data=str(tmp_path / "300W"), val_fraction=0)
+    cfg.validate()
+    train, val, _ = make_splits(cfg)
+    assert val is None and len(train) == len(open_dataset("300w", str(tmp_path / "300W"), "train"))
 
 
 def test_aflw19_auc_and_fr_use_the_box_normalisation() -> None:

@@ -99,11 +99,14 @@ def score(cfg: FinetuneConfig, metrics: dict[str, Any]) -> float:
 def load_finetuned(path: str, device: torch.device) -> tuple[FaceModel, FinetuneConfig]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} does not exist") from None
+    except Exception as err:  # torch raises several types for what is no checkpoint; its advice (unsafe loading) is not ours
+        raise ValueError(f"checkpoint {path} cannot be read as a torch file ({type(err).__name__})") from None
+    try:
         model = FaceModel(**checkpoint["face_model"])
         model.load_state_dict(checkpoint["weights"])
         cfg = FinetuneConfig(**checkpoint["finetune_config"])
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {path} does not exist") from None
     except (KeyError, TypeError, RuntimeError) as err:
         raise ValueError(f"{path} is not a fine-tuning checkpoint of train.finetune: {str(err).splitlines()[0]}") from None
     return model.to(device), cfg

@@ -8,10 +8,12 @@ Every `eval_every` epochs the EMA model is evaluated on the validation split and
 split (metrics.jsonl). report.json gives the best test number over all evaluated epochs (how
 the paper reports) and the test number of the epoch chosen on validation (the honest one).
 Validation: LaPa's and CelebAMask-HQ's own val splits; 300W, WFLW and AFLW-19 have none, so a
-fixed, seeded `val_fraction` of their training split is held out (and not trained on).
+fixed, seeded `val_fraction` of their training split is held out (and not trained on);
+`--val-fraction 0` trains on all of it, as the paper did, and reports the best-epoch number only.
 Rerunning the same command after a kill resumes from OUTPUT/last.pt (random state included, so the
-run goes on as if never stopped); last.pt, best_val.pt and best_test.pt all hold the EMA weights
-that `python -m train.evaluate` reads.
+run goes on as if never stopped; a rerun may change only where the data and output are and how
+long the run goes on); last.pt, best_val.pt and best_test.pt all hold the EMA weights that
+`python -m train.evaluate` reads.
 """
 
 from __future__ import annotations
@@ -35,12 +37,20 @@ from train.face_model import FaceModel, alignment_loss, parsing_loss
 from train.finetune_config import FinetuneConfig
 
 
-def make_splits(cfg: FinetuneConfig) -> tuple[WarpedSamples, WarpedSamples, WarpedSamples]:
+# what a rerun into the same output may change: where the data and output are, how long the run
+# goes on, how often it is evaluated, and how it runs; anything else would mix two runs in one
+RESUMABLE_CHANGES = {"data", "output", "epochs", "eval_every", "max_steps_per_epoch", "workers", "progress"}
+
+
+def make_splits(cfg: FinetuneConfig) -> tuple[WarpedSamples, WarpedSamples | None, WarpedSamples]:
+    """(train, validation or None, test)."""
     train = open_dataset(cfg.dataset, cfg.data, "train")
     test = open_dataset(cfg.dataset, cfg.data, "test")
     if "val" in train.splits:
         return (WarpedSamples(train, cfg, train=True), WarpedSamples(open_dataset(cfg.dataset, cfg.data, "val"), cfg, False),
                 WarpedSamples(test, cfg, train=False))
+    if cfg.val_fraction == 0:
+        return WarpedSamples(train, cfg, train=True), None, WarpedSamples(test, cfg, train=False)
     kept, held = train_val_indices([train.image_path(i) for i in range(len(train))], cfg.val_fraction, cfg.seed)
     return WarpedSamples(train, cfg, True, kept), WarpedSamples(train, cfg, False, held), WarpedSamples(test, cfg, False)
 
@@ -64,12 +74,22 @@ def save(output: Output, name: str, value: dict[str, Any]) -> None:
 
 
 def summarize(cfg: FinetuneConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best-epoch test (the paper's way) and the test of the epoch chosen on validation."""
+    """Best-epoch test (the paper's way) and, with a validation split, the test of the epoch chosen on it."""
     best_test = max(history, key=lambda h: score(cfg, h["test"]))
-    best_val = max(history, key=lambda h: score(cfg, h["val"]))
-    return {"dataset": cfg.dataset, "task": cfg.task, "init": cfg.init, "epochs": cfg.epochs,
-            "best_epoch_test": {"epoch": best_test["epoch"], "test": best_test["test"]},
-            "val_chosen_test": {"epoch": best_val["epoch"], "val": best_val["val"], "test": best_val["test"]}}
+    report = {"dataset": cfg.dataset, "task": cfg.task, "init": cfg.init, "epochs": cfg.epochs,
+              "best_epoch_test": {"epoch": best_test["epoch"], "test": best_test["test"]}}
+    if all("val" in h for h in history):
+        best_val = max(history, key=lambda h: score(cfg, h["val"]))
+        report["val_chosen_test"] = {"epoch": best_val["epoch"], "val": best_val["val"], "test": best_val["test"]}
+    return report
+
+
+def check_resumable(cfg: FinetuneConfig, saved: dict[str, Any], path: str) -> None:
+    changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in asdict(cfg).items()
+               if key in saved and key not in RESUMABLE_CHANGES and saved[key] != value]
+    if changed:
+        raise ValueError(f"{path} is from a run with other settings ({'; '.join(changed)}): rerun with that run's "
+                         "settings to resume it, or give a new --output")
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -88,6 +108,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if output.fs.exists(output.path("last.pt")):
         with output.fs.open(output.path("last.pt"), "rb") as f:
             state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+        check_resumable(cfg, state["finetune_config"], f"{cfg.output}/last.pt")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -122,15 +143,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         checkpoint = {"face_model": model.config, "finetune_config": asdict(cfg), "weights": ema.module.state_dict(),
                       "epoch": epoch + 1}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            record["val"] = evaluate(ema.module, val_set, cfg, device)
+            if val_set is not None:
+                record["val"] = evaluate(ema.module, val_set, cfg, device)
             record["test"] = evaluate(ema.module, test_set, cfg, device, subsets)
             history = [r for r in records if "test" in r] + [record]
-            if record is max(history, key=lambda h: score(cfg, h["val"])):
+            if val_set is not None and record is max(history, key=lambda h: score(cfg, h["val"])):
                 save(output, "best_val.pt", checkpoint)
             if record is max(history, key=lambda h: score(cfg, h["test"])):
                 save(output, "best_test.pt", checkpoint)
-            print(f"epoch {epoch + 1}: loss {record['loss']:.4f}, val {score(cfg, record['val']):.4f}, "
-                  f"test {score(cfg, record['test']):.4f} (higher is better)", file=sys.stderr)
+            val = f"val {score(cfg, record['val']):.4f}, " if val_set is not None else ""
+            print(f"epoch {epoch + 1}: loss {record['loss']:.4f}, {val}test {score(cfg, record['test']):.4f} "
+                  "(higher is better)", file=sys.stderr)
         records.append(record)
         save(output, "last.pt", {**checkpoint, "model": model.state_dict(), "ema": ema.state_dict(),
                                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),

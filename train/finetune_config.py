@@ -50,7 +50,8 @@ class FinetuneConfig:
     heatmap_size: int = option(128, "alignment heatmap side")
     heatmap_sigma: float = option(1.25, "Gaussian heatmap target sigma in heatmap pixels (official: radius 5 = 4 sigma)")
     augment: bool = option(True, "the protocol's random affine, gray, gamma, blur (+ occlusion, noise for alignment)")
-    val_fraction: float = option(0.05, "share of the training split held out for validation when the dataset has no val split")
+    val_fraction: float = option(0.05, "share of the training split held out for validation when the dataset has no val "
+                                       "split; 0 = none: train on all of it, as the paper did (best-epoch number only)")
     eval_every: int = option(1, "evaluate val and test every this many epochs")
     workers: int = option(2, "DataLoader worker processes")
     seed: int = option(0, "random seed (also picks the held-out validation images)")
@@ -72,5 +73,5 @@ class FinetuneConfig:
             self.warp_factor = self.protocol["warp_factor"]
         if len(self.feature_blocks) != 4:
             raise ConfigError("feature_blocks must name 4 blocks")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError("val_fraction must be in (0, 1)")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("val_fraction must be in [0, 1)")
