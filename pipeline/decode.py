@@ -13,13 +13,19 @@ import hashlib
 import io
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline.build_config import BuildConfig
 from pipeline.schema import Sample
 
 EXIF_ORIENTATION = 0x0112
 ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # the ones that swap width and height
+# EXIF orientation -> the transpose that shows the image upright, as ImageOps.exif_transpose maps them;
+# not that function itself: it re-serialises the EXIF block, which raises on corrupt tags (common
+# on the web) though the pixels are fine, and the stored JPEG carries no EXIF anyway
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
 HASH_SIDE = 256  # pHash looks at 32 x 32 pixels: decoding a kept original at >= 256 px is enough
 CROP_SIDE = 0.02  # the crop hashes cut 2% off a side
 # (left, top, right, bottom) cut or not: the whole image first, then its 15 crops
@@ -27,7 +33,13 @@ CROPS = tuple(tuple((mask >> side) & 1 for side in range(4)) for mask in range(1
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency flattened onto white (as img2dataset does)."""
+    """RGB, with transparency flattened onto white (as img2dataset does), and 16-bit greyscale
+    scaled to 8 bits (PIL's convert clips its values at 255, which turns most of an image white)."""
+    if image.mode.startswith("I"):  # I;16 variants and I (32-bit), as 16-bit PNGs and TIFFs open
+        values = np.asarray(image, dtype=np.int64)
+        if values.max(initial=0) > 255:
+            values = np.clip(values, 0, 65535) >> 8
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
@@ -102,7 +114,7 @@ def decode_image(data: bytes, config: BuildConfig) -> tuple[bytes, int, int, int
         image.load()  # a truncated or corrupt file fails here
         if canonical:
             return data, width, height, width, height, phashes(image)
-        image = _to_rgb(ImageOps.exif_transpose(image))
+        image = _to_rgb(image.transpose(UPRIGHT[orientation]) if orientation in UPRIGHT else image)
         if shrink:
             image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         out = io.BytesIO()
@@ -126,7 +138,7 @@ def decode_samples(samples: list[Sample], config: BuildConfig) -> list[Sample]:
         except Image.UnidentifiedImageError:
             sample.fail("decode_error", "not a recognised image format")
             continue
-        except (OSError, ValueError, SyntaxError) as err:
+        except Exception as err:  # PIL raises many types for a corrupt file (struct.error, TypeError from bad EXIF, ...)
             sample.fail("decode_error", f"{type(err).__name__}: {err}"[:300])
             continue
         sample.content, sample.phash, sample.phash_crops = stored, hashes[0], hashes[1:]

@@ -60,7 +60,7 @@ CAPTIONS: dict[str, str] = {
 CAPTION_STYLES = ("{}", "{} | stock photo", "{} - HD wallpaper", "{}, high resolution", "Image: {}",
                   "{} #photography", "{} (2019)")
 # Broken links, about 5 % of the rows: each kind at least once.
-BROKEN_ROUTES = ("404", "500", "stall", "drip", "truncated", "html", "429")
+BROKEN_ROUTES = ("404", "500", "stall", "drip", "truncated", "html", "429", "slow-headers", "gzip-empty")
 LICENSES = ("?", "?", "?", "?", "?", "?", "https://creativecommons.org/licenses/by/4.0/",
             "https://creativecommons.org/licenses/by-sa/2.0/")
 LAION_SCHEMA = pa.schema([
@@ -192,6 +192,16 @@ def _exif_rotated_jpeg(img: Image.Image) -> bytes:
                    exif=exif.tobytes())
 
 
+def _corrupt_exif_jpeg(img: Image.Image) -> bytes:
+    """Stored rotated with EXIF Orientation 6, and a Make tag renumbered as XResolution (a rational
+    holding text): mangled EXIF as the web has it. The pixels are fine; re-serialising this EXIF
+    (as ImageOps.exif_transpose does) raises."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION], exif[0x010F] = 6, "cam"
+    raw = exif.tobytes().replace(b"\x01\x0f\x00\x02", b"\x01\x1a\x00\x02", 1)  # Pillow writes big-endian
+    return _encode(img.convert("RGB").transpose(Image.Transpose.ROTATE_90), "JPEG", quality=90, exif=raw)
+
+
 def _image(name: str, p: _Photo, note: str, data: bytes | None = None) -> DemoImage:
     """`p` encoded by its name's extension (or `data` as given), labelled from p's faces."""
     png = name.endswith(".png")
@@ -256,6 +266,10 @@ def _face_variants(src: dict[str, _Photo], rng: np.random.Generator) -> list[Dem
                "face photo pasted small into a non-face photo"),
         _image("astronaut_alpha.png", astro, "RGBA PNG, transparent corners", data=_encode(_with_alpha(astro), "PNG")),
         _image("t1_exif6.jpg", t1_small, "stored rotated, EXIF Orientation 6", data=_exif_rotated_jpeg(t1_small.img)),
+        _image("astronaut_bad_exif.jpg", astro, "stored rotated, EXIF Orientation 6 beside a corrupt tag",
+               data=_corrupt_exif_jpeg(astro.img)),
+        _image("camera_16bit.png", cam, "16-bit greyscale PNG",
+               data=_encode(Image.fromarray(np.asarray(cam.img.convert("L")).astype(np.uint16) * 257), "PNG")),
         _image("t1_large.jpg", _scale(t1, 3000 / t1.img.width), "3000 px wide"),
         _image("astronaut_tiny.jpg", _scale(astro, 40 / astro.img.width), "40 px: face far too small"),
     ]
@@ -311,6 +325,8 @@ def _special_rows(server: ImageServer, num_rows: int, face: DemoImage) -> list[R
         ("file_url", "file:///etc/passwd", None),
         ("redirect_blocked", f"{fault}redirect?{urlencode({'to': 'http://127.0.0.1:1/x'})}", None),
         ("redirect_loop", f"{fault}loop", None),
+        ("malformed_url", "http://[::1/x.jpg", None),
+        ("redirect_malformed", f"{fault}redirect?{urlencode({'to': 'http://[::1/x.jpg'})}", None),
     ]
 
 

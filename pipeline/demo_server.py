@@ -20,6 +20,9 @@ Static files are registered with `ImageServer.add`; fault routes live under `/fa
     /fault/redirect-chain?n=K         K hops of 302, then an image
     /fault/loop                       302 to itself, forever
     /fault/optout?tag=noai            an image with X-Robots-Tag: <tag>
+    /fault/slow-headers               a status line, then one header line every 0.25 s for stall_seconds
+    /fault/gzip-empty?mb=N            Content-Encoding: gzip, chunked: N MiB of empty deflate blocks,
+                                      which decompress to nothing (a decoding client never sees output)
 
 Routes that end in an image (flaky, stall, drip, truncated, redirect-chain, optout) take
 `src=/registered/path` to serve that file instead of the built-in synthetic JPEG, so a
@@ -227,6 +230,29 @@ class _Handler(BaseHTTPRequestHandler):
     def _loop(self, query: dict[str, str]) -> None:
         self._redirect("/fault/loop")
 
+    def _slow_headers(self, query: dict[str, str]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.flush_headers()  # every line goes out alone, well within any read timeout
+        for n in range(int(self.server.app.stall_seconds / DRIP_INTERVAL)):
+            self.wfile.write(f"X-Filler-{n}: {'x' * 20}\r\n".encode())
+            self.wfile.flush()
+            if self._stop.wait(DRIP_INTERVAL):
+                return
+        data, _ = self._image(query)
+        self.wfile.write(f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+
+    def _gzip_empty(self, query: dict[str, str]) -> None:
+        self._head(200, "image/jpeg", {"Content-Encoding": "gzip", "Transfer-Encoding": "chunked"})
+        empty_blocks = b"\x00\x00\x00\xff\xff" * (_CHUNK // 5)  # stored blocks of length 0, not final
+        stream = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"]  # a gzip header
+        stream += [empty_blocks] * (self._megabytes(query) // len(empty_blocks))
+        for chunk in stream:
+            if self._stop.is_set():
+                return
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
+
     def _optout(self, query: dict[str, str]) -> None:
         data, content_type = self._image(query)
         headers = {"X-Robots-Tag": query.get("tag", "noai")}
@@ -247,7 +273,8 @@ _ROUTES = {
     "truncated": _Handler._truncated, "html": _Handler._html, "oversize": _Handler._oversize,
     "oversize-chunked": _Handler._oversize_chunked, "bomb": _Handler._bomb,
     "redirect": _Handler._redirect_to, "redirect-chain": _Handler._redirect_chain,
-    "loop": _Handler._loop, "optout": _Handler._optout,
+    "loop": _Handler._loop, "optout": _Handler._optout, "slow-headers": _Handler._slow_headers,
+    "gzip-empty": _Handler._gzip_empty,
 }
 
 

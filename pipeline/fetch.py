@@ -3,15 +3,27 @@
 Hand-written on urllib3 because img2dataset's downloader has no SSRF guard, no byte cap
 enforced while streaming and no opt-out decided before the body is read. Retries with
 exponential backoff only for failures that may pass (timeouts, 429, 5xx, connection errors).
+
+The byte cap and the URL deadline hold against hostile servers too: the body is read raw, one
+receive at a time, and a compressed body (sent despite our `Accept-Encoding: identity`) is
+decompressed afterwards with its output bounded, so neither a gzip bomb nor an endless stream of
+empty deflate blocks gets past them; response headers that trickle in are cut off at the deadline.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import socket
+import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NameResolutionError, NewConnectionError,
                                 ProtocolError, ReadTimeoutError, SSLError)
 
@@ -22,6 +34,9 @@ from pipeline.schema import TRANSIENT_STATUSES, Sample
 OPTOUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 * 1024
+ZLIB_WBITS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS | 32}
+WATCHDOG_TICK = 0.05  # seconds: how late past its deadline a socket may be shut down
+DEADLINE: ContextVar[float | None] = ContextVar("fetch_deadline", default=None)  # the URL being fetched in this thread
 
 
 class FetchFailure(Exception):
@@ -43,6 +58,77 @@ def optout_directive(values: list[str]) -> str | None:
     return None
 
 
+class _Watchdog:
+    """One thread per process that shuts down each armed socket whose deadline passes (a timer
+    thread per request would cost more CPU than the request)."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Condition()
+        self._armed: dict[int, socket.socket] = {}
+        self._deadlines: list[tuple[float, int]] = []  # a heap; disarmed entries leave it when due
+        self._tokens = itertools.count()
+        threading.Thread(target=self._run, name="fetch-deadlines", daemon=True).start()
+
+    def arm(self, sock: socket.socket, deadline: float) -> int:
+        with self._wake:
+            token = next(self._tokens)
+            self._armed[token] = sock
+            heapq.heappush(self._deadlines, (deadline, token))
+            if self._deadlines[0][1] == token:  # sooner than the one the thread waits for
+                self._wake.notify()
+        return token
+
+    def disarm(self, token: int) -> None:
+        with self._wake:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                while self._deadlines and self._deadlines[0][0] <= time.monotonic():
+                    sock = self._armed.pop(heapq.heappop(self._deadlines)[1], None)
+                    if sock is not None:
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:  # closed meanwhile
+                            pass
+                # at least WATCHDOG_TICK: deadlines that are due together are handled in one wake-up
+                self._wake.wait(max(self._deadlines[0][0] - time.monotonic(), WATCHDOG_TICK) if self._deadlines else None)
+
+
+_watchdog: _Watchdog | None = None
+_watchdog_lock = threading.Lock()
+
+
+def watchdog() -> _Watchdog:
+    global _watchdog
+    with _watchdog_lock:
+        if _watchdog is None:
+            _watchdog = _Watchdog()
+        return _watchdog
+
+
+class _HeaderDeadline:
+    """Connection mixin: waiting for the status line and headers ends at the URL's deadline. The
+    read timeout alone applies to each receive, so a server that sends a header byte now and then
+    would hold the thread for ever; past the deadline the watchdog shuts the socket down."""
+
+    sock: socket.socket | None
+
+    def getresponse(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - urllib3's signature
+        deadline, sock = DEADLINE.get(), self.sock
+        if deadline is None or sock is None:
+            return super().getresponse(*args, **kwargs)
+        token = watchdog().arm(sock, deadline)
+        try:
+            response = super().getresponse(*args, **kwargs)
+        finally:
+            watchdog().disarm(token)
+        if time.monotonic() >= deadline:  # a shut-down socket reads as the end of the headers
+            raise TimeoutError("URL deadline passed while reading the response headers")
+        return response
+
+
 class Fetcher:
     """Thread-safe downloader; one per fetch task."""
 
@@ -50,11 +136,21 @@ class Fetcher:
         self.config = config
         self.http = urllib3.PoolManager(num_pools=256, maxsize=4, retries=False,
                                         headers={"User-Agent": config.user_agent})
-        self.http.pool_classes_by_scheme = guarded_pool_classes(AddressGuard(config.allow_host))
+        self.http.pool_classes_by_scheme = guarded_pool_classes(
+            AddressGuard(config.allow_host),
+            type("HeaderDeadlineHTTP", (_HeaderDeadline, HTTPConnection), {}),
+            type("HeaderDeadlineHTTPS", (_HeaderDeadline, HTTPSConnection), {}))
 
     def fetch(self, sample: Sample) -> None:
         """Fill sample.content, or give the sample a failure status."""
+        try:
+            self._fetch(sample)
+        except Exception as err:  # one odd response must not fail the unit, and with it the build
+            sample.fail("connection_error", f"unexpected {type(err).__name__}: {err}"[:300])
+
+    def _fetch(self, sample: Sample) -> None:
         deadline = time.monotonic() + self.config.url_deadline
+        DEADLINE.set(deadline)
         for attempt in range(self.config.retries + 1):
             try:
                 sample.content = self._follow(sample.url, deadline, sample)
@@ -78,7 +174,11 @@ class Fetcher:
             try:
                 sample.http_status = response.status
                 if response.status in REDIRECTS and response.headers.get("Location"):
-                    url = urljoin(url, response.headers["Location"])
+                    try:
+                        url = urljoin(url, response.headers["Location"])
+                    except ValueError:  # e.g. 'http://[::1/x.jpg'
+                        raise FetchFailure("invalid_url", f"redirect to a malformed URL: "
+                                                          f"{response.headers['Location'][:200]!r}") from None
                     if urlsplit(url).scheme not in ("http", "https"):
                         raise FetchFailure("invalid_url", f"redirect to a non-http URL: {url[:200]}")
                     if url in seen:
@@ -106,9 +206,12 @@ class Fetcher:
             raise FetchFailure("connection_error", f"{type(err).__name__}: {err}"[:300]) from None
         except ConnectTimeoutError:
             raise FetchFailure("timeout", f"connect timed out after {timeout.connect_timeout}s") from None
-        except (ReadTimeoutError, TimeoutError):
-            raise FetchFailure("timeout", f"no response within {timeout.read_timeout}s") from None
-        except (ProtocolError, SSLError, OSError) as err:
+        except (ReadTimeoutError, TimeoutError, ProtocolError, SSLError, OSError) as err:
+            if time.monotonic() >= deadline:  # _HeaderDeadline shut the socket
+                raise FetchFailure("timeout", f"URL deadline of {self.config.url_deadline}s exceeded "
+                                              "while waiting for the response headers") from None
+            if isinstance(err, (ReadTimeoutError, TimeoutError)):
+                raise FetchFailure("timeout", f"no response within {timeout.read_timeout}s") from None
             raise FetchFailure("connection_error", f"{type(err).__name__}: {err}"[:300]) from None
         except (HTTPError, ValueError) as err:  # ValueError: a URL urllib3 cannot parse
             raise FetchFailure("invalid_url", f"{type(err).__name__}: {err}"[:300]) from None
@@ -126,9 +229,13 @@ class Fetcher:
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > self.config.max_bytes:
             raise FetchFailure("too_large", f"Content-Length {length} > max_bytes {self.config.max_bytes}", status)
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", "") and encoding not in ZLIB_WBITS:
+            raise FetchFailure("decode_error", f"unsupported Content-Encoding {encoding[:50]!r}", status)
         body = bytearray()
         try:
-            while chunk := response.read1(CHUNK):  # read1: at most one recv, so the deadline is checked often
+            # raw, one recv per call: urllib3's decoding read1 loops inside until output appears
+            while chunk := response.read1(CHUNK, decode_content=False):
                 body += chunk
                 if len(body) > self.config.max_bytes:
                     raise FetchFailure("too_large", f"body exceeds max_bytes {self.config.max_bytes}", status)
@@ -136,9 +243,25 @@ class Fetcher:
                     raise FetchFailure("timeout", f"URL deadline of {self.config.url_deadline}s exceeded", status)
         except (ReadTimeoutError, TimeoutError):
             raise FetchFailure("timeout", f"no data for {self.config.read_timeout}s while reading", status) from None
-        except (ProtocolError, SSLError, OSError) as err:
+        except (ProtocolError, SSLError, OSError, HTTPError) as err:
             raise FetchFailure("connection_error", f"{type(err).__name__}: {err}"[:300], status) from None
-        return bytes(body)
+        return self._decompress(bytes(body), encoding, status)
+
+    def _decompress(self, body: bytes, encoding: str, status: int) -> bytes:
+        """A gzip or deflate body, decompressed to at most max_bytes."""
+        if encoding not in ZLIB_WBITS:
+            return body
+        inflater = zlib.decompressobj(ZLIB_WBITS[encoding])
+        try:
+            data = inflater.decompress(body, self.config.max_bytes + 1)
+        except zlib.error as err:
+            raise FetchFailure("decode_error", f"Content-Encoding {encoding} body does not decompress: {err}",
+                               status) from None
+        if len(data) > self.config.max_bytes:
+            raise FetchFailure("too_large", f"decompressed body exceeds max_bytes {self.config.max_bytes}", status)
+        if not inflater.eof:
+            raise FetchFailure("decode_error", f"Content-Encoding {encoding} body is truncated", status)
+        return data
 
 
 def fetch_samples(samples: list[Sample], config: BuildConfig) -> list[Sample]:

@@ -80,10 +80,11 @@ class _GuardedMixin:
         raise NewConnectionError(self, f"failed to connect to {self.host}: {last_error}")
 
 
-def guarded_pool_classes(guard: AddressGuard) -> dict[str, type]:
-    """urllib3 pool classes for http and https whose connections go through `guard`."""
-    http_conn = type("GuardedHTTPConnection", (_GuardedMixin, HTTPConnection), {"guard": guard})
-    https_conn = type("GuardedHTTPSConnection", (_GuardedMixin, HTTPSConnection), {"guard": guard})
+def guarded_pool_classes(guard: AddressGuard, http: type[HTTPConnection] = HTTPConnection,
+                         https: type[HTTPSConnection] = HTTPSConnection) -> dict[str, type]:
+    """urllib3 pool classes for http and https whose connections (of the classes given) go through `guard`."""
+    http_conn = type("GuardedHTTPConnection", (_GuardedMixin, http), {"guard": guard})
+    https_conn = type("GuardedHTTPSConnection", (_GuardedMixin, https), {"guard": guard})
     return {
         "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
         "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),

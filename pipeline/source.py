@@ -143,6 +143,14 @@ def _metadata_reject(row: dict, config: BuildConfig) -> str | None:
     return None
 
 
+def is_http_url(url: object) -> bool:
+    """An http(s) URL that urllib can parse (it raises ValueError on e.g. 'http://[::1/x.jpg')."""
+    try:
+        return isinstance(url, str) and urlsplit(url).scheme in ("http", "https")
+    except ValueError:
+        return False
+
+
 def read_unit(unit: Unit, config: BuildConfig, allowlist: np.ndarray | None,
               url_duplicates: dict[str, str], only_rows: set[int] | None = None) -> list[Sample]:
     """The unit's rows as Samples; rows decided here (filters, bad URLs) get their final status."""
@@ -166,7 +174,7 @@ def read_unit(unit: Unit, config: BuildConfig, allowlist: np.ndarray | None,
             sample.fail("not_in_allowlist", "SAMPLE_ID not in the allow-list")
         elif reason := _metadata_reject(row, config):
             sample.fail("filtered_metadata", reason)
-        elif not sample.url or urlsplit(sample.url).scheme not in ("http", "https"):
+        elif not is_http_url(sample.url):
             sample.fail("invalid_url", f"not an http(s) URL: {str(sample.url)[:200]!r}")
         elif key in url_duplicates:
             sample.fail("duplicate_url", f"same URL as {url_duplicates[key]}")

@@ -63,6 +63,18 @@ def test_demo_build_is_consistent_and_covers_every_fault(built_output: Path) -> 
         assert counts[expected] > 0, f"the demo never produced '{expected}'"
     stats = json.loads((built_output / "stats.json").read_text())
     assert stats["counts"] == dict(counts) and stats["written"] == metadata.num_rows
+    # hostile rows end with a status of their own, never a failed build
+    rows = status.to_pylist()
+
+    def statuses(fragment: str) -> set[str]:
+        found = {r["status"] for r in rows if r["url"] and fragment in r["url"] and r["status"] != "duplicate_url"}
+        assert found, f"no row fetched {fragment}"
+        return found
+
+    assert statuses("/fault/slow-headers") == {"timeout"} and statuses("/fault/gzip-empty") == {"too_large"}
+    assert statuses("http://[::1/x.jpg") == {"invalid_url"} and statuses("to=http%3A%2F%2F%5B%3A%3A1") == {"invalid_url"}
+    for face_photo in ("/img/camera_16bit.png", "/img/astronaut_bad_exif.jpg"):  # 16-bit grey, corrupt EXIF
+        assert statuses(face_photo) <= {"ok", "near_duplicate", "duplicate_image"}, face_photo
     # t1.jpg (6 faces) is written, or removed as a near-duplicate of a larger copy that is
     faces_of = dict(zip(metadata["key"].to_pylist(), metadata["num_faces"].to_pylist()))
     t1 = [r for r in status.to_pylist()

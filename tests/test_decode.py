@@ -7,6 +7,7 @@ import hashlib
 import io
 import math
 import os
+import struct
 import time
 
 import imagehash
@@ -14,7 +15,7 @@ import insightface
 import numpy as np
 import pytest
 import skimage.data
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.build_config import BuildConfig
 from pipeline.decode import CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, decode_samples, phashes
@@ -112,6 +113,44 @@ def test_exif_orientation_6_is_stored_upright(max_side: int) -> None:
     assert mean_abs_diff(got, expected) < 6
     assert mean_abs_diff(got, np.asarray(Image.fromarray(upright).rotate(180).resize(
         (sample.width, sample.height)))) > 30  # and not upside down
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_turned_as_pillows_exif_transpose_turns_it(orientation: int) -> None:
+    data = encode(skimage.data.coffee(), orientation=orientation, quality=95)
+    sample = decode(data, image_max_side=0)
+    with Image.open(io.BytesIO(data)) as image:
+        expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    got = pixels(sample)
+    assert got.shape == expected.shape and mean_abs_diff(got, expected) < 3
+
+
+def test_a_corrupt_exif_tag_does_not_stop_an_upright_decode() -> None:
+    """A Make tag renumbered as XResolution (a rational holding text), as mangled EXIF on the web
+    has: ImageOps.exif_transpose raises re-serialising it, though the pixels are fine."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION], exif[0x010F] = 6, "cam"
+    raw = exif.tobytes()
+    assert raw.count(b"\x01\x0f\x00\x02") == 1  # tag 0x010F, type ASCII, big-endian as Pillow writes it
+    stored = np.ascontiguousarray(np.rot90(skimage.data.coffee(), k=1))
+    out = io.BytesIO()
+    Image.fromarray(stored).save(out, format="JPEG", quality=95, exif=raw.replace(b"\x01\x0f\x00\x02", b"\x01\x1a\x00\x02"))
+    with Image.open(io.BytesIO(out.getvalue())) as image, pytest.raises((TypeError, struct.error)):
+        ImageOps.exif_transpose(image)
+    sample = decode(out.getvalue(), image_max_side=0)
+    assert sample.pending and (sample.width, sample.height) == (600, 400)
+    assert mean_abs_diff(pixels(sample), skimage.data.coffee()) < 6
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped() -> None:
+    grey = skimage.data.camera().astype(np.uint16) * 257  # the same picture over the 16-bit range
+    out = io.BytesIO()
+    Image.fromarray(grey).save(out, format="PNG")
+    with Image.open(io.BytesIO(out.getvalue())) as image:
+        assert image.mode.startswith("I")
+    sample = decode(out.getvalue())
+    assert sample.pending
+    assert mean_abs_diff(pixels(sample)[..., 1], skimage.data.camera()) < 3  # clipping made it 254 on average
 
 
 def test_exif_rotated_large_photo_is_shrunk_and_upright(t1_bytes: bytes) -> None:

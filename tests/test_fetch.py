@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import Iterator
 
@@ -85,6 +86,38 @@ def test_body_cap_from_the_header_and_while_streaming(server: ImageServer) -> No
     chunked = fetch(server.url("/fault/oversize-chunked?mb=5"), config_for(server))
     assert chunked.status == "too_large" and "exceeds" in chunked.reason
     assert fetch(server.url("/img/big.jpg"), config_for(server, max_bytes=4_000_000)).pending
+
+
+def test_compressed_bodies_are_decoded_within_the_cap(server: ImageServer) -> None:
+    """A server may gzip its answer although we ask for identity: decoded, but the cap and the
+    deadline hold for what it decompresses to, and a body that is not what it says is refused."""
+    server.add("/gz/ok.jpg", gzip.compress(synthetic_jpeg()), headers={"Content-Encoding": "gzip"})
+    server.add("/gz/bomb.jpg", gzip.compress(b"\x00" * 50_000_000), headers={"Content-Encoding": "gzip"})
+    server.add("/gz/lie.jpg", synthetic_jpeg(), headers={"Content-Encoding": "gzip"})
+    server.add("/gz/brotli.jpg", synthetic_jpeg(), headers={"Content-Encoding": "br"})
+    assert fetch(server.url("/gz/ok.jpg"), config_for(server)).content == synthetic_jpeg()
+    bomb = fetch(server.url("/gz/bomb.jpg"), config_for(server))
+    assert bomb.status == "too_large" and "decompressed" in bomb.reason
+    lie = fetch(server.url("/gz/lie.jpg"), config_for(server))
+    assert lie.status == "decode_error" and "does not decompress" in lie.reason
+    assert fetch(server.url("/gz/brotli.jpg"), config_for(server)).status == "decode_error"
+    # 50 MiB of gzip that decompresses to nothing: a decoding read never returns, so neither the
+    # byte cap nor the deadline could act; read raw, the cap stops it at 1 MB
+    started = time.monotonic()
+    empty = fetch(server.url("/fault/gzip-empty?mb=50"), config_for(server, url_deadline=60.0))
+    assert empty.status == "too_large" and time.monotonic() - started < 5
+
+
+def test_headers_that_trickle_in_are_cut_off_at_the_deadline(server: ImageServer) -> None:
+    started = time.monotonic()
+    sample = fetch(server.url("/fault/slow-headers"), config_for(server, retries=0, url_deadline=1.5))
+    assert sample.status == "timeout" and "headers" in sample.reason, sample.reason
+    assert time.monotonic() - started < 3  # each line came well within read_timeout: only the deadline stops it
+
+
+def test_a_malformed_redirect_is_an_invalid_url(server: ImageServer) -> None:
+    sample = fetch(server.url("/fault/redirect?to=http://[::1/x.jpg"), config_for(server))
+    assert sample.status == "invalid_url" and "malformed" in sample.reason
 
 
 def test_optout_is_decided_from_headers_before_the_body(server: ImageServer) -> None:
