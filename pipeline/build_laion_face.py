@@ -247,6 +247,8 @@ def build(config: BuildConfig) -> dict:
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own bar and summary say what matters
     output.remove_temporaries()
     remove_orphans(output)
+    # removals a killed run decided but did not finish, before anything looks at what is written
+    dedupe.apply_removal_plan(output, len(output.list("metadata", ".parquet")))
     units = plan_units(inputs, config.shard_size)
     work = plan_work(output, units, config.retry_failed)
     allowlist_ref = ray.put(allowlist) if allowlist is not None else None

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.schema import STATUS_SCHEMA, shard_unit
+from pipeline.schema import STATUS_SCHEMA
 from pipeline.storage import Output
 
 LOCAL_ROWS = 100_000
@@ -114,62 +114,101 @@ REMOVED_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("stat
                             ("overlap_set", pa.string())])
 
 
-def _rewrite_shard(output: Output, removed: pa.Table) -> pa.Table:
-    """Drop rows (REMOVED_SCHEMA) from one shard: status first, then tar, then metadata (the
-    dedupe's input), so that a kill in between is repaired by the next run recomputing them."""
-    shard = removed["shard"][0].as_py()
-    unit = shard_unit(shard)
-    changes = {row.pop("key"): row for row in removed.to_pylist()}
+REMOVALS = "plan/removals"  # the removals decided by a dedupe, written whole before any is applied
+REMOVALS_COMPLETE = f"{REMOVALS}/_COMPLETE"
+
+
+def _rewrite_unit(output: Output, removed: pa.Table) -> pa.Table:
+    """Drop rows (REMOVED_SCHEMA plus unit) from one unit: its status file once, then each of its
+    shards' tar and metadata (the dedupe's input). One task per unit, as a unit's retry shards
+    share its status file. Applying the same rows again changes nothing."""
+    unit = removed["unit"][0].as_py()
+    changes = {row.pop("key"): row for row in removed.drop_columns(["unit", "shard"]).to_pylist()}
     status = output.read_table(output.status_path(unit)).to_pylist()
     for row in status:
         if row["key"] in changes:
             row.update(changes[row["key"]], key=None, shard=None)
     output.write_table(output.status_path(unit), pa.Table.from_pylist(status, schema=STATUS_SCHEMA))
+    for shard in sorted(set(removed["shard"].to_pylist())):
+        if output.fs.exists(output.metadata_path(shard)):  # else emptied by an earlier application
+            keys = removed.filter(pc.equal(removed["shard"], shard))["key"]
+            _rewrite_shard(output, shard, set(keys.to_pylist()))
+    return pa.table({"unit": [unit], "removed": [len(changes)]})
 
+
+def _rewrite_shard(output: Output, shard: str, keys: set[str]) -> None:
     with output.fs.open(output.shard_path(shard), "rb") as f:
         data = f.read()
 
     def rewrite(out) -> None:
         with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w") as dst:
             for member in src:
-                if member.name.split(".", 1)[0] not in changes:
+                if member.name.split(".", 1)[0] not in keys:
                     dst.addfile(member, src.extractfile(member))
 
     metadata = output.read_table(output.metadata_path(shard))
-    metadata = metadata.filter(pc.invert(pc.is_in(metadata["key"], removed["key"])))
+    metadata = metadata.filter(pc.invert(pc.is_in(metadata["key"], pa.array(sorted(keys), pa.string()))))
     if metadata.num_rows == 0:  # nothing left: the shard goes, as no status row points to it any more
         output.fs.rm(output.shard_path(shard))
         output.fs.rm(output.metadata_path(shard))
     else:
         output.write_atomic(output.shard_path(shard), rewrite)
         output.write_table(output.metadata_path(shard), metadata)
-    return pa.table({"shard": [shard], "removed": [len(changes)]})
 
 
 def remove_from_shards(output: Output, removed: Rows, partitions: int) -> int:
-    """Apply REMOVED_SCHEMA rows to their shards, one task per shard; returns how many."""
+    """Apply REMOVED_SCHEMA rows to their units' status files and shards; returns how many.
+
+    The rows are written whole to OUT/plan/removals first. A removal changes what the next
+    decision sees (a near-duplicate chain A~B~C loses B and C together, but C alone survives
+    once B is gone), so a run killed part-way must not decide again: the next one first finishes
+    the plan it finds (apply_removal_plan), then decides anew."""
     if not count(removed):
         return 0
-    done = by_group(removed, "shard", lambda group: _rewrite_shard(output, group), partitions)
-    if isinstance(done, pa.Table):
-        return int(pc.sum(done["removed"]).as_py())
-    return int(done.sum("removed") or 0)
+    if output.fs.exists(output.path(REMOVALS)):
+        output.fs.rm(output.path(REMOVALS), recursive=True)
+    if isinstance(removed, pa.Table):
+        output.fs.makedirs(output.path(REMOVALS), exist_ok=True)
+        output.write_table(output.path(REMOVALS, "part-0.parquet"), removed)
+    else:
+        removed.write_parquet(output.url.rstrip("/") + "/" + REMOVALS)
+    output.write_json(REMOVALS_COMPLETE, {})
+    return apply_removal_plan(output, partitions)
 
 
-def written_samples(output: Output, columns: list[str]) -> Rows | None:
-    """Columns of every written sample: a table when they are few, else a Dataset."""
-    names = output.list("metadata", ".parquet")
-    if not names:
+def apply_removal_plan(output: Output, partitions: int) -> int:
+    """Apply the complete removal plan in OUT (this run's, or one a killed run left), then delete
+    it; a plan without its _COMPLETE marker was never applied and is deleted. Returns how many."""
+    folder = output.path(REMOVALS)
+    if not output.fs.exists(folder):
+        return 0
+    applied = 0
+    if output.read_json(REMOVALS_COMPLETE) is not None:
+        plan = _read_rows(output, REMOVALS)
+        done = by_group(map_tables(plan, with_unit), "unit", lambda group: _rewrite_unit(output, group), partitions)
+        applied = int(pc.sum(done["removed"]).as_py()) if isinstance(done, pa.Table) else int(done.sum("removed") or 0)
+    output.fs.rm(folder, recursive=True)
+    return applied
+
+
+def _read_rows(output: Output, folder: str, columns: list[str] | None = None) -> Rows | None:
+    """The Parquet files of OUT/folder: a table when their rows are few, else a Dataset; None if none."""
+    paths = [output.path(folder, name) for name in output.list(folder, ".parquet")]
+    if not paths:
         return None
-    paths = [output.path("metadata", name) for name in names]
     rows = 0
     for path in paths:
         with output.fs.open(path, "rb") as f:
             rows += pq.ParquetFile(f).metadata.num_rows
     if rows <= LOCAL_ROWS:
         return pa.concat_tables(output.read_table(path, columns) for path in paths)
-    return ray.data.read_parquet(output.url.rstrip("/") + "/metadata", file_extensions=["parquet"]).select_columns(
-        columns)
+    dataset = ray.data.read_parquet(output.url.rstrip("/") + "/" + folder, file_extensions=["parquet"])
+    return dataset.select_columns(columns) if columns else dataset
+
+
+def written_samples(output: Output, columns: list[str]) -> Rows | None:
+    """Columns of every written sample: a table when they are few, else a Dataset."""
+    return _read_rows(output, "metadata", columns)
 
 
 def with_unit(t: pa.Table) -> pa.Table:
