@@ -17,6 +17,12 @@ LAION_COLUMNS = {
     "nsfw": "NSFW",
     "similarity": "similarity",
 }
+# The settings that decide what a unit writes: which rows are read and pass the filters, which
+# bytes are stored, which faces count. An output holds one value of each (source.register_inputs).
+UNIT_SETTINGS = ("sample_id_col", "url_col", "caption_col", "width_col", "height_col", "license_col", "nsfw_col",
+                 "similarity_col", "drop_nsfw", "min_similarity", "min_image_side", "min_caption_length",
+                 "max_bytes", "max_redirects", "respect_optout", "max_image_pixels", "image_max_side", "jpeg_quality",
+                 "detector", "insightface_model", "detect_size", "min_face_score", "min_face_size")
 
 
 @dataclass
@@ -103,6 +109,10 @@ class BuildConfig:
             raise ConfigError("--sample-ids needs a SAMPLE_ID column: set --sample-id-col")
         if self.detector not in DETECTORS:
             raise ConfigError(f"detector must be one of {', '.join(DETECTORS)}, got '{self.detector}'")
+
+    def unit_settings(self) -> dict[str, object]:
+        return {name: sorted(value) if isinstance(value, list) else value
+                for name, value in ((name, getattr(self, name)) for name in UNIT_SETTINGS)}
 
     def source_columns(self) -> dict[str, str]:
         """Our column name -> the input's column name, for the columns this input has."""

@@ -230,7 +230,7 @@ def build(config: BuildConfig) -> dict:
         config.insightface_model = str(insightface_model_path(config))
     rows = check_inputs(paths, config)  # every input is checked before anything is written
     output = check_output(config.output)
-    inputs = register_inputs(output, rows, config.shard_size)
+    inputs = register_inputs(output, rows, config, allowlist)
 
     start_ray(config.address)
     warm_up_workers()

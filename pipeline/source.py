@@ -6,6 +6,7 @@ are (file number, row), stay the same across reruns even when files are added la
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -67,16 +68,29 @@ def check_inputs(paths: list[str], config: BuildConfig) -> dict[str, int]:
     return rows
 
 
-def register_inputs(output: Output, rows: dict[str, int], shard_size: int) -> list[dict]:
+def register_inputs(output: Output, rows: dict[str, int], config: BuildConfig,
+                    allowlist: np.ndarray | None = None) -> list[dict]:
     """Number the input files and their units for this output, once and for good.
 
     OUT/inputs.json records every file ever built into OUT with its row count and first unit,
-    so a file keeps its units whichever files a later run is given.
+    so a file keeps its units whichever files a later run is given, and the settings that decide
+    what a unit writes (BuildConfig.unit_settings, and which allow-list): a run with others would
+    leave one dataset made two ways, so it is refused.
     """
-    registry = output.read_json("inputs.json") or {"shard_size": shard_size, "files": []}
+    shard_size = config.shard_size
+    settings = {**config.unit_settings(), "sample_ids": None if allowlist is None else
+                hashlib.sha256(allowlist.tobytes()).hexdigest()[:16]}  # the IDs, wherever the file lies
+    registry = output.read_json("inputs.json") or {"shard_size": shard_size, "files": [], "settings": settings}
     if registry["shard_size"] != shard_size:
         raise ConfigError(f"{output.url} was built with shard_size {registry['shard_size']}, not {shard_size}; "
                           f"keep it or use a new output directory")
+    built_with = registry.setdefault("settings", settings)  # outputs from before settings were recorded
+    changed = [f"{name} {built_with[name]!r} -> {value!r}" for name, value in settings.items()
+               if name in built_with and built_with[name] != value]
+    if changed:
+        raise ConfigError(f"{output.url} was built with other settings than this run's ({'; '.join(changed)}): "
+                          "they decide what each unit writes, so one output holds one value of each; "
+                          "keep them, or build into a new output directory")
     known = registry["files"]
     by_path = {entry["path"]: entry for entry in known}
     for path, count in rows.items():

@@ -120,35 +120,52 @@ def test_plan_units_slices_every_row_once() -> None:
 
 def test_unit_numbers_stay_stable_when_a_file_is_added(tmp_path: Path) -> None:
     output = Output(str(tmp_path))
-    before = plan_units(register_inputs(output, {"b.parquet": 25}, 10), 10)
+    before = plan_units(register_inputs(output, {"b.parquet": 25}, BuildConfig(shard_size=10)), 10)
     # a later run adds a file that sorts first: the earlier file keeps its number and its units
-    after = plan_units(register_inputs(output, {"a.parquet": 12, "b.parquet": 25}, 10), 10)
+    after = plan_units(register_inputs(output, {"a.parquet": 12, "b.parquet": 25}, BuildConfig(shard_size=10)), 10)
     assert set(before) <= set(after)
     assert [(u.unit, u.file_index) for u in after if u.path == "a.parquet"] == [(3, 1), (4, 1)]
-    assert output.read_json("inputs.json") == {"shard_size": 10, "files": [
+    assert {k: v for k, v in output.read_json("inputs.json").items() if k != "settings"} == {"shard_size": 10, "files": [
         {"path": "b.parquet", "index": 0, "rows": 25, "first_unit": 0},
         {"path": "a.parquet", "index": 1, "rows": 12, "first_unit": 3}]}
 
 
 def test_register_inputs_refuses_another_shard_size(tmp_path: Path) -> None:
     output = Output(str(tmp_path))
-    register_inputs(output, {"a.parquet": 25}, 10)
+    register_inputs(output, {"a.parquet": 25}, BuildConfig(shard_size=10))
     with pytest.raises(ConfigError, match="shard_size 10"):
-        register_inputs(output, {"a.parquet": 25}, 20)
+        register_inputs(output, {"a.parquet": 25}, BuildConfig(shard_size=20))
+
+
+def test_register_inputs_refuses_settings_that_change_what_a_unit_writes(tmp_path: Path) -> None:
+    output = Output(str(tmp_path))
+    register_inputs(output, {"a.parquet": 25}, BuildConfig(shard_size=10), np.array([1, 2, 3]))
+    # what only changes how a unit is fetched or run is free to change, and new files may come
+    register_inputs(output, {"a.parquet": 25, "b.parquet": 5},
+                    BuildConfig(shard_size=10, url_deadline=90.0, retries=5, detect_actors=4, threads_per_task=64),
+                    np.array([1, 2, 3]))
+    for changes, allowlist, named in [({"min_face_score": 0.5}, [1, 2, 3], "min_face_score 0.9 -> 0.5"),
+                                      ({"detector": "none", "jpeg_quality": 80}, [1, 2, 3], "jpeg_quality 95 -> 80"),
+                                      ({"drop_nsfw": ["NSFW"]}, [1, 2, 3], "drop_nsfw [] -> ['NSFW']"),
+                                      ({}, [1, 2, 4], "sample_ids")]:
+        with pytest.raises(ConfigError) as error:
+            register_inputs(output, {"a.parquet": 25}, BuildConfig(shard_size=10, **changes), np.array(allowlist))
+        assert named in str(error.value) and "\n" not in str(error.value)
+    assert output.read_json("inputs.json")["settings"]["min_face_score"] == 0.9  # unchanged
 
 
 def test_units_of_a_file_built_alone_later_do_not_collide(tmp_path: Path) -> None:
     output = Output(str(tmp_path))
-    first = plan_units(register_inputs(output, {"a.parquet": 25}, 10), 10)
-    later = plan_units(register_inputs(output, {"b.parquet": 15}, 10), 10)
+    first = plan_units(register_inputs(output, {"a.parquet": 25}, BuildConfig(shard_size=10)), 10)
+    later = plan_units(register_inputs(output, {"b.parquet": 15}, BuildConfig(shard_size=10)), 10)
     assert not {u.unit for u in first} & {u.unit for u in later}
 
 
 def test_register_inputs_refuses_a_file_whose_row_count_changed(tmp_path: Path) -> None:
     output = Output(str(tmp_path))
-    register_inputs(output, {"a.parquet": 25}, 10)
+    register_inputs(output, {"a.parquet": 25}, BuildConfig(shard_size=10))
     with pytest.raises(ConfigError, match="a.parquet"):
-        register_inputs(output, {"a.parquet": 26}, 10)
+        register_inputs(output, {"a.parquet": 26}, BuildConfig(shard_size=10))
 
 
 def test_keys_are_file_index_and_row_and_repeat_across_reads(tmp_path: Path) -> None:
