@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import ConfigError, option
 
@@ -22,7 +24,7 @@ LAION_COLUMNS = {
 UNIT_SETTINGS = ("sample_id_col", "url_col", "caption_col", "width_col", "height_col", "license_col", "nsfw_col",
                  "similarity_col", "drop_nsfw", "min_similarity", "min_image_side", "min_caption_length",
                  "max_bytes", "max_redirects", "respect_optout", "max_image_pixels", "image_max_side", "jpeg_quality",
-                 "detector", "insightface_model", "detect_size", "min_face_score", "min_face_size")
+                 "detector", "detect_size", "min_face_score", "min_face_size")  # + the insightface model's content
 
 
 @dataclass
@@ -111,8 +113,12 @@ class BuildConfig:
             raise ConfigError(f"detector must be one of {', '.join(DETECTORS)}, got '{self.detector}'")
 
     def unit_settings(self) -> dict[str, object]:
-        return {name: sorted(value) if isinstance(value, list) else value
-                for name, value in ((name, getattr(self, name)) for name in UNIT_SETTINGS)}
+        settings = {name: sorted(value) if isinstance(value, list) else value
+                    for name, value in ((name, getattr(self, name)) for name in UNIT_SETTINGS)}
+        if self.detector == "insightface":  # the model by its bytes, wherever the file lies (run after it is fetched)
+            model = Path(self.insightface_model).expanduser().read_bytes()
+            settings["insightface_model"] = hashlib.sha256(model).hexdigest()[:16]
+        return settings
 
     def source_columns(self) -> dict[str, str]:
         """Our column name -> the input's column name, for the columns this input has."""

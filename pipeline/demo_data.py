@@ -60,7 +60,7 @@ CAPTIONS: dict[str, str] = {
 CAPTION_STYLES = ("{}", "{} | stock photo", "{} - HD wallpaper", "{}, high resolution", "Image: {}",
                   "{} #photography", "{} (2019)")
 # Broken links, about 5 % of the rows: each kind at least once.
-BROKEN_ROUTES = ("404", "500", "stall", "drip", "truncated", "html", "429", "slow-headers", "gzip-empty")
+BROKEN_ROUTES = ("404", "500", "stall", "drip", "truncated", "html", "429", "slow-headers", "slow-trailer", "gzip-empty")
 LICENSES = ("?", "?", "?", "?", "?", "?", "https://creativecommons.org/licenses/by/4.0/",
             "https://creativecommons.org/licenses/by-sa/2.0/")
 LAION_SCHEMA = pa.schema([

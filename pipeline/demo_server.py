@@ -21,6 +21,7 @@ Static files are registered with `ImageServer.add`; fault routes live under `/fa
     /fault/loop                       302 to itself, forever
     /fault/optout?tag=noai            an image with X-Robots-Tag: <tag>
     /fault/slow-headers               a status line, then one header line every 0.25 s for stall_seconds
+    /fault/slow-trailer               a chunked image, then after its last chunk one trailer line every 0.25 s
     /fault/gzip-empty?mb=N            Content-Encoding: gzip, chunked: N MiB of empty deflate blocks,
                                       which decompress to nothing (a decoding client never sees output)
 
@@ -242,6 +243,17 @@ class _Handler(BaseHTTPRequestHandler):
         data, _ = self._image(query)
         self.wfile.write(f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
 
+    def _slow_trailer(self, query: dict[str, str]) -> None:
+        data, content_type = self._image(query)
+        self._head(200, content_type, {"Transfer-Encoding": "chunked"})
+        self.wfile.write(b"%X\r\n%s\r\n0\r\n" % (len(data), data))  # the last chunk, then trailer lines
+        for n in range(int(self.server.app.stall_seconds / DRIP_INTERVAL)):
+            self.wfile.write(f"X-Trailer-{n}: x\r\n".encode())
+            self.wfile.flush()
+            if self._stop.wait(DRIP_INTERVAL):
+                return
+        self.wfile.write(b"\r\n")
+
     def _gzip_empty(self, query: dict[str, str]) -> None:
         self._head(200, "image/jpeg", {"Content-Encoding": "gzip", "Transfer-Encoding": "chunked"})
         empty_blocks = b"\x00\x00\x00\xff\xff" * (_CHUNK // 5)  # stored blocks of length 0, not final
@@ -274,7 +286,7 @@ _ROUTES = {
     "oversize-chunked": _Handler._oversize_chunked, "bomb": _Handler._bomb,
     "redirect": _Handler._redirect_to, "redirect-chain": _Handler._redirect_chain,
     "loop": _Handler._loop, "optout": _Handler._optout, "slow-headers": _Handler._slow_headers,
-    "gzip-empty": _Handler._gzip_empty,
+    "gzip-empty": _Handler._gzip_empty, "slow-trailer": _Handler._slow_trailer,
 }
 
 

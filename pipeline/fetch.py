@@ -7,7 +7,8 @@ exponential backoff only for failures that may pass (timeouts, 429, 5xx, connect
 The byte cap and the URL deadline hold against hostile servers too: the body is read raw, one
 receive at a time, and a compressed body (sent despite our `Accept-Encoding: identity`) is
 decompressed afterwards with its output bounded, so neither a gzip bomb nor an endless stream of
-empty deflate blocks gets past them; response headers that trickle in are cut off at the deadline.
+empty deflate blocks gets past them; a response that trickles in (headers, chunk sizes, chunked
+trailers: reads the per-receive timeout cannot bound) is cut off at the deadline by a watchdog.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ CHUNK = 64 * 1024
 ZLIB_WBITS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS | 32}
 WATCHDOG_TICK = 0.05  # seconds: how late past its deadline a socket may be shut down
 DEADLINE: ContextVar[float | None] = ContextVar("fetch_deadline", default=None)  # the URL being fetched in this thread
+ARMED: ContextVar[int | None] = ContextVar("fetch_watchdog_token", default=None)  # its response's socket, if watched
 
 
 class FetchFailure(Exception):
@@ -108,10 +110,12 @@ def watchdog() -> _Watchdog:
         return _watchdog
 
 
-class _HeaderDeadline:
-    """Connection mixin: waiting for the status line and headers ends at the URL's deadline. The
-    read timeout alone applies to each receive, so a server that sends a header byte now and then
-    would hold the thread for ever; past the deadline the watchdog shuts the socket down."""
+class _Deadline:
+    """Connection mixin: a response ends at the URL's deadline. The read timeout applies to each
+    receive only, so a server that sends a byte now and then (of the headers, a chunk size, a
+    chunked trailer) would hold the thread for ever; past the deadline the watchdog shuts the
+    socket down. Armed when the headers are awaited; the fetcher disarms it (ARMED) once it has
+    read the body, before the connection can go back to the pool."""
 
     sock: socket.socket | None
 
@@ -122,8 +126,10 @@ class _HeaderDeadline:
         token = watchdog().arm(sock, deadline)
         try:
             response = super().getresponse(*args, **kwargs)
-        finally:
+        except BaseException:
             watchdog().disarm(token)
+            raise
+        ARMED.set(token)
         if time.monotonic() >= deadline:  # a shut-down socket reads as the end of the headers
             raise TimeoutError("URL deadline passed while reading the response headers")
         return response
@@ -138,8 +144,8 @@ class Fetcher:
                                         headers={"User-Agent": config.user_agent})
         self.http.pool_classes_by_scheme = guarded_pool_classes(
             AddressGuard(config.allow_host),
-            type("HeaderDeadlineHTTP", (_HeaderDeadline, HTTPConnection), {}),
-            type("HeaderDeadlineHTTPS", (_HeaderDeadline, HTTPSConnection), {}))
+            type("DeadlineHTTPConnection", (_Deadline, HTTPConnection), {}),
+            type("DeadlineHTTPSConnection", (_Deadline, HTTPSConnection), {}))
 
     def fetch(self, sample: Sample) -> None:
         """Fill sample.content, or give the sample a failure status."""
@@ -189,6 +195,9 @@ class Fetcher:
                 body_read = True
                 return body
             finally:
+                if (token := ARMED.get()) is not None:
+                    watchdog().disarm(token)
+                    ARMED.set(None)
                 if not body_read:  # an unread body must not be left on a connection that gets reused
                     response.close()
                 response.release_conn()
@@ -241,22 +250,30 @@ class Fetcher:
                     raise FetchFailure("too_large", f"body exceeds max_bytes {self.config.max_bytes}", status)
                 if time.monotonic() > deadline:
                     raise FetchFailure("timeout", f"URL deadline of {self.config.url_deadline}s exceeded", status)
-        except (ReadTimeoutError, TimeoutError):
-            raise FetchFailure("timeout", f"no data for {self.config.read_timeout}s while reading", status) from None
-        except (ProtocolError, SSLError, OSError, HTTPError) as err:
+        except (ReadTimeoutError, TimeoutError, ProtocolError, SSLError, OSError, HTTPError) as err:
+            if time.monotonic() >= deadline:  # the watchdog shut the socket
+                raise FetchFailure("timeout", f"URL deadline of {self.config.url_deadline}s exceeded", status) from None
+            if isinstance(err, (ReadTimeoutError, TimeoutError)):
+                raise FetchFailure("timeout", f"no data for {self.config.read_timeout}s while reading", status) from None
             raise FetchFailure("connection_error", f"{type(err).__name__}: {err}"[:300], status) from None
+        if time.monotonic() >= deadline:  # a body that ends with the connection ends when the watchdog shuts it
+            raise FetchFailure("timeout", f"URL deadline of {self.config.url_deadline}s exceeded", status)
         return self._decompress(bytes(body), encoding, status)
 
     def _decompress(self, body: bytes, encoding: str, status: int) -> bytes:
         """A gzip or deflate body, decompressed to at most max_bytes."""
         if encoding not in ZLIB_WBITS:
             return body
-        inflater = zlib.decompressobj(ZLIB_WBITS[encoding])
-        try:
-            data = inflater.decompress(body, self.config.max_bytes + 1)
-        except zlib.error as err:
-            raise FetchFailure("decode_error", f"Content-Encoding {encoding} body does not decompress: {err}",
-                               status) from None
+        raw_deflate = [-zlib.MAX_WBITS] if encoding == "deflate" else []  # 'deflate' comes without its zlib header too
+        for wbits in (ZLIB_WBITS[encoding], *raw_deflate):
+            inflater = zlib.decompressobj(wbits)
+            try:
+                data = inflater.decompress(body, self.config.max_bytes + 1)
+                break
+            except zlib.error as err:
+                error = err
+        else:
+            raise FetchFailure("decode_error", f"Content-Encoding {encoding} body does not decompress: {error}", status)
         if len(data) > self.config.max_bytes:
             raise FetchFailure("too_large", f"decompressed body exceeds max_bytes {self.config.max_bytes}", status)
         if not inflater.eof:

@@ -214,6 +214,14 @@ def test_too_few_shards_for_one_pass(output, monkeypatch):
         make_loader(str(root), LoaderConfig(batch_size=2, workers=2, resampled=False))
 
 
+def test_a_one_sample_shard_drawn_twice_in_a_row_gives_two_samples(tmp_path: Path):
+    """Keys are unique across shards, but a resampled stream can draw the same shard twice in a row."""
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(tar_bytes(shard_samples(0, n=1)))
+    batches = list(islice(make_loader(str(tmp_path), LoaderConfig(batch_size=2, workers=0, shuffle_buffer=1)), 3))
+    assert keys_of(batches) == ["00000000000000"] * 6 and sum(int(b["skipped"]) for b in batches) == 0
+
+
 def test_resampled_is_infinite(output):
     root, captions = output
     loader = make_loader(str(root), LoaderConfig(batch_size=4, workers=0, shuffle_buffer=8, face_crop_bias=0.5))

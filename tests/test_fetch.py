@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import time
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -95,7 +96,10 @@ def test_compressed_bodies_are_decoded_within_the_cap(server: ImageServer) -> No
     server.add("/gz/bomb.jpg", gzip.compress(b"\x00" * 50_000_000), headers={"Content-Encoding": "gzip"})
     server.add("/gz/lie.jpg", synthetic_jpeg(), headers={"Content-Encoding": "gzip"})
     server.add("/gz/brotli.jpg", synthetic_jpeg(), headers={"Content-Encoding": "br"})
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    server.add("/gz/raw-deflate.jpg", raw.compress(synthetic_jpeg()) + raw.flush(), headers={"Content-Encoding": "deflate"})
     assert fetch(server.url("/gz/ok.jpg"), config_for(server)).content == synthetic_jpeg()
+    assert fetch(server.url("/gz/raw-deflate.jpg"), config_for(server)).content == synthetic_jpeg()
     bomb = fetch(server.url("/gz/bomb.jpg"), config_for(server))
     assert bomb.status == "too_large" and "decompressed" in bomb.reason
     lie = fetch(server.url("/gz/lie.jpg"), config_for(server))
@@ -108,11 +112,14 @@ def test_compressed_bodies_are_decoded_within_the_cap(server: ImageServer) -> No
     assert empty.status == "too_large" and time.monotonic() - started < 5
 
 
-def test_headers_that_trickle_in_are_cut_off_at_the_deadline(server: ImageServer) -> None:
+@pytest.mark.parametrize("route", ["slow-headers", "slow-trailer"])
+def test_a_response_that_trickles_in_is_cut_off_at_the_deadline(server: ImageServer, route: str) -> None:
+    """Header lines, or a chunked body's trailer lines, one every 0.25 s: each receive is well within
+    read_timeout, and http.client reads them all inside one call, so only the watchdog stops it."""
     started = time.monotonic()
-    sample = fetch(server.url("/fault/slow-headers"), config_for(server, retries=0, url_deadline=1.5))
-    assert sample.status == "timeout" and "headers" in sample.reason, sample.reason
-    assert time.monotonic() - started < 3  # each line came well within read_timeout: only the deadline stops it
+    sample = fetch(server.url(f"/fault/{route}"), config_for(server, retries=0, url_deadline=1.5))
+    assert sample.status == "timeout" and "deadline" in sample.reason, sample.reason
+    assert time.monotonic() - started < 3
 
 
 def test_a_malformed_redirect_is_an_invalid_url(server: ImageServer) -> None:

@@ -227,6 +227,14 @@ def _open_shards(shards: Iterable[dict], handler: _Skips) -> Iterator[dict]:
             yield {**shard, "stream": stream}
 
 
+def _samples(shards: Iterable[dict], handler: _Skips) -> Iterator[dict]:
+    """The samples of each shard in turn, grouped within it: group_by_keys over the files of a run
+    of shards would merge the last sample of one shard with the first of the next when their keys
+    are equal, as when a resampled stream draws a one-sample shard twice in a row."""
+    for shard in shards:
+        yield from group_by_keys(tar_file_expander([shard], handler=handler), handler=handler)
+
+
 def _shuffle(samples: Iterable[dict], bufsize: int, seed: int, epoch: int) -> Iterator[dict]:
     # seeded inside the worker, so that workers and ranks shuffle differently
     yield from wds.shuffle(bufsize, rng=random.Random(_worker_seed(seed, epoch)))(samples)
@@ -258,8 +266,7 @@ def make_loader(pattern: str, config: LoaderConfig, mask_fn: MaskFn | None = Non
     pipeline = wds.DataPipeline(
         *shards,
         partial(_open_shards, handler=skips),
-        partial(tar_file_expander, handler=skips),
-        partial(group_by_keys, handler=skips),
+        partial(_samples, handler=skips),
         # shuffle the encoded bytes, a tenth the size of decoded tensors
         partial(_shuffle, bufsize=config.shuffle_buffer, seed=config.seed, epoch=epoch),
         partial(_number, start=start),

@@ -104,9 +104,10 @@ def batches(cfg: PretrainConfig, model: FaRL, position: DataPosition) -> Iterato
         position.epoch, position.drawn = position.epoch + 1, []
 
 
-def stream_settings(cfg: PretrainConfig) -> dict[str, int]:
-    """What decides which samples each loader worker draws in an epoch, besides the data itself."""
-    return {"loader_workers": cfg.loader_workers, "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed}
+def stream_settings(cfg: PretrainConfig) -> dict[str, object]:
+    """What decides which samples each loader worker draws in an epoch."""
+    return {"data": cfg.data, "resampled": cfg.resampled, "loader_workers": cfg.loader_workers,
+            "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed}
 
 
 def start_position(cfg: PretrainConfig, resumed: Resumed | None) -> DataPosition:

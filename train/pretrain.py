@@ -84,7 +84,10 @@ def run_on_ray(cfg: PretrainConfig) -> None:
     except TrainingFailedError as err:  # the workers' tracebacks are in the log above; one line here
         raise RuntimeError(f"training failed in a Ray worker: {str(err).strip().splitlines()[-1]}") from None
     finally:
-        ray.get(metrics_files.close.remote())
+        try:
+            ray.get(metrics_files.close.remote())
+        except ray.exceptions.RayActorError:  # gone with its node: what it wrote stays, and the error above counts
+            pass
 
 
 def setup_logging() -> None:
