@@ -67,8 +67,13 @@ def _variants(args: tuple[DemoImage, list[int]]) -> list[bytes]:
     return [unique_variant(image, copy) for copy in copies]
 
 
+# Demo images added for the demo's hostile-input rows after these benchmarks' first runs: kept out
+# so that every run measures the same 48 photos (what they exercise is correctness, not speed).
+NOT_BENCHMARKED = {"astronaut_bad_exif.jpg", "camera_16bit.png"}
+
+
 def make_rows(n: int, seed: int = 0) -> list[Row]:
-    images = make_demo_images(seed)
+    images = [image for image in make_demo_images(seed) if image.name not in NOT_BENCHMARKED]
     copies = {i: list(range(len(range(i, n, len(images))))) for i in range(len(images))}
     # the large PNGs and JPEGs take up to 0.3 s each to re-encode: use every core
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=mp.get_context("fork")) as pool:
