@@ -366,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (OSError, pa.ArrowException) as e:  # a corrupt or unreadable file in OUT
+        print(f"error: {args.output}: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

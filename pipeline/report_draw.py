@@ -30,6 +30,22 @@ def short(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else f"{n:g}"
 
 
+def histogram_edges(values: np.ndarray, bins: int, integer: bool) -> np.ndarray:
+    """Bin edges at round numbers that hold every one of the (finite) values; one bin per value
+    for integers that span at most 30."""
+    spread = float(values.max() - values.min()) if len(values) else 0.0
+    if len(values) and (spread == 0 or integer and spread <= 30):
+        return np.arange(values.min(), values.max() + 1.5) - 0.5
+    if not len(values):
+        return np.array([0.0, 1.0])
+    step = nice_step(spread, bins)
+    lo, hi = math.floor(values.min() / step) * step, math.ceil(values.max() / step) * step
+    edges = np.arange(lo, hi + step * 0.999, step) if hi > lo else np.array([lo, lo + step])
+    # decimal steps are not exact in binary: np.histogram drops what falls outside the edges
+    edges[0], edges[-1] = min(edges[0], values.min()), max(edges[-1], values.max())
+    return edges
+
+
 def draw_histogram(values: np.ndarray, title: str, xlabel: str, ylabel: str,
                    bins: int = 12, integer: bool = False) -> bytes:
     """A bar chart of values as PNG bytes: title, axes with labels and ticks, a count over each bar."""
@@ -40,16 +56,7 @@ def draw_histogram(values: np.ndarray, title: str, xlabel: str, ylabel: str,
     d.text(S(left, 8), title, fill="#222", font=font(14))
     x0, x1, y0, y1 = left, w - right, h - bottom, top
     values = values[np.isfinite(values)]
-    spread = float(values.max() - values.min()) if len(values) else 0.0
-    integer = len(values) > 0 and (spread == 0 or integer and spread <= 30)  # one bar per value
-    if integer:
-        edges = np.arange(values.min(), values.max() + 1.5) - 0.5
-    elif len(values):
-        step = nice_step(spread, bins)
-        lo, hi = math.floor(values.min() / step) * step, math.ceil(values.max() / step) * step
-        edges = np.arange(lo, hi + step * 0.999, step) if hi > lo else np.array([lo, lo + step])
-    else:
-        edges = np.array([0.0, 1.0])
+    edges = histogram_edges(values, bins, integer)
     counts, _ = np.histogram(values, bins=edges)
     peak = max(int(counts.max()) if len(counts) else 0, 1)
     xs = lambda v: x0 + (v - edges[0]) / (edges[-1] - edges[0]) * (x1 - x0)  # noqa: E731

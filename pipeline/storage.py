@@ -46,8 +46,13 @@ class Output:
 
     def write_atomic(self, path: str, write: Callable[[IO[bytes]], Any]) -> None:
         tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "wb") as f:
-            write(f)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                write(f)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
         if isinstance(self.fs, LocalFileSystem):
             os.replace(tmp, path)  # atomic on POSIX, and overwrites (fsspec's mv may not)
         else:

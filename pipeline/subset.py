@@ -77,19 +77,22 @@ def plan(located: list[tuple[str, str]], shard_size: int) -> list[list[Segment]]
 
 def iter_samples(src: Output, shard: str, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) of the wanted samples of a source shard, streamed in tar order."""
-    with src.fs.open(src.shard_path(shard), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        current, members = "", {}
-        for member in tar:
-            # webdataset's rule: the key is the file name up to its first dot
-            key, _, extension = member.name.rsplit("/", 1)[-1].partition(".")
-            if key != current:
-                if members:
-                    yield current, members
-                current, members = key, {}
-            if member.isfile() and key in wanted:
-                members[extension] = tar.extractfile(member).read()
-        if members:
-            yield current, members
+    try:
+        with src.fs.open(src.shard_path(shard), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            current, members = "", {}
+            for member in tar:
+                # webdataset's rule: the key is the file name up to its first dot
+                key, _, extension = member.name.rsplit("/", 1)[-1].partition(".")
+                if key != current:
+                    if members:
+                        yield current, members
+                    current, members = key, {}
+                if member.isfile() and key in wanted:
+                    members[extension] = tar.extractfile(member).read()
+            if members:
+                yield current, members
+    except tarfile.TarError as err:  # OUT itself is corrupt, not the caller's input
+        raise RuntimeError(f"{src.shard_path(shard)} cannot be read as a tar: {err}") from None
 
 
 def copy_shard(src: Output, segments: list[Segment], f: IO[bytes]) -> list[str]:
@@ -140,8 +143,18 @@ def write_subset(data: str, output: str, keys: list[str] | None = None, query: s
     new = check_new(output)
     if keys is None:
         keys = query_keys(query, data)  # also checks the query name and that OUT exists
+    if not keys:
+        raise SubsetError("the selection is empty: no sample to write")
     shards = plan(locate(data, keys), shard_size)  # every key is checked before NEW is touched
-    src = Output(data)
+    try:
+        return _write(Output(data), new, shards)
+    except BaseException:  # NEW was new or empty: leave it so, rather than half-written
+        for name in new.fs.ls(new.root, detail=False) if new.fs.exists(new.root) else []:
+            new.fs.rm(name, recursive=True)
+        raise
+
+
+def _write(src: Output, new: Output, shards: list[list[Segment]]) -> dict[str, int]:
     for sub in ("shards", "metadata"):
         new.fs.makedirs(new.path(sub), exist_ok=True)
     sizes: dict[str, int] = {}

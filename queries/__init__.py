@@ -18,10 +18,12 @@ import duckdb
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.schema import METADATA_SCHEMA, STATUS_SCHEMA
 from pipeline.storage import Output
 
 QUERY_DIR = Path(__file__).parent
 TABLES = ("metadata", "status")
+SCHEMAS = {"metadata": METADATA_SCHEMA, "status": STATUS_SCHEMA}
 # Columns that outputs of older builds lack, with their DuckDB types: the views fill them with NULL.
 OPTIONAL_COLUMNS: dict[str, dict[str, str]] = {
     "metadata": {"phash": "VARCHAR", "phash_crops": "VARCHAR[]"},
@@ -73,15 +75,15 @@ def connect(data_dir: str | Path) -> duckdb.DuckDBPyConnection:
     if not out.fs.isdir(out.root):
         raise QueryError(f"output directory {data_dir} does not exist")
     files = {table: _parquet_files(out, table) for table in TABLES}
-    for table, paths in files.items():
-        if not paths:
-            raise QueryError(
-                f"no {table} parquet files in {data_dir}/{table}/ (is it a build output?)"
-            )
+    if not any(files.values()):
+        raise QueryError(f"no metadata or status parquet files in {data_dir} (is it a build output?)")
     con = duckdb.connect()
     if not isinstance(out.fs, LocalFileSystem):
         con.register_filesystem(out.fs)
     for table, paths in files.items():
+        if not paths:  # a build that wrote no sample yet has no metadata; a subset has no status
+            con.from_arrow(SCHEMAS[table].empty_table()).create_view(table)
+            continue
         # union_by_name: files written by different versions may order or add columns differently.
         rel = con.read_parquet(paths, union_by_name=True)
         missing = [f"CAST(NULL AS {type_}) AS {column}"

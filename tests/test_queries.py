@@ -189,8 +189,22 @@ def test_bad_input_raises_query_error(tmp_path: Path, synthetic_output: Path) ->
     with pytest.raises(QueryError, match="does not exist"):
         run_query("overview", tmp_path / "missing")
     (tmp_path / "empty" / "status").mkdir(parents=True)
-    with pytest.raises(QueryError, match="no metadata parquet files"):
+    with pytest.raises(QueryError, match="no metadata or status parquet files"):
         run_query("overview", tmp_path / "empty")
+
+
+def test_a_table_without_files_reads_as_empty(tmp_path: Path) -> None:
+    """A build that has written no sample yet has status but no metadata; a subset has metadata but
+    no status: every query still runs, over an empty view of the missing table."""
+    rejected = tmp_path / "rejected"
+    _write(rejected / "status" / "00000.parquet", [_status(0, "no_face"), _status(1, "timeout")], STATUS_SCHEMA)
+    subset = tmp_path / "subset"
+    _write(subset / "metadata" / "00000.parquet", [_meta("00000000000000", "00000", "a", [])], METADATA_SCHEMA)
+    for out in (rejected, subset):
+        for name in list_queries():
+            run_query(name, out)
+    assert dict((r[0], r[1]) for r in _run("overview", rejected)) == {"no_face": 1, "timeout": 1}
+    assert _run("shard_counts", subset)[0][:2] == ("00000", 1)
 
 
 # --- removals, hosts and the training selection: exact numbers --------------------------------
@@ -392,7 +406,7 @@ def test_cli_output_without_parquet_files(tmp_path: Path) -> None:
     proc = _cli("overview", "--data", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        f"error: no metadata parquet files in {tmp_path}/metadata/ (is it a build output?)",
+        f"error: no metadata or status parquet files in {tmp_path} (is it a build output?)",
     ]
 
 
@@ -444,10 +458,20 @@ def test_built_output_removals_and_hosts(built_output: Path) -> None:
     status = _read(built_output, "status").to_pylist()
     written = set(_read(built_output, "metadata")["key"].to_pylist())
     index = {e["path"]: e["index"] for e in json.loads((built_output / "inputs.json").read_text())["files"]}
-    removed = {f"{index[r['input_file']]:05d}{r['input_row']:09d}": r["duplicate_of"]
-               for r in status if r["status"] in ("duplicate_image", "near_duplicate")}
+    winner = {f"{index[r['input_file']]:05d}{r['input_row']:09d}": r["duplicate_of"]
+              for r in status if r["status"] in ("duplicate_image", "near_duplicate", "benchmark_overlap")}
+    removed = {f"{index[r['input_file']]:05d}{r['input_row']:09d}" for r in status
+               if r["status"] in ("duplicate_image", "near_duplicate")}
+
+    def survivor(key: str) -> str:  # duplicate_of, followed while that image was removed too
+        while winner.get(key) is not None:
+            key = winner[key]
+        return key
+
     clusters = _run("duplicate_clusters", built_output)
-    assert {k: kept for kept, keys, _, _ in clusters for k in keys} == removed
+    assert {k: kept for kept, keys, _, _ in clusters for k in keys} == {k: survivor(k) for k in removed}
+    assert all(kept in written or "/" in kept for kept, _, _, _ in clusters)  # a kept key, or an excluded image
+    assert any(winner[k] in winner for k in removed), "the demo has a chain (a winner removed later)"
     assert all(n == len(keys) == len(distances) for _, keys, distances, n in clusters)
     assert not set(removed) & written, "a removed key is not in the shards"
     overlaps = _run("benchmark_overlaps", built_output)

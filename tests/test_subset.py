@@ -116,6 +116,7 @@ def test_subset_by_keys_file(built_output: Path, tmp_path: Path) -> None:
     ("new_not_empty", "output {taken} already exists and is not empty"),
     ("no_selection", "one of the arguments --query --keys is required"),
     ("bad_shard_size", "--shard-size must be at least 1"),
+    ("empty_selection", "the selection is empty"),
 ])
 def test_bad_input_is_one_line_and_exit_2(built_output: Path, tmp_path: Path, case: str, message: str) -> None:
     missing, new, taken = tmp_path / "missing", tmp_path / "new", tmp_path / "taken"
@@ -133,7 +134,9 @@ def test_bad_input_is_one_line_and_exit_2(built_output: Path, tmp_path: Path, ca
         "new_not_empty": ["--data", out, *query, "--output", str(taken)],
         "no_selection": ["--data", out, "--output", str(new)],
         "bad_shard_size": ["--data", out, *query, "--output", str(new), "--shard-size", "0"],
+        "empty_selection": ["--data", out, "--keys", str(tmp_path / "no-keys.txt"), "--output", str(new)],
     }[case]
+    (tmp_path / "no-keys.txt").write_text("\n")
     proc = _subset(*argv)
     assert proc.returncode == 2
     assert proc.stdout == ""
@@ -142,3 +145,24 @@ def test_bad_input_is_one_line_and_exit_2(built_output: Path, tmp_path: Path, ca
     assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
     assert not new.exists(), "nothing written on bad input"
     assert [p.name for p in taken.iterdir()] == ["x"]
+
+
+def test_a_failure_part_way_leaves_the_new_output_empty(built_output: Path, tmp_path: Path) -> None:
+    """A source shard that lacks a sample its metadata lists (a corrupt OUT) stops the copy after
+    earlier shards were written: they are removed, so a rerun into the same NEW is accepted."""
+    source = tmp_path / "out"
+    for sub in ("shards", "metadata", "status"):
+        (source / sub).mkdir(parents=True)
+        for path in (built_output / sub).glob("*"):
+            (source / sub / path.name).write_bytes(path.read_bytes())
+    (source / "inputs.json").write_bytes((built_output / "inputs.json").read_bytes())
+    metadata = metadata_table(source)
+    last_shard = max(metadata["shard"].to_pylist())
+    (source / "shards" / f"{last_shard}.tar").write_bytes(b"")  # every sample of the last shard is gone
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("\n".join(metadata["key"].to_pylist()) + "\n")
+    new = tmp_path / "new"
+    proc = _subset("--data", str(source), "--keys", str(keys_file), "--output", str(new), "--shard-size", "2")
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f"{last_shard}.tar cannot be read as a tar" in proc.stderr
+    assert new.is_dir() and list(new.iterdir()) == []  # earlier shards and temporaries are gone

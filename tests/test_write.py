@@ -189,9 +189,12 @@ def test_failed_write_keeps_the_old_file_and_temporaries_are_removed(output: Out
     with pytest.raises(RuntimeError):
         output.write_atomic(target, crash)
     assert Path(target).read_bytes() == b"good"
-    assert output.list("shards", ".bin") == ["a.bin"]  # the leftover is not listed
+    assert sorted(p.name for p in Path(output.path("shards")).iterdir()) == ["a.bin"]  # its temporary went too
+    # what a kill -9 leaves: temporaries no listing shows, removed at the next start
+    (Path(output.path("shards")) / f"b.bin{TMP_MARK}feedface").write_bytes(b"half")
     (Path(output.path("status")) / f"00003.parquet{TMP_MARK}deadbeef").write_bytes(b"x")
     (Path(output.root) / f"stats.json{TMP_MARK}0badf00d").write_bytes(b"x")
+    assert output.list("shards", ".bin") == ["a.bin"]
     assert output.remove_temporaries() == 3
     leftovers = [name for _, _, names in os.walk(output.root) for name in names]
     assert leftovers == ["a.bin"]
