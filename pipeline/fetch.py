@@ -129,9 +129,10 @@ class _Deadline:
         except BaseException:
             watchdog().disarm(token)
             raise
-        ARMED.set(token)
         if time.monotonic() >= deadline:  # a shut-down socket reads as the end of the headers
+            watchdog().disarm(token)
             raise TimeoutError("URL deadline passed while reading the response headers")
+        ARMED.set(token)
         return response
 
 
