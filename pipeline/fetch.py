@@ -21,7 +21,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -31,6 +31,7 @@ from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NameResolutionEr
 from pipeline.build_config import BuildConfig
 from pipeline.netguard import AddressGuard, BlockedAddress, guarded_pool_classes
 from pipeline.schema import TRANSIENT_STATUSES, Sample
+from pipeline.source import is_http_url
 
 OPTOUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -186,7 +187,7 @@ class Fetcher:
                     except ValueError:  # e.g. 'http://[::1/x.jpg'
                         raise FetchFailure("invalid_url", f"redirect to a malformed URL: "
                                                           f"{response.headers['Location'][:200]!r}") from None
-                    if urlsplit(url).scheme not in ("http", "https"):
+                    if not is_http_url(url):  # the rule the source stage applies to input URLs
                         raise FetchFailure("invalid_url", f"redirect to a non-http URL: {url[:200]}")
                     if url in seen:
                         raise FetchFailure("too_many_redirects", f"redirect loop at {url[:200]}")
