@@ -199,7 +199,7 @@ def _read_rows(output: Output, folder: str, columns: list[str] | None = None) ->
     rows = 0
     for path in paths:
         with output.fs.open(path, "rb") as f:
-            rows += pq.ParquetFile(f).metadata.num_rows
+            rows += pq.read_metadata(f).num_rows
     if rows <= LOCAL_ROWS:
         return pa.concat_tables(output.read_table(path, columns) for path in paths)
     dataset = ray.data.read_parquet(output.url.rstrip("/") + "/" + folder, file_extensions=["parquet"])

@@ -129,7 +129,7 @@ def gather_metadata(output: Output, seed: int, max_rows: int) -> tuple[int, pa.T
             total += tables[-1].num_rows
         else:
             with output.fs.open(path, "rb") as f:
-                total += pq.ParquetFile(f).metadata.num_rows
+                total += pq.read_metadata(f).num_rows
     return total, (pa.concat_tables(tables) if tables else None)
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline.build_config import BuildConfig
 from pipeline.config import ConfigError
 from pipeline.schema import Sample, make_key
-from pipeline.storage import Output
+from pipeline.storage import Output, read_parquet
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,10 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def _open_parquet(path: str) -> pq.ParquetFile:
+def _parquet_footer(path: str) -> pq.FileMetaData:
     try:
-        return pq.ParquetFile(fsspec.open(path, "rb").open())
+        with fsspec.open(path, "rb") as f:
+            return pq.read_metadata(f)
     except (OSError, pa.ArrowException) as err:
         raise ConfigError(f"cannot read parquet file {path}: {err}") from None
 
@@ -58,13 +59,13 @@ def check_inputs(paths: list[str], config: BuildConfig) -> dict[str, int]:
     """Row count of every input, after checking it is readable parquet with the configured columns."""
     rows = {}
     for path in paths:
-        parquet = _open_parquet(path)
-        names = parquet.schema_arrow.names
+        footer = _parquet_footer(path)
+        names = footer.schema.to_arrow_schema().names
         for ours, theirs in config.source_columns().items():
             if theirs not in names:
                 raise ConfigError(f"{path}: missing column '{theirs}' (has: {', '.join(names)}; "
                                   f"remap with --{ours.replace('_', '-')}-col)")
-        rows[path] = parquet.metadata.num_rows
+        rows[path] = footer.num_rows
     return rows
 
 
@@ -114,15 +115,16 @@ def plan_units(inputs: list[dict], shard_size: int) -> list[Unit]:
 
 def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
     """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
-    parquet = _open_parquet(path)
+    footer = _parquet_footer(path)
     groups, offset, first_offset = [], 0, None
-    for i in range(parquet.num_row_groups):
-        n = parquet.metadata.row_group(i).num_rows
+    for i in range(footer.num_row_groups):
+        n = footer.row_group(i).num_rows
         if offset < stop and offset + n > start:
             groups.append(i)
             first_offset = offset if first_offset is None else first_offset
         offset += n
-    table = parquet.read_row_groups(groups, columns=columns)
+    with fsspec.open(path, "rb") as f:
+        table = read_parquet(f, columns, groups)
     return table.slice(start - (first_offset or 0), stop - start)
 
 
@@ -131,7 +133,7 @@ def load_allowlist(path: str) -> np.ndarray:
     try:
         if path.endswith(".parquet"):
             with fsspec.open(path, "rb") as f:
-                table = pq.ParquetFile(f).read()  # not pq.read_table: see Output.read_table
+                table = read_parquet(f)
             column = "SAMPLE_ID" if "SAMPLE_ID" in table.column_names else table.column_names[0]
             ids = table[column].to_numpy()
         else:

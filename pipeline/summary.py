@@ -16,7 +16,7 @@ def shard_sizes(output: Output) -> dict[str, int]:
     sizes = {}
     for name in output.list("metadata", ".parquet"):
         with output.fs.open(output.path("metadata", name), "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
+            rows = pq.read_metadata(f).num_rows
         if rows:
             sizes[name[: -len(".parquet")] + ".tar"] = rows
     return sizes
