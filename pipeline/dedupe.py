@@ -21,6 +21,7 @@ import io
 import tarfile
 from collections.abc import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -92,7 +93,13 @@ def write_url_plan(output: Output, candidates: Rows, partitions: int) -> int:
         output.fs.rm(folder, recursive=True)
     losers = materialize(find_duplicates(candidates, "url", partitions))
     if isinstance(losers, pa.Table) and losers.num_rows:
-        pq.write_to_dataset(losers.drop_columns(["shard"]), folder, partition_cols=["unit"], filesystem=output.fs)
+        # per unit through write_table, not pq.write_to_dataset: on s3:// or gs:// that gives Arrow threads Python files
+        losers = losers.sort_by("unit")
+        units, starts = np.unique(losers["unit"].to_numpy(), return_index=True)
+        for unit, start, stop in zip(units, starts, [*starts[1:], losers.num_rows]):
+            part = losers.slice(start, stop - start).drop_columns(["shard", "unit"])
+            output.fs.makedirs(f"{folder}/unit={unit}", exist_ok=True)
+            output.write_table(f"{folder}/unit={unit}/part-0.parquet", part)
     elif count(losers):
         losers.drop_columns(["shard"]).write_parquet(output.url.rstrip("/") + "/plan/url_duplicates",
                                                      partition_cols=["unit"])
