@@ -41,7 +41,7 @@ def server() -> Iterator[ImageServer]:
 
 def settings(server: ImageServer, out: Path, **changes) -> BuildConfig:
     base = dict(output=str(out), allow_host=[f"127.0.0.1:{server.port}"], shard_size=8, progress=False,
-                read_timeout=1.0, url_deadline=3.0, retry_backoff=0.05, retries=1)
+                read_timeout=5.0, url_deadline=15.0, retry_backoff=0.05, retries=1)  # patient: a slow box times nothing out
     return BuildConfig(**{**base, **changes})
 
 

@@ -86,12 +86,13 @@ def test_flaky_fails_n_times_per_id_then_serves_a_jpeg(server: ImageServer) -> N
     assert resp.status == 200 and body.startswith(JPEG_MAGIC) and decodes(body)
 
 
-def test_stall_sends_headers_then_nothing(server: ImageServer) -> None:
-    resp, _, conn = get(server, "/fault/stall", timeout=0.2, read=False)
-    assert resp.status == 200 and int(resp.headers["Content-Length"]) == len(synthetic_jpeg())
-    with pytest.raises(TimeoutError):
-        resp.read(1)
-    conn.close()
+def test_stall_sends_headers_then_nothing() -> None:
+    with ImageServer(stall_seconds=30) as srv:  # a stall far beyond the client's timeout, however slow the box
+        resp, _, conn = get(srv, "/fault/stall", timeout=1.0, read=False)
+        assert resp.status == 200 and int(resp.headers["Content-Length"]) == len(synthetic_jpeg())
+        with pytest.raises(TimeoutError):
+            resp.read(1)
+        conn.close()
 
 
 def test_stall_shorter_than_the_timeout_is_just_slow(server: ImageServer) -> None:
@@ -122,9 +123,9 @@ def test_stop_wakes_stalled_handlers() -> None:
 
 
 def test_drip_is_slow_but_never_silent(server: ImageServer) -> None:
+    start = time.monotonic()  # before the request: the first byte comes with the headers, the fifth 1 s later
     resp, _, conn = get(server, "/fault/drip", timeout=1.0, read=False)
     assert resp.status == 200 and int(resp.headers["Content-Length"]) == DRIP_BYTES
-    start = time.monotonic()
     head = b"".join(resp.read(1) for _ in range(6))  # each read well inside the 1 s timeout
     elapsed = time.monotonic() - start
     assert head.startswith(JPEG_MAGIC) and head == synthetic_jpeg()[:6]

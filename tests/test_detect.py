@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-import time
+import zipfile
 from pathlib import Path
 
 import insightface
@@ -190,14 +190,48 @@ def test_letterbox_survives_a_one_pixel_high_banner() -> None:
 
 # --- insightface model lookup -------------------------------------------------------------------
 
-def test_missing_insightface_model_is_a_config_error_naming_the_path(tmp_path: Path) -> None:
-    # laid out like insightface's own store (ROOT/models/PACK/FILE) so its downloader stays inside tmp_path
+def offline_downloads(monkeypatch: pytest.MonkeyPatch, serve: dict[str, bytes]) -> list[str]:
+    """A stand-in for the internet, which tests may not reach: insightface's downloader gets `serve`'s
+    bytes for a URL ending in one of its names, and a connection error otherwise. Returns the URLs asked."""
+    import insightface.utils.storage
+
+    asked = []
+
+    def download_file(url: str, path: str, overwrite: bool = False) -> None:
+        asked.append(url)
+        name = url.rsplit("/", 1)[-1]
+        if name not in serve:
+            raise OSError(f"no internet in tests: {url}")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(serve[name])
+
+    monkeypatch.setattr(insightface.utils.storage, "download_file", download_file)
+    return asked
+
+
+def test_missing_insightface_model_is_a_config_error_naming_the_path(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = offline_downloads(monkeypatch, {})
+    # laid out like insightface's own store (ROOT/models/PACK/FILE): its downloader is asked for the pack
     missing = tmp_path / "store" / "models" / "no_such_pack" / "det_10g.onnx"
-    started = time.perf_counter()
     with pytest.raises(ConfigError) as err:
         insightface_model_path(BuildConfig(detector="insightface", insightface_model=str(missing)))
     assert str(missing) in str(err.value) and "--insightface-model" in str(err.value)
-    assert time.perf_counter() - started < 30  # offline, the downloader must give up promptly
+    assert [url.rsplit("/", 1)[-1] for url in asked] == ["no_such_pack.zip"]
+    elsewhere = tmp_path / "det_10g.onnx"  # not in a store: nothing to download, nothing asked
+    with pytest.raises(ConfigError, match="det_10g.onnx"):
+        insightface_model_path(BuildConfig(detector="insightface", insightface_model=str(elsewhere)))
+    assert len(asked) == 1
+
+
+def test_a_model_pack_insightface_downloads_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pack = io.BytesIO()
+    with zipfile.ZipFile(pack, "w") as zf:
+        zf.writestr("det_10g.onnx", b"onnx")
+    offline_downloads(monkeypatch, {"buffalo_l.zip": pack.getvalue()})
+    wanted = tmp_path / "store" / "models" / "buffalo_l" / "det_10g.onnx"
+    found = insightface_model_path(BuildConfig(detector="insightface", insightface_model=str(wanted)))
+    assert found == wanted and found.read_bytes() == b"onnx"
 
 
 def test_existing_insightface_model_path_is_returned(tmp_path: Path) -> None:

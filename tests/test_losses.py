@@ -4,8 +4,6 @@ one process over the same global batch, and DDP's averaged gradients equal that 
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +46,9 @@ def losses_and_grads(model: torch.nn.Module, inner: FaRL, loss_fn: FaRLLoss, ima
     return {k: v.item() for k, v in losses.items()}, grads
 
 
-def worker(rank: int, port: int, result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def worker(rank: int, result_dir: str) -> None:
+    # a file rendezvous: a free port picked beforehand could be taken by another process meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{result_dir}/rendezvous", rank=rank, world_size=2)
     torch.set_num_threads(1)
     images, tokens, mask = (t.chunk(2)[rank] for t in global_batch())
     inner = fresh_model()
@@ -61,15 +59,9 @@ def worker(rank: int, port: int, result_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(180)
 def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
-    mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     inner = fresh_model()

@@ -20,8 +20,8 @@ CLUSTER_BUILD = textwrap.dedent("""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
+    cluster.add_node(num_cpus=2, wait=False)  # its own wait gives up after 30 s: too short on a loaded box
+    cluster.wait_for_nodes(timeout=120)
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     from pipeline.build_laion_face import main
@@ -38,8 +38,8 @@ CLUSTER_PRETRAIN = textwrap.dedent("""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
+    cluster.add_node(num_cpus=1, wait=False)
+    cluster.wait_for_nodes(timeout=120)
     from train.pretrain import main
     code = main(sys.argv[1:] + ["--address", cluster.address, "--workers", "2", "--cpus-per-worker", "1"])
     ray.shutdown()
@@ -48,6 +48,7 @@ CLUSTER_PRETRAIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(600)
 def test_build_on_a_two_node_cluster(tmp_path: Path) -> None:
     with ImageServer() as server:
         urls = []
@@ -59,7 +60,7 @@ def test_build_on_a_two_node_cluster(tmp_path: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-c", CLUSTER_BUILD, "--input", str(parquet), "--output", str(out),
              "--allow-host", f"127.0.0.1:{server.port}", "--shard-size", "4", "--no-progress"],
-            cwd=ROOT, capture_output=True, text=True, timeout=600)
+            cwd=ROOT, capture_output=True, text=True, timeout=540)  # under the test's own: its stderr is kept
     assert result.returncode == 0, result.stderr[-3000:]
     status, metadata, _ = check_consistent(out, len(urls))
     assert metadata.num_rows > 0 and set(status["status"].to_pylist()) <= {
