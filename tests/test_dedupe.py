@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import ray
 import skimage.data
 from PIL import Image
 
@@ -114,16 +115,13 @@ def test_the_url_plan_tells_each_unit_which_key_its_copies_keep(tmp_path: Path, 
     keys = [make_key(0, i) for i in range(6)]
     rows = pa.table({"key": keys, "url": ["a", "b", "a", "c", "b", "a"], "unit": [0, 0, 1, 1, 2, 2], "shard": [""] * 6})
     if distributed:  # the path of inputs over dedupe.LOCAL_ROWS rows: Ray Data writes the plan
-        import ray
-
         request.getfixturevalue("ray_address")
-        rows = ray.data.from_arrow(rows)
+    candidates = ray.data.from_arrow if distributed else (lambda table: table)
     output = Output(str(tmp_path / "out"))
     output.make_dirs()
-    assert dedupe.write_url_plan(output, rows, partitions=3) == 3
+    assert dedupe.write_url_plan(output, candidates(rows), partitions=3) == 3
     assert dedupe.read_url_plan(output, 0) == {}
     assert dedupe.read_url_plan(output, 1) == {keys[2]: keys[0]}
     assert dedupe.read_url_plan(output, 2) == {keys[4]: keys[1], keys[5]: keys[0]}
-    assert dedupe.write_url_plan(output, rows.filter(lambda r: r["unit"] != 1) if distributed
-                                 else rows.filter(pc.not_equal(rows["unit"], 1)), partitions=3) == 2
+    assert dedupe.write_url_plan(output, candidates(rows.filter(pc.not_equal(rows["unit"], 1))), partitions=3) == 2
     assert dedupe.read_url_plan(output, 1) == {}  # a new plan replaces the old one whole
