@@ -115,16 +115,16 @@ def plan_units(inputs: list[dict], shard_size: int) -> list[Unit]:
 
 def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
     """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
-    footer = _parquet_footer(path)
-    groups, offset, first_offset = [], 0, None
-    for i in range(footer.num_row_groups):
-        n = footer.row_group(i).num_rows
-        if offset < stop and offset + n > start:
-            groups.append(i)
-            first_offset = offset if first_offset is None else first_offset
-        offset += n
     with fsspec.open(path, "rb") as f:
-        table = read_parquet(f, columns, groups)
+        footer = pq.read_metadata(f)
+        groups, offset, first_offset = [], 0, None
+        for i in range(footer.num_row_groups):
+            n = footer.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(i)
+                first_offset = offset if first_offset is None else first_offset
+            offset += n
+        table = read_parquet(f, columns, groups, footer)
     return table.slice(start - (first_offset or 0), stop - start)
 
 

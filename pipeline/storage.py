@@ -21,12 +21,13 @@ import pyarrow.parquet as pq
 TMP_MARK = ".tmp-"
 
 
-def read_parquet(f: IO[bytes], columns: list[str] | None = None, row_groups: list[int] | None = None) -> pa.Table:
+def read_parquet(f: IO[bytes], columns: list[str] | None = None, row_groups: list[int] | None = None,
+                 footer: pq.FileMetaData | None = None) -> pa.Table:
     """Parquet from a Python file, read on the calling thread only. With pre-buffering or threads (and
     in pq.read_table) an Arrow thread could still hold the file after the call returned (3 in 50 calls
     in CI), and a process whose last such reference went after shutdown aborted ("terminate called
-    without an active exception")."""
-    parquet = pq.ParquetFile(f, pre_buffer=False)
+    without an active exception"). `footer`: the file's metadata when the caller has read it already."""
+    parquet = pq.ParquetFile(f, metadata=footer, pre_buffer=False)
     if row_groups is None:
         return parquet.read(columns=columns, use_threads=False)
     return parquet.read_row_groups(row_groups, columns=columns, use_threads=False)
