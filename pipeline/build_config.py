@@ -33,7 +33,9 @@ class BuildConfig:
     input: list[str] = option([], "LAION metadata parquet: a path, glob or fsspec URL (s3://, gs://); repeatable. "
                                   "None: build the embedded demo")
     output: str = option("out/demo", "output directory or fsspec URL")
-    address: str | None = option(None, "join an existing Ray cluster ('auto' or HOST:PORT); default: start a local one")
+    address: str | None = option(None, "join an existing Ray cluster ('auto' or HOST:PORT); default: Ray's own "
+                                       "choice: RAY_ADDRESS, else a cluster `ray start` began on this machine, "
+                                       "else a new local one")
 
     # --- source: column names (LAION-400M's by default) and metadata filters ---
     sample_id_col: str = option(LAION_COLUMNS["sample_id"], "column holding the sample id ('' if absent)")

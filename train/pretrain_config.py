@@ -55,7 +55,8 @@ class PretrainConfig:
     workers: int = option(0, "0 = one process without Ray (debugging); N = Ray Train with N workers (DDP)")
     gpu: bool = option(False, "each Ray worker takes a GPU (nccl); one-process runs use CUDA whenever present")
     cpus_per_worker: float = option(1.0, "CPUs Ray reserves per training worker")
-    address: str = option("", "join this Ray cluster (host:port or 'auto'); empty = start a local instance")
+    address: str = option("", "join this Ray cluster (host:port or 'auto'); empty = Ray's own choice: "
+                              "RAY_ADDRESS, else a cluster `ray start` began on this machine, else a new local instance")
     checkpoint_every: int = option(1000, "write a checkpoint every this many steps (and at the end)")
     log_every: int = option(10, "write metrics every this many steps")
     progress: bool = option(True, "progress bar with images/s and losses")
