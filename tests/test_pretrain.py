@@ -1,10 +1,12 @@
 """train/pretrain.py and train/engine.py on the real demo build's shards: overfitting a fixed batch,
-one-process and 2-worker Ray Train runs, resume after kill -9, corrupt shards, checkpoints into
-open_clip, and the error lines."""
+one-process and 2-worker Ray Train runs (features gathered across ranks), resume after kill -9,
+corrupt shards, checkpoints into open_clip, weight-decay groups, the temperature cap, the
+learning-rate schedule, DALL-E targets, and the error lines."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -80,6 +82,43 @@ def test_one_process_run_writes_checkpoints_metrics_and_open_clip_files(built_ou
     assert state["step"] == 20 and state["optimizer"]["state"]
 
 
+def test_param_groups_exempt_norms_biases_embeddings_and_temperature() -> None:
+    model = FaRL(model_config("FaRL-tiny"), {"depth": 1, "vocab": 192})
+    no_decay, decay = param_groups(model, 0.2)
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.2)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    exempt, decayed = {name_of[id(p)] for p in no_decay["params"]}, {name_of[id(p)] for p in decay["params"]}
+    assert exempt | decayed == set(name_of.values()) and not exempt & decayed
+    for name in ("clip.logit_scale", "clip.visual.mask_token", "clip.token_embedding.weight", "clip.positional_embedding",
+                 "clip.visual.class_embedding", "clip.visual.positional_embedding", "clip.ln_final.weight",
+                 "clip.visual.ln_lm.bias", "clip.visual.transformer.resblocks.0.attn.in_proj_bias"):
+        assert name in exempt, name
+    # everything else is a weight matrix, and decays
+    assert decayed == {n for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n
+                       and not n.endswith("mask_token")}
+    assert {"clip.visual.conv1.weight", "clip.visual.proj", "clip.text_projection", "clip.visual.lm_head.weight"} <= decayed
+
+
+def test_temperature_is_capped_at_100_after_every_step() -> None:
+    torch.manual_seed(0)
+    model = FaRL(model_config("FaRL-tiny"))
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(math.log(200))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3)
+    batch = (torch.randn(4, 3, 64, 64), torch.randint(1, 49407, (4, 77)), None)
+    train_step(model, model, FaRLLoss(None), optimizer, batch, torch.autocast("cpu", enabled=False))
+    assert model.clip.logit_scale.exp().item() == pytest.approx(100, rel=1e-6)
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine(built_output: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["--config", TINY, "--data", str(built_output), "--output", str(out), "--no-progress", "--lr", "0.002",
+                 "--warmup-steps", "3", "--steps", "9", "--log-every", "1", "--checkpoint-every", "9"]) == 0
+    # step s (from 1) trains at 0.002 * s / 3 during the warm-up, then on a half cosine from 0.002 down to 0 at step 10
+    expected = [0.002 * s / 3 if s <= 3 else 0.001 * (1 + math.cos(math.pi * (s - 4) / 6)) for s in range(1, 10)]
+    assert [r["lr"] for r in metrics(out)] == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.timeout(500)
 def test_resume_after_kill(built_output: Path, tmp_path: Path) -> None:
     """kill -9 after the first checkpoint, rerun the same command: it resumes at that step."""
@@ -124,6 +163,22 @@ def test_one_pass_resume_goes_on_with_its_epoch(built_output: Path, tmp_path: Pa
     assert resumed == unbroken and unbroken[9] >= 2
 
 
+@pytest.mark.filterwarnings("ignore:.torch.load. received a zip file:UserWarning")
+def test_dalle_targets_train(built_output: Path, tmp_path: Path) -> None:
+    """--mim-target dalle through the trainer, with test_targets' stand-in encoder (a FAKE dVAE: the
+    real one cannot be downloaded here): an 8192-way head, a cross-entropy that starts near ln 8192 and falls."""
+    from test_targets import StandInEncoder
+
+    torch.jit.script(StandInEncoder()).save(str(tmp_path / "encoder.pt"))
+    out = tmp_path / "run"
+    assert main(["--config", TINY, "--data", str(built_output), "--output", str(out), "--no-progress",
+                 "--mim-target", "dalle", "--dalle-encoder", str(tmp_path / "encoder.pt"),
+                 "--lr", "0.003", "--steps", "16", "--log-every", "1", "--checkpoint-every", "16"]) == 0
+    mim = [r["mim"] for r in metrics(out)]
+    assert abs(mim[0] - math.log(8192)) < 1.5 and sum(mim[-4:]) / 4 < sum(mim[:4]) / 4 - 0.3
+    assert FaRL.from_checkpoint(str(out / "checkpoints" / "step_00000016.pt")).config["mim"] == {"depth": 1, "vocab": 8192}
+
+
 def test_corrupt_shards_are_skipped_and_counted(built_output: Path, tmp_path: Path) -> None:
     data = tmp_path / "shards"
     shutil.copytree(built_output / "shards", data)
@@ -138,17 +193,26 @@ def test_corrupt_shards_are_skipped_and_counted(built_output: Path, tmp_path: Pa
 
 @pytest.mark.timeout(300)
 def test_two_worker_ray_train_run(built_output: Path, tmp_path: Path, ray_address: str) -> None:
+    """Two DDP workers of 8 images each. They start from weights whose text projection is zero: every
+    text feature is then 0 and so is every logit, which makes the first step's contrastive loss
+    exactly ln(candidates), ln 16 when the ranks' features are gathered and ln 8 when they are not."""
+    torch.manual_seed(0)
+    start = FaRL(model_config("FaRL-tiny"), {"depth": 1, "vocab": 192})
+    with torch.no_grad():
+        start.clip.text_projection.zero_()
+    start.save_checkpoint(str(tmp_path / "start.pt"))
     out = tmp_path / "run"
     result = subprocess.run(pretrain_command(built_output, out, "--workers", "2", "--address", ray_address,
-                                             "--steps", "6", "--log-every", "3", "--checkpoint-every", "6"),
+                                             "--init", str(tmp_path / "start.pt"), "--batch-size", "8",
+                                             "--steps", "6", "--log-every", "1", "--checkpoint-every", "6"),
                             cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
     records = metrics(out)
-    assert [r["step"] for r in records] == [3, 6]
-    # the global batch is both workers' batches: ln(16) is the chance-level contrastive loss
-    assert 2.0 < records[0]["contrastive"] < 3.5
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[0]["contrastive"] == pytest.approx(math.log(16), abs=1e-5)
+    assert records[0]["images_per_s"] > 0 and all(math.isfinite(r["loss"]) for r in records)
     model = FaRL.from_checkpoint(str(out / "checkpoints" / "step_00000006.pt"))
-    assert model.has_mim
+    assert model.has_mim and model.clip.text_projection.abs().sum() > 0  # the workers' steps reached the checkpoint
 
 
 def test_error_lines(built_output: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
