@@ -21,6 +21,36 @@ def test_defaults_mask_75_of_196_in_blocks() -> None:
     assert not np.array_equal(masks[0], masks[1])
 
 
+def block_shapes(generator: BlockMaskGenerator, n: int = 2000) -> list[tuple[int, int]]:
+    """(h, w) of `n` single blocks, each drawn on an empty grid, checked to be one filled rectangle."""
+    rng, shapes = np.random.default_rng(0), []
+    for _ in range(n):
+        mask = np.zeros((generator.height, generator.width), dtype=bool)
+        added = generator._add_block(mask, generator.num_masked, rng)
+        rows, cols = np.nonzero(mask)
+        h, w = np.ptp(rows) + 1, np.ptp(cols) + 1
+        assert added == h * w == mask.sum()
+        shapes.append((h, w))
+    return shapes
+
+
+def test_block_size_and_aspect_bounds() -> None:
+    """Each block has about min_patches or more, in an aspect range of [min_aspect, 1/min_aspect]: BEiT
+    rounds the sides to whole patches, so 16 patches can come out as 2 x 7 and 0.3 as 1/4."""
+    shapes = block_shapes(BlockMaskGenerator())
+    areas, ratios = np.array([h * w for h, w in shapes]), np.array([h / w for h, w in shapes])
+    assert areas.min() >= 14 and areas.max() <= 75
+    assert ratios.min() >= 1 / 4 and ratios.max() <= 4
+    assert (ratios > 2).mean() > 0.05 and (ratios < 1 / 2).mean() > 0.05  # tall and wide blocks both
+    narrower = np.array([h / w for h, w in block_shapes(BlockMaskGenerator(min_aspect=0.5))])
+    assert narrower.min() >= 0.4 and narrower.max() <= 2.5
+    # one size and one aspect allowed: every mask is a single 6 x 6 square
+    square = BlockMaskGenerator((14, 14), num_masked=36, min_patches=36, min_aspect=1.0)
+    for seed in range(20):
+        rows, cols = np.nonzero(square(np.random.default_rng(seed)))
+        assert len(rows) == 36 and np.ptp(rows) == np.ptp(cols) == 5
+
+
 def test_same_rng_same_masks_and_settings() -> None:
     generator = BlockMaskGenerator((8, 8), num_masked=24, min_patches=4, min_aspect=0.5)
     a = [generator(np.random.default_rng(7)) for _ in range(2)]
