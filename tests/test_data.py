@@ -231,6 +231,33 @@ def test_resampled_is_infinite(output):
     assert all(b["image"].shape == (4, 3, 224, 224) for b in batches)
 
 
+def test_face_crop_bias_keeps_the_stored_face_in_the_crop(tmp_path: Path):
+    """The loader's crops at a small scale, on images that are black but for a white square where
+    their json says the face is (a marker, so that a crop shows whether it holds the face)."""
+    marker = np.zeros((400, 400, 3), dtype=np.uint8)
+    marker[300:380, 40:120] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(marker).save(buffer, format="PNG")
+    meta = {"original_width": 400, "original_height": 400, "faces": [{"box": [40.0, 300.0, 120.0, 380.0]}]}
+    samples = {f"{row:014d}": {"jpg": buffer.getvalue(), "txt": b"a face", "json": json.dumps(meta).encode()}
+               for row in range(40)}
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    (tmp_path / "out" / "shards" / "00000.tar").write_bytes(tar_bytes(samples))
+
+    def white_share(bias: float) -> np.ndarray:
+        """Per crop, the share of white pixels (normalised white is above 1.8 in every channel)."""
+        images = torch.cat([b["image"] for b in one_pass(str(tmp_path / "out"), batch_size=8, image_size=64,
+                                                         crop_scale=(0.1, 0.2), face_crop_bias=bias)])
+        return (images > 1.8).all(1).float().mean((1, 2)).numpy()
+
+    biased, plain = white_share(1.0), white_share(0.0)
+    assert len(biased) == len(plain) == 40
+    # the whole 80 x 80 square is in every biased crop: 4 % of the image, 20-40 % of a crop (less its
+    # edges, which the resize blurs)
+    assert biased.min() > 0.12 and biased.max() < 0.5
+    assert (plain < 0.12).mean() > 0.5  # most crops of the same scale miss most of it
+
+
 def test_face_crop_window_contains_the_box():
     generator = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)
