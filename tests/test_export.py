@@ -71,3 +71,6 @@ def test_error_lines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--source", str(run)]) == 2
     assert "--source and --output are required" in capsys.readouterr().err
     assert not out.exists() and list((tmp_path / "empty").iterdir()) == []
+    (tmp_path / "file").write_bytes(b"")
+    assert main(["--source", str(run), "--output", str(tmp_path / "file" / "out.pt")]) == 1  # under a file
+    assert "cannot write" in capsys.readouterr().err

@@ -54,8 +54,11 @@ def export(cfg: ExportConfig) -> str:
     output = Output(cfg.output)  # rooted at the file itself: write_atomic needs only its file system
     if output.fs.isdir(output.root):
         raise ValueError(f"--output {cfg.output} is a folder: give the file to write")
-    output.fs.makedirs(posixpath.dirname(output.root), exist_ok=True)
-    output.write_atomic(output.root, lambda f: f.write(data))
+    try:
+        output.fs.makedirs(posixpath.dirname(output.root), exist_ok=True)
+        output.write_atomic(output.root, lambda f: f.write(data))
+    except OSError as err:  # permissions, a full disk, a bucket that refuses
+        raise RuntimeError(f"cannot write {cfg.output}: {err}") from None
     return path
 
 
@@ -66,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     mim = "with" if cfg.keep_mim else "without"
     print(f"wrote {cfg.output} ({mim} the MIM branch) from {source}")
     return 0
