@@ -74,3 +74,12 @@ def test_error_lines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "file").write_bytes(b"")
     assert main(["--source", str(run), "--output", str(tmp_path / "file" / "out.pt")]) == 1  # under a file
     assert "cannot write" in capsys.readouterr().err
+    latest = run / "checkpoints" / "step_00000020.pt"
+    before = latest.read_bytes()
+    assert main(["--source", str(run), "--output", str(latest)]) == 2
+    assert "is the checkpoint it would be made from" in capsys.readouterr().err
+    assert latest.read_bytes() == before
+    FaRL(model_config("FaRL-tiny")).save_checkpoint(str(tmp_path / "no_mim.pt"))
+    assert main(["--source", str(tmp_path / "no_mim.pt"), "--output", str(out), "--keep-mim"]) == 2
+    assert "has no MIM branch" in capsys.readouterr().err
+    assert not out.exists()

@@ -113,6 +113,13 @@ def test_bad_files_give_one_line(tmp_path: Path) -> None:
     torch.save({"state_dict": {"visual.proj": torch.zeros(2, 2)}}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="key 'visual.conv1.weight' is missing"):
         FaRL.from_checkpoint(str(tmp_path / "partial.pt"))
+    model = FaRL(model_config("FaRL-tiny"))
+    state_dict = model.state_dict_openai()
+    state_dict["visual.proj"] = torch.zeros(128, 32)  # the config says 128 x 64
+    torch.save({"state_dict": state_dict, "farl_config": model.config}, tmp_path / "reshaped.pt")
+    with pytest.raises(ValueError, match=r"does not match its model config: .*size mismatch for visual.proj") as err:
+        FaRL.from_checkpoint(str(tmp_path / "reshaped.pt"))
+    assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="unknown model"):
         model_config("ViT-Q-99")
 

@@ -19,6 +19,7 @@ import open_clip
 import pytest
 import torch
 
+from standins import StandInEncoder
 from train.data import LoaderConfig, make_loader
 from train.engine import Worker, build_model, build_targets, param_groups, train_step
 from train.losses import FaRLLoss
@@ -99,7 +100,7 @@ def test_param_groups_exempt_norms_biases_embeddings_and_temperature() -> None:
     assert {"clip.visual.conv1.weight", "clip.visual.proj", "clip.text_projection", "clip.visual.lm_head.weight"} <= decayed
 
 
-def test_temperature_is_capped_at_100_after_every_step() -> None:
+def test_temperature_is_capped_at_100_after_a_step() -> None:
     torch.manual_seed(0)
     model = FaRL(model_config("FaRL-tiny"))
     with torch.no_grad():
@@ -167,8 +168,6 @@ def test_one_pass_resume_goes_on_with_its_epoch(built_output: Path, tmp_path: Pa
 def test_dalle_targets_train(built_output: Path, tmp_path: Path) -> None:
     """--mim-target dalle through the trainer, with test_targets' stand-in encoder (a FAKE dVAE: the
     real one cannot be downloaded here): an 8192-way head, a cross-entropy that starts near ln 8192 and falls."""
-    from test_targets import StandInEncoder
-
     torch.jit.script(StandInEncoder()).save(str(tmp_path / "encoder.pt"))
     out = tmp_path / "run"
     assert main(["--config", TINY, "--data", str(built_output), "--output", str(out), "--no-progress",

@@ -1,6 +1,6 @@
 """train/targets.py: MAE's normalised-pixel targets, and the DALL-E path with a stand-in encoder.
 
-The real DALL-E dVAE encoder cannot be downloaded here; `StandInEncoder` is a small TorchScript
+The real DALL-E dVAE encoder cannot be downloaded here; `standins.StandInEncoder` is a small TorchScript
 module with the same interface (pixels mapped to [0.1, 0.9] in, 8192 code logits per 8x8 cell out),
 labelled as the fake it is."""
 
@@ -13,23 +13,9 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
+from standins import StandInEncoder
 from train.losses import FaRLLoss
 from train.targets import DALLE_VOCAB, DalleTargets, PixelTargets, make_targets, unnormalize
-
-
-class StandInEncoder(nn.Module):
-    """FAKE dVAE encoder (same interface as dall_e's Encoder): one code per 8x8 cell, chosen by the
-    cell's mean brightness, so tests can predict the codes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pool = nn.AvgPool2d(8)
-        self.vocab = DALLE_VOCAB
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        brightness = self.pool(x.mean(1, keepdim=True))  # (B, 1, H/8, W/8), in [0.1, 0.9]
-        codes = torch.arange(self.vocab, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return -(codes - (brightness - 0.1) / 0.8 * (self.vocab - 1)).abs()
 
 
 def normalised(pixels: torch.Tensor) -> torch.Tensor:

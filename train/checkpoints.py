@@ -61,11 +61,19 @@ class Checkpoints:
                 if self.output.fs.exists(full):
                     self.output.fs.rm(full)
 
-    def latest(self) -> Resumed | None:
+    def _url(self, name: str) -> str:
+        return f"{self.output.url.rstrip('/')}/checkpoints/{name}"
+
+    def latest_model(self) -> str | None:
+        """URL of the last complete checkpoint's model file; None before the first."""
         pointer = self.output.read_json("checkpoints/latest.json")
+        return None if pointer is None else self._url(pointer["model"])
+
+    def latest(self) -> Resumed | None:
+        pointer = self.output.read_json("checkpoints/latest.json")  # read once: model and state of one step
         if pointer is None:
             return None
-        url = f"{self.output.url.rstrip('/')}/checkpoints/{pointer['model']}"
+        url = self._url(pointer["model"])
         state_dict, _ = load_state_dict(url)
         with self.output.fs.open(self.output.path("checkpoints", pointer["state"]), "rb") as f:
             state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pipeline.config import ConfigError, load_config, option
 from pipeline.storage import Output
+from train.checkpoints import Checkpoints
 from train.model import FaRL
 
 
@@ -26,8 +27,8 @@ class ExportConfig:
     source: str = option("", "a checkpoint file (ours, an official FaRL file, any OpenAI-CLIP-layout ViT) or a "
                              "pre-training output folder, whose latest checkpoint is taken; local path or fsspec URL")
     output: str = option("", "the weights file to write (local path or fsspec URL); written whole or not at all")
-    keep_mim: bool = option(False, "keep the MIM branch (mask token, lm_transformer, ln_lm, lm_head); "
-                                   "open_clip then loads the file only with strict=False")
+    keep_mim: bool = option(False, "keep the MIM branch (mask token, lm_transformer, ln_lm, lm_head), which the "
+                                   "source must have; open_clip then loads the file only with strict=False")
 
     def validate(self) -> None:
         if not self.source or not self.output:
@@ -39,21 +40,23 @@ def checkpoint_path(source: str) -> str:
     folder = Output(source)
     if not folder.fs.isdir(folder.root):
         return source
-    pointer = folder.read_json("checkpoints/latest.json")
-    if pointer is None:
+    latest = Checkpoints(source, writer=False).latest_model()
+    if latest is None:
         raise ValueError(f"{source} is a folder without checkpoints/latest.json: "
                          "give a pre-training output folder or a checkpoint file")
-    return f"{source.rstrip('/')}/checkpoints/{pointer['model']}"
+    return latest
 
 
 def export(cfg: ExportConfig) -> str:
     """Write cfg.output; returns the checkpoint it was made from."""
     path = checkpoint_path(cfg.source)
-    model = FaRL.from_checkpoint(path, with_mim=None if cfg.keep_mim else False)
-    data = model.checkpoint_bytes(include_mim=cfg.keep_mim, exported_from=path)
     output = Output(cfg.output)  # rooted at the file itself: write_atomic needs only its file system
     if output.fs.isdir(output.root):
         raise ValueError(f"--output {cfg.output} is a folder: give the file to write")
+    if output.fs.exists(output.root) and Output(path).root == output.root:
+        raise ValueError(f"--output {cfg.output} is the checkpoint it would be made from: give another file")
+    model = FaRL.from_checkpoint(path, with_mim=cfg.keep_mim)
+    data = model.checkpoint_bytes(include_mim=cfg.keep_mim, exported_from=path)
     try:
         output.fs.makedirs(posixpath.dirname(output.root), exist_ok=True)
         output.write_atomic(output.root, lambda f: f.write(data))

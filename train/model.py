@@ -180,7 +180,10 @@ class FaRL(nn.Module):
         model = cls(**config)
         if "visual.mask_token" in state_dict:  # shape (1, 1, W) here, possibly (W,) elsewhere
             state_dict["visual.mask_token"] = state_dict["visual.mask_token"].reshape(1, 1, -1)
-        missing, unexpected = model.clip.load_state_dict(state_dict, strict=False)
+        try:
+            missing, unexpected = model.clip.load_state_dict(state_dict, strict=False)
+        except RuntimeError as err:  # shapes other than the config's; torch's message has a line per tensor
+            raise ValueError(f"{path} does not match its model config: {' '.join(str(err).split())[:300]}") from None
         if missing or unexpected:
             raise ValueError(f"{path} does not match its model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model
