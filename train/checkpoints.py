@@ -20,6 +20,7 @@ from train.model import MIM_KEYS, FaRL, load_state_dict
 
 log = logging.getLogger("train")
 KEEP = 2  # checkpoints kept before the latest: older ones are deleted as new ones land
+LATEST = "checkpoints/latest.json"  # names the last complete checkpoint's files
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Checkpoints:
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "data": data}, state)
         self.output.write_atomic(f"{folder}/{name}.pt", lambda f: f.write(model_bytes))
         self.output.write_atomic(f"{folder}/{name}.state.pt", lambda f: f.write(state.getvalue()))
-        self.output.write_json("checkpoints/latest.json", {"step": step, "model": f"{name}.pt", "state": f"{name}.state.pt"})
+        self.output.write_json(LATEST, {"step": step, "model": f"{name}.pt", "state": f"{name}.state.pt"})
         self._prune(step)
         return f"{folder}/{name}.pt"
 
@@ -66,11 +67,11 @@ class Checkpoints:
 
     def latest_model(self) -> str | None:
         """URL of the last complete checkpoint's model file; None before the first."""
-        pointer = self.output.read_json("checkpoints/latest.json")
+        pointer = self.output.read_json(LATEST)
         return None if pointer is None else self._url(pointer["model"])
 
     def latest(self) -> Resumed | None:
-        pointer = self.output.read_json("checkpoints/latest.json")  # read once: model and state of one step
+        pointer = self.output.read_json(LATEST)  # read once: model and state of one step
         if pointer is None:
             return None
         url = self._url(pointer["model"])

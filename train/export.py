@@ -37,10 +37,10 @@ class ExportConfig:
 
 def checkpoint_path(source: str) -> str:
     """`source` itself, or the latest checkpoint of the pre-training output folder it names."""
-    folder = Output(source)
-    if not folder.fs.isdir(folder.root):
+    checkpoints = Checkpoints(source, writer=False)
+    if not checkpoints.output.fs.isdir(checkpoints.output.root):
         return source
-    latest = Checkpoints(source, writer=False).latest_model()
+    latest = checkpoints.latest_model()
     if latest is None:
         raise ValueError(f"{source} is a folder without checkpoints/latest.json: "
                          "give a pre-training output folder or a checkpoint file")
