@@ -5,7 +5,7 @@
 One generated input, one loopback server, every contender on the same rows:
 
   input   N rows of LAION-format parquet (SAMPLE_ID, URL, TEXT, WIDTH, HEIGHT, LICENSE, NSFW,
-          similarity). Row i is demo photo i % 48 (pipeline.demo_data.make_demo_images: real
+          similarity). Row i is demo photo i % 48 (demo.data.make_demo_images: real
           face and non-face photos, 40 px to 3000 px, JPEG/PNG/grey/RGBA/EXIF-rotated) with one
           pixel flipped at a position given by i // 48 and re-encoded in its own format (JPEG
           with its own quantisation tables and EXIF), so every row has distinct bytes *and*
@@ -13,7 +13,7 @@ One generated input, one loopback server, every contender on the same rows:
           The near-duplicate stage (pHash) does remove the near-copies after they are written,
           so a build's work is counted as the rows it downloaded and decoded (and detected),
           not as what is left in the shards at the end (reported as "written").
-  server  one pipeline.demo_server.ImageServer on 127.0.0.1, in this process, serving row i at
+  server  one demo.server.ImageServer on 127.0.0.1, in this process, serving row i at
           /b/<i>/<name>; a watchdog stops it after --server-seconds whatever happens.
 
   fetch   (ceiling) one client process, 64 urllib3 threads, bodies read and dropped.

@@ -1,9 +1,9 @@
 """The input of the build-speed benchmarks (bench.build_speed, bench.whatif, bench.profile_unit).
 
-Row i is demo photo i % 48 (pipeline.demo_data.make_demo_images) with one pixel flipped at a
+Row i is demo photo i % 48 (demo.data.make_demo_images) with one pixel flipped at a
 position given by i // 48, re-encoded in its own format: every row has distinct bytes and
 distinct pixels. The rows are written as LAION-format parquet and served by one
-pipeline.demo_server.ImageServer on 127.0.0.1 at /b/<i>/<name>.
+demo.server.ImageServer on 127.0.0.1 at /b/<i>/<name>.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.demo_data import LAION_SCHEMA, DemoImage, make_demo_images
-from pipeline.demo_server import ImageServer
+from demo.data import LAION_SCHEMA, DemoImage, make_demo_images
+from demo.server import ImageServer
 
 
 def _flip(value):

@@ -14,9 +14,10 @@ What-if experiments without editing the pipeline: BENCH_DATA_CONTEXT='{"name": v
 sets those ray.data.DataContext fields in the driver before the build starts (the build sets
 only its own few fields on the same context), e.g. '{"op_resource_reservation_enabled": false}'.
 
-No pipeline code is edited: the subclass is swapped in on the module the CLI runs. Run as
-`__main__`, the subclass travels to the Ray actor by value (cloudpickle), so workers need not
-import `bench`; its base class is imported there by reference, as the pipeline's own is.
+No pipeline code is edited: the subclass and the wrappers are swapped in on `pipeline.build`,
+the module the CLI (and the demo) calls `build` from. Run as `__main__`, the subclass travels
+to the Ray actor by value (cloudpickle), so workers need not import `bench`; its base class is
+imported there by reference, as the pipeline's own is.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import os
 import sys
 import time
 
-import pipeline.build_laion_face as builder
+import pipeline.build as builder
+from pipeline.build_laion_face import main as cli_main
 from pipeline.detect import DetectActor
 
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     builder.DetectActor = TimedDetectActor
     builder.source_fetch_decode = timed_stage(builder.source_fetch_decode, "source_fetch_decode")
     builder.filter_and_commit = timed_stage(builder.filter_and_commit, "filter_and_commit")
-    return builder.main(argv)
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def ray_address() -> str:
 def built_output(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded demo, built for real: loopback server, real detector, real Ray."""
     from pipeline.build_config import BuildConfig
-    from pipeline.demo import build_demo
+    from demo.build import build_demo
 
     out = tmp_path_factory.mktemp("demo") / "out"
     build_demo(BuildConfig(output=str(out), progress=False))

@@ -20,12 +20,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from demo.data import make_demo_images
+from demo.server import ImageServer
 from outputs import ROOT, check_consistent, laion_parquet, metadata_table, status_table
 from pipeline import dedupe
+from pipeline.build import build
 from pipeline.build_config import BuildConfig
-from pipeline.build_laion_face import build
-from pipeline.demo_data import make_demo_images
-from pipeline.demo_server import ImageServer
 from pipeline.schema import METADATA_SCHEMA, STATUSES
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import pytest
 import skimage.data
 from PIL import Image, ImageOps
 
+from demo.server import bomb_png
 from pipeline.build_config import BuildConfig
 from pipeline.decode import CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, decode_samples, phashes
-from pipeline.demo_server import bomb_png
 from pipeline.schema import Sample
 
 T1_JPG = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")  # 1280 x 886 group photo

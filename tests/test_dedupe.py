@@ -74,7 +74,7 @@ def test_a_removal_plan_a_kill_left_is_finished_before_deciding_again(tmp_path: 
     assert statuses(tmp_path / "out") == {0: "ok", 1: "near_duplicate", 2: "ok"}  # B went, C not yet
     monkeypatch.setattr(dedupe, "_rewrite_unit", rewrite_unit)
 
-    assert dedupe.apply_removal_plan(output, 3) == 2  # what the rerun does first (build_laion_face.build)
+    assert dedupe.apply_removal_plan(output, 3) == 2  # what the rerun does first (pipeline.build.build)
     assert remove_near_duplicates(output, 6, [], dedupe_within=True) == 0
     assert statuses(tmp_path / "out") == {0: "ok", 1: "near_duplicate", 2: "near_duplicate"}
     assert metadata_table(tmp_path / "out")["key"].to_pylist() == [make_key(0, 0)] == sorted(tar_samples(tmp_path / "out"))

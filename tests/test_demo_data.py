@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.demo_data import EXIF_ORIENTATION, LAION_SCHEMA, DemoImage, make_demo_images, write_demo_input
-from pipeline.demo_server import ImageServer
+from demo.data import EXIF_ORIENTATION, LAION_SCHEMA, DemoImage, make_demo_images, write_demo_input
+from demo.server import ImageServer
 
 NUM_ROWS = 300
 

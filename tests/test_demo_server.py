@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from pipeline.demo_server import DRIP_BYTES, TRUNCATE_FRACTION, ImageServer, bomb_png, synthetic_jpeg
+from demo.server import DRIP_BYTES, TRUNCATE_FRACTION, ImageServer, bomb_png, synthetic_jpeg
 
 JPEG_MAGIC = b"\xff\xd8"
 

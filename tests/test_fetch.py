@@ -1,4 +1,4 @@
-"""The fetch stage against a real loopback server with fault injection (pipeline/demo_server.py)."""
+"""The fetch stage against a real loopback server with fault injection (demo/server.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from demo.server import ImageServer, synthetic_jpeg
 from pipeline.build_config import BuildConfig
-from pipeline.demo_server import ImageServer, synthetic_jpeg
 from pipeline.fetch import Fetcher, fetch_samples, optout_directive
 from pipeline.schema import Sample
 

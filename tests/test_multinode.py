@@ -10,9 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from demo.data import make_demo_images
+from demo.server import ImageServer
 from outputs import ROOT, check_consistent, laion_parquet
-from pipeline.demo_data import make_demo_images
-from pipeline.demo_server import ImageServer
 
 CLUSTER_BUILD = textwrap.dedent("""
     import sys

@@ -1,7 +1,7 @@
-"""The embedded default: `python -m pipeline.build_laion_face` with no --input.
+"""The embedded demo build: what `python -m pipeline.build_laion_face` runs with no --input.
 
 Generates a LAION-format parquet of a few hundred rows (real photos, broken links, traps;
-see demo_data.py), serves its images from a loopback server started here, runs the full
+see data.py), serves its images from a loopback server started here, runs the full
 pipeline into `out/demo` (or --output), and stops the server. The server's port is kept in
 OUT/demo_input/server.json so that a rerun (say, after a kill) sees the same URLs and resumes.
 """
@@ -13,10 +13,11 @@ import json
 import os
 from pathlib import Path
 
+from demo.data import write_demo_input
+from demo.server import ImageServer
+from pipeline.build import build
 from pipeline.build_config import BuildConfig
 from pipeline.config import ConfigError
-from pipeline.demo_data import write_demo_input
-from pipeline.demo_server import ImageServer
 
 DEMO_ROWS = 300
 # Settings the demo changes from the defaults (only where the user kept the default): units
@@ -34,8 +35,6 @@ def demo_config(config: BuildConfig, input_path: str, port: int) -> BuildConfig:
 
 def build_demo(config: BuildConfig, rows: int = DEMO_ROWS) -> dict:
     """Serve the demo images, build them into config.output, stop the server; returns the stats."""
-    from pipeline.build_laion_face import build
-
     if "://" in config.output:
         raise ConfigError("the demo builds into a local directory; give --output a local path")
     folder = Path(config.output) / "demo_input"

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from pipeline.demo_server import ImageServer
+from demo.server import ImageServer
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
 INSIGHTFACE_FILES = {"t1": "t1.jpg", "tom_hanks": "Tom_Hanks_54745.png",
