@@ -16,9 +16,10 @@ particular the keys inside node_config (EC2's RunInstances parameters) are free-
 Ray's schema and are checked by AWS only at launch.
 
 On top of the schema, the project's own expectations: every node installs the project the
-way the Makefile does (requirements.lock with --no-deps, then the project editable), GPU
-nodes swap in onnxruntime-gpu at the lock's onnxruntime version, pins match the lock, there
-is a GPU node type and a spot CPU worker type, and the head takes no tasks.
+way the Makefile does (requirements.lock with --no-deps, then the project editable), every
+node type runs that same setup (GPU nodes detect with the lock's torch: none installs
+onnxruntime-gpu), pins match the lock, there is a GPU node type and a spot CPU worker type,
+and the head takes no tasks.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ LOCK = ROOT / "requirements.lock"
 VENV_RAY = "laion-face/.venv/bin"
 GPU_FAMILY = re.compile(r"^(g|p)\d")  # EC2 accelerated families with NVIDIA GPUs: g4dn, g5, g6, p4d, p5...
 # A pin on the left must equal the lock's version of the package on the right.
-SAME_VERSION_AS = {"onnxruntime-gpu": "onnxruntime", "s3fs": "fsspec"}
+SAME_VERSION_AS = {"s3fs": "fsspec"}
 
 
 def load_raw() -> dict[str, Any]:
@@ -151,17 +152,20 @@ def check_install(prepared: dict[str, Any]) -> None:
                     assert m.group(3) == pins[locked_as], \
                         f"{name}: {spec} but requirements.lock has {locked_as}=={pins[locked_as]}"
 
-        gpu_installs = [i for i, action, args in calls
-                        if action == "install" and "--no-deps" in args
-                        and any(canonical(r.split("==")[0]) == "onnxruntime-gpu" for r in requirements(args))]
-        if has_gpu(node):
-            assert gpu_installs and gpu_installs[-1] > lock[-1], \
-                f"{name}: a GPU node must install onnxruntime-gpu (--no-deps) after the lock"
-            assert any(action == "uninstall" and "onnxruntime" in args and lock[-1] < i < gpu_installs[-1]
-                       for i, action, args in calls), \
-                f"{name}: the lock's CPU onnxruntime must be uninstalled before onnxruntime-gpu"
-        else:
-            assert not gpu_installs, f"{name}: onnxruntime-gpu on a node without GPUs"
+
+def check_same_setup(prepared: dict[str, Any]) -> None:
+    """GPU nodes detect with torch, which the lock holds: no node type installs onnxruntime-gpu, and
+    every node type, GPU ones included, runs the same setup (the lock install, see check_install)."""
+    setups = {name: effective_setup_commands(prepared, name) for name in prepared["available_node_types"]}
+    for name, commands in setups.items():
+        installed = [canonical(re.split(r"[\[=<>!~ ]", spec, maxsplit=1)[0])
+                     for _, action, args in pip_calls(commands) if action == "install" for spec in requirements(args)]
+        assert "onnxruntime-gpu" not in installed, \
+            f"{name}: installs onnxruntime-gpu (GPU nodes detect with the lock's torch)"
+    reference = prepared["head_node_type"]
+    for name, commands in setups.items():
+        assert commands == setups[reference], \
+            f"{name}: not the same setup as {reference} (every node type runs the global setup_commands)"
 
 
 def check_node_types(prepared: dict[str, Any]) -> None:
@@ -214,6 +218,7 @@ def test_cluster_yaml_passes_rays_validation_and_project_checks():
     check_cluster(prepared)
     check_node_types(prepared)
     check_install(prepared)
+    check_same_setup(prepared)
 
 
 def _set(path: str, value: Any):
@@ -270,15 +275,27 @@ def test_project_checks_reject_a_corrupted_copy():
     with pytest.raises(AssertionError, match="requirements.lock"):
         check_install(with_deps)
 
-    gpu = next(n for n, node in prepared["available_node_types"].items() if has_gpu(node))
-    cpu_ort = copy.deepcopy(prepared)
-    cpu_ort["available_node_types"][gpu]["worker_setup_commands"] = prepared["worker_setup_commands"]
-    with pytest.raises(AssertionError, match="onnxruntime-gpu"):
-        check_install(cpu_ort)
-
     stale_pin = copy.deepcopy(prepared)
-    stale_pin["available_node_types"][gpu]["worker_setup_commands"] = [
-        re.sub(r"onnxruntime-gpu==\S+", "onnxruntime-gpu==1.0.0", c)
-        for c in prepared["available_node_types"][gpu]["worker_setup_commands"]]
-    with pytest.raises(AssertionError, match="requirements.lock has onnxruntime=="):
+    stale_pin["head_setup_commands"] = [re.sub(r"s3fs\[boto3\]==[^\s\"]+", "s3fs[boto3]==1.0.0", c)
+                                        for c in prepared["head_setup_commands"]]
+    assert stale_pin["head_setup_commands"] != prepared["head_setup_commands"]
+    with pytest.raises(AssertionError, match="requirements.lock has fsspec=="):
         check_install(stale_pin)
+
+    # The swap the GPU node types used to make, back on `detect`: the lock install is still
+    # there (check_install passes), but the node installs onnxruntime-gpu.
+    gpu_ort = copy.deepcopy(prepared)
+    gpu_ort["available_node_types"]["detect"]["worker_setup_commands"] = prepared["worker_setup_commands"] + [
+        "cd ~/laion-face && .venv/bin/pip uninstall -y -q onnxruntime && "
+        f".venv/bin/pip install -q --no-deps --force-reinstall onnxruntime-gpu=={lock_versions()['onnxruntime']}"]
+    check_install(gpu_ort)
+    with pytest.raises(AssertionError, match="detect: installs onnxruntime-gpu"):
+        check_same_setup(gpu_ort)
+
+    # A GPU node type with a setup of its own, without onnxruntime-gpu, is still a different setup.
+    own_setup = copy.deepcopy(prepared)
+    own_setup["available_node_types"]["train"]["worker_setup_commands"] = [
+        *prepared["worker_setup_commands"], "cd ~/laion-face && .venv/bin/pip install -q nvitop==1.5.0"]
+    check_install(own_setup)
+    with pytest.raises(AssertionError, match="train: not the same setup"):
+        check_same_setup(own_setup)
