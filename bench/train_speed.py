@@ -1,7 +1,7 @@
 """Pre-training step speed: open_clip's own training step vs ours with MIM off vs ours with MIM on.
 
     python -m bench.train_speed --model FaRL-tiny --batch-size 32 --steps 20 [--device cuda] [--precision bf16] [--compile]
-        [--compile-mode max-autotune-no-cudagraphs] [--fused-adamw] [--profile DIR]
+        [--compile-mode max-autotune-no-cudagraphs] [--adamw {own,fused,foreach}] [--eager-loss] [--profile DIR]
 
   (A) open_clip   open_clip_train.train.train_one_epoch itself, with the `args` fields it reads set
                   as open_clip's main sets them for one process, open_clip.model.CLIP(output_dict=True),
@@ -25,6 +25,7 @@ Results and analysis: docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -81,11 +82,16 @@ def make_batches(model: FaRL, batch_size: int, count: int, masks: tuple[int, int
     return out
 
 
-FUSED_ADAMW = False  # --fused-adamw: torch's one-kernel AdamW instead of its default multi-tensor one
+ADAMW = "own"  # --adamw: each trainer's own AdamW (open_clip: torch's default, multi-tensor; ours:
+# engine.make_optimizer, fused on CUDA), or the fused / multi-tensor (foreach) kernel for all
 
 
-def adamw(groups: list[dict]) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=CFG.lr, betas=(CFG.beta1, CFG.beta2), eps=CFG.eps, fused=FUSED_ADAMW or None)
+def adamw(groups: list[dict], own_fused: bool = False) -> torch.optim.AdamW:
+    fused = {"own": own_fused or None, "fused": True, "foreach": None}[ADAMW]
+    return torch.optim.AdamW(groups, lr=CFG.lr, betas=(CFG.beta1, CFG.beta2), eps=CFG.eps, fused=fused)
+
+
+COMPILE_LOSS = True  # --eager-loss: compile our model only, as engine.train did before
 
 
 class FixedLoader:
@@ -149,7 +155,7 @@ class OurStep:
         missing, unexpected = self.model.clip.load_state_dict(state, strict=False)
         assert not unexpected and all(MIM_KEYS.match(k) for k in missing), (missing, unexpected)
         self.model.to(device)
-        self.optimizer = adamw(engine.param_groups(self.model, CFG.weight_decay))
+        self.optimizer = adamw(engine.param_groups(self.model, CFG.weight_decay), own_fused=device.type == "cuda")
         self.set_lr = cosine_lr(self.optimizer, CFG.lr, CFG.warmup_steps, total_steps)
         self.loss_fn = FaRLLoss(self.targets, CFG.contrastive_weight, CFG.mim_weight)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
@@ -158,7 +164,7 @@ class OurStep:
         self.model.train()
 
     def compile(self, mode: str | None = None) -> None:
-        self.wrapped = torch.compile(self.model, mode=mode)  # as engine.train with --compile
+        self.wrapped, self.loss_fn = engine.compiled(self.model, self.loss_fn, mode, loss=COMPILE_LOSS)  # as engine.train
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
@@ -247,7 +253,7 @@ def report(args: argparse.Namespace, names: dict[str, str], times: dict[str, lis
     print(f"\n{args.model}, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds after {args.warmup} warm-up; "
           f"{args.device}, {'bf16 autocast' if args.device.startswith('cuda') and args.precision == 'bf16' else 'fp32'}"
           f"{', torch.compile' if args.compile else ''}{f' ({args.compile_mode})' if args.compile_mode else ''}"
-          f"{', fused AdamW' if args.fused_adamw else ''}")
+          f", AdamW: {args.adamw}{', our loss eager' if args.eager_loss else ''}")
     print(f"{machine(torch.device(args.device))}\n")
     print("| step | s/step (median) | min - max | **images/s** | GFLOP/step | TFLOP/s | MFU | others' CPU share (max) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -288,11 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default="ABC", help="contenders to run, e.g. AB")
     p.add_argument("--compile", action="store_true", help="torch.compile all of them (FLOPs are counted eager, first)")
     p.add_argument("--compile-mode", default=None, help="torch.compile's mode, e.g. max-autotune-no-cudagraphs")
-    p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for all of them")
+    p.add_argument("--adamw", default="own", choices=("own", "fused", "foreach"),
+                   help="each trainer's own AdamW (ours: fused on CUDA), or one kernel for all")
+    p.add_argument("--eager-loss", action="store_true", help="with --compile: compile our model only, not our loss")
+    p.add_argument("--out", metavar="FILE", help="also write each contender's images/s, GFLOP per image and MFU as JSON lines")
     p.add_argument("--profile", metavar="DIR", help="after timing, profile 5 steps of each: DIR/profile_<key>.txt")
     args = p.parse_args(argv)
-    global FUSED_ADAMW
-    FUSED_ADAMW = args.fused_adamw
+    global ADAMW, COMPILE_LOSS
+    ADAMW, COMPILE_LOSS = args.adamw, not args.eager_loss
     device = torch.device(args.device)
     torch.manual_seed(0)
     reference = FaRL(model_config(args.model))
@@ -318,7 +327,15 @@ def main(argv: list[str] | None = None) -> None:
             seconds, share = measure(run, args.steps, device, args.retries, args.idle_wait)
             times[key].append(seconds / args.steps)
             others[key].append(share)
-    report(args, names, times, others, flops, args.peak_tflops or (989.0 if device.type == "cuda" else 0.0))
+    peak = args.peak_tflops or (989.0 if device.type == "cuda" else 0.0)
+    report(args, names, times, others, flops, peak)
+    if args.out:
+        with open(args.out, "w") as f:
+            for key, values in times.items():
+                seconds = statistics.median(values)
+                f.write(json.dumps({"step": key, "batch": args.batch_size, "images_per_s": args.batch_size / seconds,
+                                    "gflop_per_image": flops[key] / args.batch_size / 1e9,
+                                    "mfu": flops[key] / seconds / 1e12 / peak if peak else None}) + "\n")
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
         for key, run in runs.items():

@@ -30,7 +30,7 @@ def onnx_providers(use_gpu: bool) -> list[str]:
     if use_gpu:  # the actor holds a GPU it cannot use: say so rather than run on the CPU unnoticed
         logging.getLogger(__name__).warning(
             "a GPU was given to the face detector, but this onnxruntime has no CUDAExecutionProvider "
-            "(install onnxruntime-gpu, as cluster.yaml's GPU nodes do): detecting on the CPU")
+            "(install onnxruntime-gpu by hand, or use --detect-backend torch with RetinaFace): detecting on the CPU")
     return ["CPUExecutionProvider"]
 
 

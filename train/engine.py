@@ -128,6 +128,20 @@ def start_position(cfg: PretrainConfig, resumed: Resumed | None) -> DataPosition
     return position
 
 
+def make_optimizer(cfg: PretrainConfig, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; on a GPU torch's fused kernel, one launch for all 150 M weights of
+    ViT-B/16 instead of a few hundred (docs/PERFORMANCE.md, "GPU: H200")."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, fused=True if device.type == "cuda" else None)
+
+
+def compiled(wrapped: nn.Module, loss_fn: FaRLLoss, mode: str | None = None,
+             loss: bool = True) -> tuple[nn.Module, nn.Module]:
+    """torch.compile of the model and, unless loss=False, of the loss: the MIM loss's pixel targets
+    and masked mean are element-wise work over every patch, which compiles into a few fused kernels."""
+    return torch.compile(wrapped, mode=mode), torch.compile(loss_fn, mode=mode) if loss else loss_fn
+
+
 def train_step(model: FaRL, wrapped: nn.Module, loss_fn: FaRLLoss, optimizer: torch.optim.Optimizer,
                batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], autocast: torch.autocast,
                grad_clip_norm: float = 0.0) -> dict[str, torch.Tensor]:
@@ -170,15 +184,16 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
     model.to(worker.device)
     if targets is not None:
         targets.to(worker.device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    optimizer = make_optimizer(cfg, model, worker.device)
     if resumed:
         optimizer.load_state_dict(resumed.optimizer)
+        fused = optimizer.defaults["fused"]  # this device's kernel: a run may resume on another kind of machine
         for group, decay in zip(optimizer.param_groups, (0.0, cfg.weight_decay)):  # this run's settings, not the saved ones
-            group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+            group.update(weight_decay=decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
     wrapped = worker.wrap(model)
-    if cfg.compile:
-        wrapped = torch.compile(wrapped)
     loss_fn = FaRLLoss(targets, cfg.contrastive_weight, cfg.mim_weight, worker.rank, worker.world_size)
+    if cfg.compile:
+        wrapped, loss_fn = compiled(wrapped, loss_fn)
     set_lr = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
     autocast = torch.autocast(worker.device.type, dtype=torch.bfloat16,
                               enabled=worker.device.type == "cuda" and cfg.precision == "bf16")
