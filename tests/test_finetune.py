@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from train.datasets import open_dataset
+from train.datasets.synthetic import make_lapa  # three 96 px faces per split
 from train.downstream_data import WarpedSamples, collate
 from train.evaluate import evaluate, main as evaluate_main
 from train.finetune import main
@@ -23,36 +24,6 @@ SMALL = ["--model", "FaRL-tiny", "--warp-size", "64", "--input-size", "64", "--h
          "--feature-blocks", "0", "--feature-blocks", "0", "--feature-blocks", "1", "--feature-blocks", "1",
          "--heatmap-size", "16", "--batch-size", "3", "--workers", "0", "--no-progress", "--backbone-lr", "1e-3",
          "--no-augment"]  # overfitting shows learning; the augmentations have tests of their own
-
-
-def face_points(cx: float, cy: float, r: float) -> np.ndarray:
-    """106 LaPa-style points on a circle, with the five the alignment uses where a face has them."""
-    angles = np.linspace(0, 2 * np.pi, 106, endpoint=False)
-    points = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], 1)
-    points[104], points[105] = (cx - 0.35 * r, cy - 0.25 * r), (cx + 0.35 * r, cy - 0.25 * r)  # pupils
-    points[54] = (cx, cy + 0.1 * r)  # nose tip
-    points[84], points[90] = (cx - 0.3 * r, cy + 0.5 * r), (cx + 0.3 * r, cy + 0.5 * r)  # mouth corners
-    return points
-
-
-def make_lapa(root: Path) -> None:
-    """Three 96 px 'faces' per split: a disk, red below (label 1) and blue above (label 2); the image
-    shows its labels, so a model can learn them."""
-    for split in ("train", "val", "test"):
-        for n, (cx, cy, r) in enumerate([(48, 48, 28), (40, 52, 24), (56, 44, 30)]):
-            label = Image.new("L", (96, 96), 0)
-            pen = ImageDraw.Draw(label)
-            pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
-            pen.pieslice([cx - r, cy - r, cx + r, cy + r], 180, 360, fill=2)  # the top half: "hair"
-            label_array = np.asarray(label)
-            image = np.array([[30, 30, 30], [220, 60, 60], [40, 40, 220]], np.uint8)[label_array]
-            for folder in ("images", "labels", "landmarks"):
-                (root / split / folder).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(root / split / "images" / f"face_{n}.jpg", quality=95)
-            Image.fromarray(label_array).save(root / split / "labels" / f"face_{n}.png")
-            points = face_points(cx, cy, r)
-            (root / split / "landmarks" / f"face_{n}.txt").write_text(
-                "106\n" + "".join(f"{x:.3f} {y:.3f}\n" for x, y in points))
 
 
 def make_300w(root: Path) -> None:
@@ -235,3 +206,16 @@ def test_validation_holds_out_whole_images() -> None:
     assert not {paths[i] for i in kept} & {paths[i] for i in held}
     assert len({paths[i] for i in held}) == 2  # 40 % of 5 images
     assert train_val_indices(paths, 0.4, seed=0) == (kept, held)
+
+
+def test_epoch_records_time_training_and_evaluation(tmp_path: Path) -> None:
+    """metrics.jsonl times each epoch's steps after its first (images_per_s) and its evaluation (eval_s);
+    --precision bf16 is accepted everywhere and is fp32 on the CPU."""
+    make_300w(tmp_path / "300W")
+    out = tmp_path / "run"
+    assert main(["--dataset", "300w", "--data", str(tmp_path / "300W"), "--output", str(out), "--epochs", "1",
+                 "--val-fraction", "0", "--precision", "bf16", *SMALL, "--batch-size", "2"]) == 0
+    record = history(out)[0]
+    assert record["images_per_s"] > 0 and record["eval_s"] > 0  # 6 images, batch 2: 2 timed steps
+    assert ("peak_memory_gib" in record) == torch.cuda.is_available()
+    assert evaluate_main(["--checkpoint", str(out / "last.pt")]) == 0

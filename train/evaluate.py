@@ -33,7 +33,8 @@ from train.metrics import ConfusionAccumulator, auc_fr, landmark_nme
 @torch.no_grad()
 def predict(model: FaceModel, batch: dict[str, Any], cfg: FinetuneConfig, device: torch.device) -> list[Any]:
     """Per sample, in original pixels: a label map (parsing) or (K, 2) landmarks (alignment)."""
-    output = model(batch["image"].to(device)).float()
+    with cfg.autocast(device):
+        output = model(batch["image"].to(device)).float()
     if cfg.task == "alignment":
         points = heatmap_points(output).cpu() * cfg.warp_size - 0.5  # [0, 1] -> warped-image pixels
         return list(unwarp_points(points, batch["matrix"], cfg.warp_factor, cfg.warp_size))

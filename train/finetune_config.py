@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from pipeline.config import ConfigError, option
 
 # farl.md, "Downstream protocol". warp: how a sample becomes the 512x512 network input. metrics:
@@ -53,6 +55,8 @@ class FinetuneConfig:
     val_fraction: float = option(0.05, "share of the training split held out for validation when the dataset has no val "
                                        "split; 0 = none: train on all of it, as the paper did (best-epoch number only)")
     eval_every: int = option(1, "evaluate val and test every this many epochs")
+    precision: str = option("fp32", "bf16: bf16 autocast on a GPU, for speed (the protocol has no AMP); CPU runs "
+                                    "are fp32 either way", choices=("fp32", "bf16"))
     workers: int = option(2, "DataLoader worker processes")
     seed: int = option(0, "random seed (also picks the held-out validation images)")
     progress: bool = option(True, "progress bars")
@@ -60,6 +64,10 @@ class FinetuneConfig:
     @property
     def protocol(self) -> dict:
         return PROTOCOLS[self.dataset]
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """Where the model runs (training and evaluation): bf16 autocast on a GPU with precision bf16."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and self.precision == "bf16")
 
     def validate(self) -> None:
         if not self.dataset or not self.data:
