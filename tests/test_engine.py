@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import EPS32
 
 from train.engine import build_targets, compiled, make_optimizer, param_groups, train_step
 from train.losses import FaRLLoss
@@ -36,10 +37,15 @@ def losses(device: str, optimised: bool, precision: torch.dtype | None, steps: i
 
 @pytest.mark.timeout(300)
 def test_compiled_step_equals_eager_on_the_cpu() -> None:
-    """~1 minute to compile on 2 CPUs. fp32: the compiled kernels sum in another order, so the
-    losses (about 5) agree to float32 rounding over a few hundred terms, far inside 1e-4."""
+    """--compile (~1 minute to compile on 2 CPUs), fp32."""
     eager = losses("cpu", optimised=False, precision=None)
-    assert losses("cpu", optimised=True, precision=None) == pytest.approx(eager, rel=1e-4)
+    optimised = losses("cpu", optimised=True, precision=None)
+    # Inductor's fused kernels sum in their own order: the first loss is the same up to that rounding
+    # (measured <= 1.4 eps over 6 batches, ATEN_CPU_CAPABILITY default and avx512). AdamW then turns
+    # gradient rounding into whole lr-sized steps where a gradient is near 0, so later losses drift
+    # further: measured <= 26 eps at step 2, <= 151 eps at step 3; 1e-4 is 840 eps
+    assert optimised[0] == pytest.approx(eager[0], rel=64 * EPS32)
+    assert optimised == pytest.approx(eager, rel=1e-4)
     assert len(set(eager)) == 3  # the steps changed the weights
 
 

@@ -19,7 +19,6 @@ import open_clip
 import pytest
 import torch
 
-from numerics import EPS32
 from standins import StandInEncoder
 from train.data import LoaderConfig, make_loader
 from train.engine import Worker, build_model, build_targets, param_groups, train_step
@@ -283,32 +282,3 @@ def test_pruning_keeps_the_new_checkpoint_and_leaves_later_ones(tmp_path: Path) 
     (tmp_path / "checkpoints" / "step_00000050.pt.tmp-deadbeef").write_bytes(b"half")
     Checkpoints(str(tmp_path))  # a new run's writer clears what a kill left half-written
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
-
-
-@pytest.mark.timeout(300)
-def test_compiled_step_equals_eager() -> None:
-    """--compile: torch.compile of the model gives the eager losses, step after step (~50 s to compile on 2 CPUs)."""
-    g = torch.Generator().manual_seed(0)  # one batch, not whatever the global generator holds after other tests
-    images, tokens = torch.randn(4, 3, 64, 64, generator=g), torch.randint(1, 49407, (4, 77), generator=g)
-    mask = torch.zeros(4, 64, dtype=torch.bool)
-    mask[:, 10:34] = True
-
-    def losses(compiled: bool) -> list[float]:
-        torch.manual_seed(1)
-        model = FaRL(model_config("FaRL-tiny"), {"depth": 1, "vocab": 192})
-        optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
-        wrapped = torch.compile(model) if compiled else model
-        loss_fn = FaRLLoss(build_targets(PretrainConfig(data="x", model="FaRL-tiny")))
-        autocast = torch.autocast("cpu", enabled=False)
-        return [train_step(model, wrapped, loss_fn, optimizer, (images, tokens, mask), autocast)["loss"].item()
-                for _ in range(3)]
-
-    eager = losses(False)
-    compiled = losses(True)
-    # Inductor's fused kernels sum in their own order: the first loss is the same up to that rounding
-    # (measured <= 1.4 eps: 6 batches, ATEN_CPU_CAPABILITY default and avx512). AdamW then turns gradient
-    # rounding into whole lr-sized steps where a gradient is near 0, so later losses drift further:
-    # measured <= 26 eps at step 2, <= 151 eps at step 3 (7.8 eps for this batch): 1e-4 (840 eps)
-    assert compiled[0] == pytest.approx(eager[0], rel=64 * EPS32)
-    assert compiled == pytest.approx(eager, rel=1e-4)
-    assert len(set(eager)) == 3  # the steps changed the weights
