@@ -130,7 +130,7 @@ def start_position(cfg: PretrainConfig, resumed: Resumed | None) -> DataPosition
 
 def make_optimizer(cfg: PretrainConfig, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
     """AdamW over `param_groups`; on a GPU torch's fused kernel, one launch for all 150 M weights of
-    ViT-B/16 instead of a few hundred (docs/PERFORMANCE.md, "GPU: H200")."""
+    ViT-B/16 instead of a few hundred (docs/PERFORMANCE.md, "GPU: H200 pre-training and fine-tuning")."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, fused=True if device.type == "cuda" else None)
 
