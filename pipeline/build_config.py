@@ -80,8 +80,8 @@ class BuildConfig:
     insightface_model: str = option("~/.insightface/models/buffalo_l/det_10g.onnx",
                                     "insightface detector ONNX file (insightface backend only)")
     detect_size: int = option(640, "images are letterboxed to this square for detection")
-    detect_backend: str = option("auto", "what runs the detector: torch (RetinaFace only; decode, network and NMS on "
-                                         "the GPU), onnxruntime, or auto: torch on a GPU, onnxruntime on CPUs",
+    detect_backend: str = option("auto", "what runs the detector: torch (decode, network and NMS on the GPU), "
+                                         "onnxruntime, or auto: torch on a GPU, onnxruntime on CPUs",
                                  choices=DETECT_BACKENDS)
     detect_batch_size: int | None = option(None, "images per detector call; default: 256 with torch on a GPU, else 16")
     detect_actors: int = option(1, "detector actors (one per GPU on a GPU cluster)")
@@ -120,8 +120,6 @@ class BuildConfig:
             raise ConfigError(f"detector must be one of {', '.join(DETECTORS)}, got '{self.detector}'")
         if self.detect_backend not in DETECT_BACKENDS:
             raise ConfigError(f"detect_backend must be one of {', '.join(DETECT_BACKENDS)}, got '{self.detect_backend}'")
-        if self.detector == "insightface" and self.detect_backend == "torch":
-            raise ConfigError("--detect-backend torch runs RetinaFace only: use onnxruntime (or auto) with insightface")
 
     def unit_settings(self) -> dict[str, object]:
         settings = {name: sorted(value) if isinstance(value, list) else value

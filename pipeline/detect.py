@@ -1,8 +1,9 @@
 """Stage 4, detect: faces in every decoded image, by a pool of stateful Ray actors.
 
 Each actor loads its model once and runs it on batches of images letterboxed to `detect_size`:
-onnxruntime here, or the same RetinaFace as a torch module (pipeline.detect_torch), which keeps
-decode, network and NMS on a GPU. Boxes and landmarks come back in original-image pixels.
+onnxruntime here, or the same network as a torch module (pipeline.detect_torch for RetinaFace,
+pipeline.detect_scrfd for insightface's SCRFD), which keeps decode, network and NMS on a GPU.
+Boxes and landmarks come back in original-image pixels.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def onnx_providers(use_gpu: bool) -> list[str]:
     if use_gpu:  # the actor holds a GPU it cannot use: say so rather than run on the CPU unnoticed
         logging.getLogger(__name__).warning(
             "a GPU was given to the face detector, but this onnxruntime has no CUDAExecutionProvider "
-            "(install onnxruntime-gpu by hand, or use --detect-backend torch with RetinaFace): detecting on the CPU")
+            "(install onnxruntime-gpu by hand, or use --detect-backend torch): detecting on the CPU")
     return ["CPUExecutionProvider"]
 
 
@@ -142,10 +143,10 @@ def insightface_model_path(config: BuildConfig) -> Path:
 
 def detect_backend(config: BuildConfig, use_gpu: bool) -> str:
     """`auto`: torch where a GPU is there to use, else onnxruntime, which is faster on CPUs
-    (docs/PERFORMANCE.md, "Face detection"); insightface's models run on onnxruntime only."""
+    (docs/PERFORMANCE.md, "Face detection"), for RetinaFace and insightface's SCRFD alike."""
     if config.detect_backend != "auto":
         return config.detect_backend
-    if config.detector == "retinaface" and use_gpu:
+    if use_gpu:
         import torch
 
         if torch.cuda.is_available():
@@ -156,12 +157,19 @@ def detect_backend(config: BuildConfig, use_gpu: bool) -> str:
 def make_detector(config: BuildConfig, use_gpu: bool):
     """The detector an actor runs: it takes the stored bytes (`detect_bytes`) and names its backend (`name`)."""
     floor = min(DETECTION_FLOOR, config.min_face_score)
+    device = "cuda" if use_gpu else "cpu"
+    torch_backend = detect_backend(config, use_gpu) == "torch"
+    if config.detector == "insightface" and torch_backend:
+        from pipeline.detect_scrfd import TorchSCRFD
+
+        model = Path(config.insightface_model).expanduser().read_bytes()
+        return TorchSCRFD(model, config.detect_size, device, floor)
     if config.detector == "insightface":
         return InsightFaceDetector(config.insightface_model, config.detect_size, use_gpu, floor)
-    if detect_backend(config, use_gpu) == "torch":
+    if torch_backend:
         from pipeline.detect_torch import TorchRetinaFace
 
-        return TorchRetinaFace(config.detect_size, "cuda" if use_gpu else "cpu", floor)
+        return TorchRetinaFace(config.detect_size, device, floor)
     return RetinaFaceDetector(config.detect_size, use_gpu, floor)
 
 

