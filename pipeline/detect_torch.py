@@ -10,13 +10,13 @@ back to the host.
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import nn
@@ -73,34 +73,6 @@ def area_weights(out: int, size: int, device: torch.device) -> torch.Tensor:
     pixels = torch.arange(size, device=device, dtype=torch.float64).unsqueeze(0)
     overlap = (torch.minimum(starts + step, pixels + 1) - torch.maximum(starts, pixels)).clamp_min(0)
     return (overlap / step).float()
-
-
-@functools.lru_cache(maxsize=4096)  # photos share sides (stored ones are 512 long): one copy to the device each
-def linear_taps(out: int, size: int, device: torch.device, edges: bool) -> tuple[torch.Tensor, ...]:
-    """cv2.resize's INTER_LINEAR along one axis: each output's two source indices and their 11-bit
-    weights, computed as OpenCV does (in float, the scale as 1 / (out / size)). `edges`: the weights
-    of positions past the edges become (1, 0), as OpenCV's columns' do; its rows only clamp indices."""
-    position = ((torch.arange(out, dtype=torch.float64) + 0.5) * (1 / (out / size)) - 0.5).float()
-    first = position.floor()
-    fraction = position - first
-    if edges:
-        fraction[(first < 0) | (first >= size - 1)] = 0
-    first = first.long()
-    weights = torch.stack([torch.round((1 - fraction) * 2048), torch.round(fraction * 2048)]).int()
-    return first.clamp(0, size - 1).to(device), (first + 1).clamp(0, size - 1).to(device), *weights.to(device)
-
-
-def opencv_linear(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(3, H, W) uint8 resized to (3, height, width) as cv2.resize's INTER_LINEAR does, to the level
-    (on the demo's photos, every pixel): it resizes uint8 in integers, along rows with 11-bit weights,
-    then down columns with its vectorised rounding, (x >> 4) * weight >> 16, summed, + 2 >> 2 (its
-    scalar fallback rounds once, which can differ by a level). Returns int32 levels."""
-    columns, next_columns, left, right = linear_taps(width, image.shape[2], image.device, edges=True)
-    rows, next_rows, top, bottom = linear_taps(height, image.shape[1], image.device, edges=False)
-    pixels = image.int()
-    across = pixels[:, :, columns] * left + pixels[:, :, next_columns] * right  # levels x 2048
-    down = ((across[:, rows] >> 4) * top[:, None] >> 16) + ((across[:, next_rows] >> 4) * bottom[:, None] >> 16)
-    return ((down + 2) >> 2).clamp_(0, 255)
 
 
 def decode_jpegs(data: list[bytes], device: torch.device) -> list[torch.Tensor]:
@@ -184,8 +156,9 @@ class TorchDetector:
             if self.SHRINK_BY_AREA and scale < 1:
                 pixels = area_weights(h, image.shape[1], self.device) @ pixels.float()
                 pixels = (pixels @ area_weights(w, image.shape[2], self.device).T).round_().clamp_(0, 255)
-            elif (h, w) != tuple(image.shape[1:]):
-                pixels = opencv_linear(pixels, h, w)
+            elif (h, w) != tuple(image.shape[1:]):  # OpenCV's INTER_LINEAR is bilinear with half-pixel centres
+                pixels = F.interpolate(pixels[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+                pixels = pixels.round_().clamp_(0, 255)  # whole levels, as OpenCV's uint8 output
             batch[i, :, :h, :w] = pixels
             scales.append(scale)
         return batch, torch.tensor(scales, dtype=torch.float64, device=self.device)
