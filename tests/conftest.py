@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster; subprocesses join it by address
+# torch.compile's CPU kernels are cached without ATEN_CPU_CAPABILITY in the key: a kernel vectorised
+# under avx512 fails to build under `default` (at::vec undeclared). One cache per capability.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"torchinductor_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 
 
 @pytest.fixture(scope="session")
