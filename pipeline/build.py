@@ -271,6 +271,10 @@ def build(config: BuildConfig) -> dict:
     removed_near = remove_near_duplicates(output, config.near_duplicate_distance, config.exclude_images,
                                           config.near_dedupe)
     timings["near_dedupe_s"] = time.time() - t0
+    # A task that died with its node left what it was writing, which its retry wrote anew: the
+    # temporary file, or the tar of a shard it was emptying. Swept as the next run's start would.
+    output.remove_temporaries()
+    remove_orphans(output)
     stats = summary.finish(output, started, timings, rows_done, len(work), url_duplicates, removed, removed_near)
     report = write_report(output.url)
     if config.progress:

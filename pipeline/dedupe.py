@@ -156,8 +156,9 @@ def _rewrite_shard(output: Output, shard: str, keys: set[str]) -> None:
     metadata = output.read_table(output.metadata_path(shard))
     metadata = metadata.filter(pc.invert(pc.is_in(metadata["key"], pa.array(sorted(keys), pa.string()))))
     if metadata.num_rows == 0:  # nothing left: the shard goes, as no status row points to it any more
-        output.fs.rm(output.shard_path(shard))
+        # the metadata first: a retry skips a shard without it, and the tar left is an orphan
         output.fs.rm(output.metadata_path(shard))
+        output.fs.rm(output.shard_path(shard))
     else:
         output.write_atomic(output.shard_path(shard), rewrite)
         output.write_table(output.metadata_path(shard), metadata)

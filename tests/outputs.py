@@ -70,3 +70,37 @@ def check_consistent(out: Path, input_rows: int) -> tuple[pa.Table, pa.Table, di
     assert sorted(p.name for p in (out / "shards").glob("*.tar")) == sorted(by_shard)
     assert not list(out.rglob("*.tmp-*")), "no temporary file left"
     return status, metadata, samples
+
+
+VOLATILE_STATS = ("finished_at", "seconds", "stage_seconds", "rows_per_second")  # clock readings
+
+
+def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each member, in the shard's order."""
+    with tarfile.open(path) as tar:
+        return [(member.name, tar.extractfile(member).read()) for member in tar]
+
+
+def assert_same_output(out: Path, reference: Path) -> None:
+    """`out` holds what `reference`, a build of the same input with the same settings, holds: the
+    same files, each shard's members in the same order with the same bytes, the same rows in every
+    table, the same totals. Only clock readings may differ: stats.json's, and the report's page and
+    plots, whose names are compared but not their bytes."""
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(reference).as_posix() for p in reference.rglob("*") if p.is_file())
+    for name in files:
+        ours, theirs = out / name, reference / name
+        if name.endswith(".tar"):
+            assert tar_members(ours) == tar_members(theirs), name
+        elif name.endswith(".parquet"):
+            assert pq.read_table(ours).equals(pq.read_table(theirs), check_metadata=True), name
+        elif name == "stats.json":
+            ours_stats, theirs_stats = json.loads(ours.read_text()), json.loads(theirs.read_text())
+            for stats in (ours_stats, theirs_stats):
+                for key in VOLATILE_STATS:
+                    stats["last_run"].pop(key)
+            assert ours_stats == theirs_stats
+        elif name.endswith(".json"):
+            assert json.loads(ours.read_text()) == json.loads(theirs.read_text()), name
+        else:
+            assert name.startswith("report/"), f"{name}: a file no build writes"
