@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,8 @@ from pipeline.near_dedupe import exclusion_sets, remove_near_duplicates
 from pipeline.report import write_report
 from pipeline.schema import (METADATA_SCHEMA, PHASH_VERSION, TRANSIENT_STATUSES, iter_units, pack, phash_version,
                              shard_attempt, shard_name, shard_unit)
-from pipeline.source import Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_unit, register_inputs
+from pipeline.source import (Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_rows, read_unit,
+                             register_inputs, unit_samples)
 from pipeline.storage import Output
 from pipeline.write import commit_unit, referenced_shards, remove_orphans
 
@@ -88,13 +89,20 @@ def filter_and_commit(batch: dict, config: BuildConfig, output_url: str) -> dict
 
 
 def url_candidates(batch: dict, config: BuildConfig, allowlist: np.ndarray | None) -> dict:
-    """(key, url) of every row that would be fetched, for the URL dedupe plan."""
+    """(key, url) of every row that would be fetched, for the URL dedupe plan. One input file per
+    row of the batch, read once: a unit alone reads whole row groups, and a LAION part file is one
+    row group of ~1M rows, so planning unit by unit would read each file once per unit."""
     out: dict[str, list] = {"key": [], "url": [], "unit": [], "shard": []}
-    for unit, _ in _work_rows(batch):
-        for sample in read_unit(unit, config, allowlist, url_duplicates={}):
-            if sample.pending:
-                out["key"].append(sample.key), out["url"].append(sample.url)
-                out["unit"].append(unit.unit), out["shard"].append("")
+    for file_units in batch["units"]:
+        units = [Unit(**fields) for fields in json.loads(file_units)]
+        first = units[0].start
+        table = read_rows(units[0].path, first, units[-1].stop, list(config.source_columns().values()))
+        for unit in units:
+            rows = table.slice(unit.start - first, unit.stop - unit.start)
+            for sample in unit_samples(unit, rows, config, allowlist, url_duplicates={}):
+                if sample.pending:
+                    out["key"].append(sample.key), out["url"].append(sample.url)
+                    out["unit"].append(unit.unit), out["shard"].append("")
     return out
 
 
@@ -124,17 +132,20 @@ CANDIDATES_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("uni
 
 def plan_url_dedupe(output: Output, units: list[Unit], config: BuildConfig, allowlist_ref) -> int:
     """Plan the URL dedupe over every input row and every sample already written."""
-    rows = [Work(u, "").row() for u in units]
+    by_file: dict[int, list[dict]] = {}
+    for unit in units:
+        by_file.setdefault(unit.file_index, []).append(asdict(unit))
+    files = [{"units": json.dumps(file_units)} for file_units in by_file.values()]
     written = dedupe.written_samples(output, ["key", "url", "shard"])  # earlier runs, whatever their input
     if written is not None:
         written = dedupe.map_tables(written, lambda t: dedupe.with_unit(t).select(CANDIDATES_SCHEMA.names))
     if sum(u.stop - u.start for u in units) <= dedupe.LOCAL_ROWS and not isinstance(written, ray.data.Dataset):
         allowlist = ray.get(allowlist_ref) if allowlist_ref is not None else None
-        batch = {name: [row[name] for row in rows] for name in Work(units[0], "").row()}
+        batch = {"units": [f["units"] for f in files]}
         tables = [pa.table(url_candidates(batch, config, allowlist), schema=CANDIDATES_SCHEMA)]
         candidates = pa.concat_tables(tables + ([written.cast(CANDIDATES_SCHEMA)] if written is not None else []))
     else:
-        candidates = ray.data.from_items(rows, override_num_blocks=max(1, len(units))).map_batches(
+        candidates = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
             url_candidates, fn_kwargs={"config": config, "allowlist": allowlist_ref}, batch_size=1)
         if written is not None:
             candidates = candidates.union(written if isinstance(written, ray.data.Dataset)
@@ -218,8 +229,22 @@ def warm_up_workers() -> None:
     get_or_create_stats_actor()
 
 
+def plan_summary(started: float, timings: dict[str, float], inputs: list[dict], units: list[Unit],
+                 work: list[Work], url_duplicates: int, verbose: bool) -> dict:
+    """What --plan-only returns (and prints): the plan a build would carry out."""
+    plan = {"input_files": len(inputs), "input_rows": sum(entry["rows"] for entry in inputs), "units": len(units),
+            "units_to_do": len(work), "url_duplicates_planned": url_duplicates,
+            "seconds": round(time.time() - started, 2), "stage_seconds": {k: round(v, 2) for k, v in timings.items()}}
+    if verbose:
+        print(f"plan only: {plan['input_rows']} rows in {plan['input_files']} files -> {plan['units']} units "
+              f"({plan['units_to_do']} to do), {url_duplicates} URL duplicates planned, in {plan['seconds']:.1f} s; "
+              "nothing downloaded", file=sys.stderr)
+    return plan
+
+
 def build(config: BuildConfig) -> dict:
-    """Run (or finish) the build described by config; returns the stats written to OUT/stats.json."""
+    """Run (or finish) the build described by config; returns the stats written to OUT/stats.json
+    (with plan_only, what plan_summary returns, and nothing is downloaded)."""
     started = time.time()
     paths = expand_inputs(config.input)
     allowlist = load_allowlist(config.sample_ids) if config.sample_ids else None
@@ -256,6 +281,9 @@ def build(config: BuildConfig) -> dict:
         t0 = time.time()
         url_duplicates = plan_url_dedupe(output, units, config, allowlist_ref)
         timings["plan_s"] = time.time() - t0
+    if config.plan_only:
+        return plan_summary(started, timings, inputs, units, work, url_duplicates, config.progress)
+    if work:
         t0 = time.time()
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         with tqdm(total=len(work), desc="units", unit="unit", disable=not config.progress, file=sys.stderr) as bar:

@@ -98,6 +98,8 @@ class BuildConfig:
 
     # --- run ---
     retry_failed: bool = option(False, "re-attempt only rows whose status is a transient failure, add what succeeds")
+    plan_only: bool = option(False, "check the inputs, register them, plan the units and the URL dedupe, then stop "
+                                    "before any download (a dry run at full size: docs/PERFORMANCE.md)")
     progress: bool = option(True, "show progress bars")
 
     def validate(self) -> None:

@@ -170,8 +170,14 @@ def is_http_url(url: object) -> bool:
 def read_unit(unit: Unit, config: BuildConfig, allowlist: np.ndarray | None,
               url_duplicates: dict[str, str], only_rows: set[int] | None = None) -> list[Sample]:
     """The unit's rows as Samples; rows decided here (filters, bad URLs) get their final status."""
+    table = read_rows(unit.path, unit.start, unit.stop, list(config.source_columns().values()))
+    return unit_samples(unit, table, config, allowlist, url_duplicates, only_rows)
+
+
+def unit_samples(unit: Unit, table: pa.Table, config: BuildConfig, allowlist: np.ndarray | None,
+                 url_duplicates: dict[str, str], only_rows: set[int] | None = None) -> list[Sample]:
+    """read_unit's Samples from the unit's rows already read (the source columns, rows [start, stop))."""
     columns = config.source_columns()
-    table = read_rows(unit.path, unit.start, unit.stop, list(columns.values()))
     table = table.rename_columns(list(columns))
     in_allowlist = None
     if allowlist is not None and "sample_id" in columns:

@@ -142,6 +142,37 @@ def test_dedupe_is_global_across_files_and_reruns(server: ImageServer, ray_addre
     assert all((out / "shards" / name).read_bytes() == data for name, data in tar_before.items())
 
 
+@pytest.mark.parametrize("where", ["driver", "ray"])
+def test_plan_only_plans_the_url_dedupe_and_downloads_nothing(server: ImageServer, ray_address: str,
+                                                               tmp_path: Path, where: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    if where == "ray":  # one planning task per input file, as at LAION size
+        monkeypatch.setattr(dedupe, "LOCAL_ROWS", 0)
+    # units of 8 rows over row groups of 7: a unit's rows span two groups, a group two units
+    # 9 photos, each at least twice and in both files, /p/0 and /p/1 three times, /p/3 at the end of b
+    urls = [server.url(f"/p/{i % 9}") for i in range(20)] + ["not a url", server.url("/p/3")]
+    first = laion_parquet(tmp_path / "a.parquet", urls[:13])
+    second = laion_parquet(tmp_path / "b.parquet", urls[13:])
+    out = tmp_path / "out"
+    plan = build(settings(server, out, input=[str(first), str(second)], plan_only=True))
+    rows = [(0, i, url) for i, url in enumerate(urls[:13])] + [(1, i, url) for i, url in enumerate(urls[13:])]
+    kept: dict[str, str] = {}
+    expected = {}
+    for file_index, row, url in rows:  # the first row of a URL keeps it; "not a url" is never fetched
+        if url.startswith("http"):
+            key = f"{file_index:05d}{row:09d}"
+            if url in kept:
+                expected[key] = kept[url]
+            kept.setdefault(url, key)
+    assert plan["input_rows"] == 22 and plan["input_files"] == 2 and plan["units"] == 2 + 2
+    assert plan["url_duplicates_planned"] == len(expected) == 21 - 9
+    planned = pq.read_table(out / "plan" / "url_duplicates").to_pylist()
+    assert {r["key"]: r["duplicate_of"] for r in planned} == expected
+    assert json.loads((out / "inputs.json").read_text())["files"][1]["first_unit"] == 2
+    assert not [p for p in out.iterdir() if p.name in ("status", "metadata", "shards", "stats.json", "report")
+                and (p.is_file() or any(p.iterdir()))], "nothing downloaded, nothing written but the plan"
+
+
 # --- resume after kill -9, and --retry-failed --------------------------------------------------------
 
 def resume_input(server: ImageServer, tmp_path: Path) -> Path:
