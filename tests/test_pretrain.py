@@ -122,24 +122,32 @@ def test_learning_rate_warms_up_then_follows_a_cosine(built_output: Path, tmp_pa
 
 @pytest.mark.timeout(500)
 def test_resume_after_kill(built_output: Path, tmp_path: Path) -> None:
-    """kill -9 after the first checkpoint, rerun the same command: it resumes at that step."""
+    """kill -9 once a step after the first checkpoint is logged, rerun the same command: it resumes
+    at the checkpoint's step, and the metrics hold each step once."""
     out = tmp_path / "run"
-    command = pretrain_command(built_output, out, "--steps", "120", "--checkpoint-every", "10", "--log-every", "10")
+    command = pretrain_command(built_output, out, "--steps", "120", "--checkpoint-every", "20", "--log-every", "10")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "latest.json"
+
+    def logged_past_the_checkpoint() -> bool:
+        try:
+            return max(r["step"] for r in metrics(out)) > json.loads(latest.read_text())["step"]
+        except (OSError, ValueError):  # not written yet, or a line half-written
+            return False
+
     deadline = time.monotonic() + 240
-    while not latest.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
+    while not logged_past_the_checkpoint() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert latest.exists(), "no checkpoint within 240 s, or the run died before its first"
     killed_at = json.loads(latest.read_text())["step"]
-    assert 10 <= killed_at < 120
+    assert 20 <= killed_at < 120
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=200)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from step {killed_at}" in resumed.stderr
     steps = [r["step"] for r in metrics(out)]
-    assert steps[-1] == 120 and max(steps) == 120
+    assert steps == list(range(10, 121, 10))  # each step once: what the killed run logged after its checkpoint is dropped
     assert json.loads(latest.read_text())["step"] == 120
     state = torch.load(out / "checkpoints" / "step_00000120.state.pt", weights_only=True)
     adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}

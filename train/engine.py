@@ -199,6 +199,9 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
                               enabled=worker.device.type == "cuda" and cfg.precision == "bf16")
     metrics_log = MetricsLog(cfg, worker.rank, start_step=step, world_size=worker.world_size,
                              files=worker.metrics_files)
+    if metrics_log.attempt > 1:  # Ray Train started this group again (train.pretrain.run_on_ray)
+        log.info("restarted after a worker failure (attempt %d, --max-failures %d): resuming from step %d",
+                 metrics_log.attempt, cfg.max_failures, step)
     position = start_position(cfg, resumed)
     data = batches(cfg, model, position)
     last: dict[str, float] = {}
@@ -219,6 +222,7 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
                 values["epoch"] = position.epoch
             last = metrics_log.write(step, lr, model.clip.logit_scale.exp().item(), values)
         if worker.rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            metrics_log.flush()
             checkpoints.save(step, model, optimizer, data={**asdict(position), **stream_settings(cfg)})
     metrics_log.close()
     return last

@@ -6,7 +6,8 @@
 
 Without --workers the loop runs in this process (debugging); with --workers N it runs in N Ray
 Train workers (DDP: gloo on CPUs, nccl on GPUs). Rerunning the same command after a kill resumes
-from the last checkpoint in OUTPUT/checkpoints/.
+from the last checkpoint in OUTPUT/checkpoints/; when a Ray worker or its node dies, Ray Train
+starts the group again (up to --max-failures times) and it resumes the same way.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
 
 def run_on_ray(cfg: PretrainConfig) -> None:
     import ray
-    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -78,7 +79,9 @@ def run_on_ray(cfg: PretrainConfig) -> None:
         ray_worker, train_loop_config={"cfg": dataclasses.asdict(cfg), "metrics_files": metrics_files},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}),
-        run_config=RunConfig(name="farl-pretrain"))
+        # A restarted group calls ray_worker again with the same config: `train` resumes from OUTPUT's
+        # latest checkpoint (Ray Train's own checkpoints are not used), the actor keeps the metrics.
+        run_config=RunConfig(name="farl-pretrain", failure_config=FailureConfig(max_failures=cfg.max_failures)))
     try:
         trainer.fit()
     except TrainingFailedError as err:  # the workers' tracebacks are in the log above; one line here

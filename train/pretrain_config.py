@@ -57,6 +57,9 @@ class PretrainConfig:
     cpus_per_worker: float = option(1.0, "CPUs Ray reserves per training worker")
     address: str = option("", "join this Ray cluster (host:port or 'auto'); empty = Ray's own choice: "
                               "RAY_ADDRESS, else a cluster `ray start` began on this machine, else a new local instance")
+    max_failures: int = option(3, "Ray runs: times Ray Train restarts the workers from the last checkpoint after a "
+                                  "worker or its node dies; 0 = the first failure ends the run (nodes the autoscaler "
+                                  "drains as preempted are retried without limit, as Ray Train counts them apart)")
     checkpoint_every: int = option(1000, "write a checkpoint every this many steps (and at the end)")
     log_every: int = option(10, "write metrics every this many steps")
     progress: bool = option(True, "progress bar with images/s and losses")
@@ -67,8 +70,8 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0 or self.loader_workers < 0:
-            raise ConfigError("workers and loader_workers must not be negative")
+        if self.workers < 0 or self.loader_workers < 0 or self.max_failures < 0:
+            raise ConfigError("workers, loader_workers and max_failures must not be negative")
         if self.workers > 1 and not self.resampled:
             raise ConfigError("--no-resampled with several workers gives ranks unequal batches, which DDP cannot "
                               "gather: keep resampled shards for distributed runs")
