@@ -22,6 +22,7 @@ import tarfile
 from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -65,21 +66,36 @@ LOSERS_SCHEMA = pa.schema([("key", pa.string()), ("duplicate_of", pa.string()), 
                            ("shard", pa.string())])
 
 
-def _losers(group: pa.Table) -> pa.Table:
-    """All rows of one value but the smallest key; the same key seen twice counts once."""
-    table = group.sort_by("key")
-    keys = table["key"].to_pylist()
-    keep = [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
-    if not keep:
+def _losers(table: pa.Table, column: str) -> pa.Table:
+    """Of each value of `column`, every row but the one with the smallest key; the same key seen
+    twice counts once. Vectorised over many values at once: a call per value costs more than the
+    work at millions of values."""
+    if table.num_rows == 0:
         return LOSERS_SCHEMA.empty_table()
-    rows = table.take(keep)
-    return pa.table({"key": rows["key"], "duplicate_of": pa.array([keys[0]] * len(keep), pa.string()),
+    table = table.sort_by([(column, "ascending"), ("key", "ascending")])
+    values = table[column].to_numpy(zero_copy_only=False)
+    keys = table["key"].to_numpy(zero_copy_only=False)
+    same_value = np.r_[False, values[1:] == values[:-1]]
+    same_key = same_value & np.r_[False, keys[1:] == keys[:-1]]
+    index = np.arange(len(values))
+    run_start = np.maximum.accumulate(np.where(same_value, 0, index))  # each row's first row of its value
+    lose = np.flatnonzero(same_value & ~same_key)
+    rows = table.take(lose)
+    return pa.table({"key": rows["key"], "duplicate_of": pa.array(keys[run_start[lose]], pa.string()),
                      "unit": rows["unit"].cast(pa.int64()), "shard": rows["shard"]}, schema=LOSERS_SCHEMA)
 
 
 def find_duplicates(rows: Rows, column: str, partitions: int) -> Rows:
-    """Rows (key, duplicate_of, unit, shard) whose `column` value a smaller key also has."""
-    return by_group(rows, column, _losers, partitions)
+    """Rows (key, duplicate_of, unit, shard) whose `column` value a smaller key also has. Grouped by
+    a hash of the value into a few parts per shuffle partition, each part's values at once."""
+    parts = 4 * max(1, min(partitions, 200))
+
+    def with_part(table: pa.Table) -> pa.Table:  # pandas' siphash: the same in every process
+        hashes = pd.util.hash_array(table[column].to_numpy(zero_copy_only=False))
+        return table.append_column("part", pa.array((hashes % parts).astype(np.int64)))
+
+    return by_group(map_tables(rows, with_part), "part", lambda t: _losers(t.drop_columns(["part"]), column),
+                    partitions)
 
 
 def url_duplicates_dir(output: Output) -> str:
