@@ -36,8 +36,18 @@ def read_parquet(f: IO[bytes], columns: list[str] | None = None, row_groups: lis
 class Output:
     """OUT/{shards,metadata,status}/ plus the small JSON files at its top."""
 
-    def __init__(self, root: str):
-        self.fs, self.root = fsspec.core.url_to_fs(root)
+    def __init__(self, root: str, snapshot: bool = False):
+        # Every ls, exists and open asks the store: other processes (Ray workers, a killed run) write
+        # here, and s3fs and gcsfs otherwise answer from a listing made earlier in this process, for
+        # ever (a build's driver then missed units its workers had committed: they were left out of
+        # stats.json, sizes.json and the report, and a resumed build skipped its dedupe). `snapshot`:
+        # for a reader that wants one view of the output as it is now (a query): listings made from
+        # now on are kept, so that reading the files listed needs no request per file.
+        if snapshot:
+            self.fs, self.root = fsspec.core.url_to_fs(root)
+            self.fs.invalidate_cache()
+        else:
+            self.fs, self.root = fsspec.core.url_to_fs(root, use_listings_cache=False)
         self.url = root
 
     def path(self, *parts: str) -> str:

@@ -71,7 +71,7 @@ def _parquet_files(out: Output, table: str) -> list[str]:
 
 def connect(data_dir: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with views `metadata` and `status` over a build's output."""
-    out = Output(str(data_dir))
+    out = Output(str(data_dir), snapshot=True)  # one listing per folder: duckdb's reads then need no lookups
     if not out.fs.isdir(out.root):
         raise QueryError(f"output directory {data_dir} does not exist")
     files = {table: _parquet_files(out, table) for table in TABLES}

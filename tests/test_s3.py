@@ -1,0 +1,421 @@
+"""Object storage for real: builds, queries, the report, resume, subset, pre-training and export
+against a local S3-compatible server (moto's server mode: a real HTTP server on loopback that speaks
+the S3 API), reached the way a cluster reaches S3, through the usual AWS environment variables.
+
+Everything that touches S3 runs in child processes (the builder, the queries CLI, the trainer) or in
+this process through s3fs; builds join a Ray instance this module starts with the same environment,
+so its workers see the endpoint and the credentials too (a Ray instance started earlier in the
+session would not). One input, built once to S3 and once locally, serves most tests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import requests
+import s3fs
+import torch
+from moto.server import ThreadedMotoServer
+
+from demo.data import make_demo_images
+from demo.server import ImageServer
+from outputs import ROOT, check_consistent, laion_parquet, metadata_table, status_table, tar_members
+from pipeline.storage import read_parquet
+from queries import list_queries, run_query
+from queries.__main__ import format_table as cli_table
+
+BUCKET = "laion-face-test"
+# Fake, but recognisable anywhere they might leak to.
+KEY_ID = "AKIAS3TESTLEAKCHECK7Q"
+SECRET = "s3test/FakeSecret+LeakCanary0123456789zz"
+ENV_CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_CA_BUNDLE",
+               "FSSPEC_S3", "FSSPEC_S3_ENDPOINT_URL", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+# Rows per unit; every unit holds a stalled URL, so each takes a second or more (for the kill to land mid-run).
+SHARD_SIZE = 8
+BUILD_FLAGS = ("--shard-size", str(SHARD_SIZE), "--detector", "none", "--read-timeout", "1", "--url-deadline", "2",
+               "--retries", "0", "--retry-backoff", "0.05")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3:
+    fs: s3fs.S3FileSystem  # no instance or listing cache: sees what child processes wrote
+    endpoint: str
+
+    def find(self, prefix: str) -> list[str]:
+        """Every object under s3://BUCKET/prefix, relative to it."""
+        root = f"{BUCKET}/{prefix}"
+        return sorted(p[len(root) + 1:] for p in self.fs.find(root))
+
+    def download(self, prefix: str, to: Path) -> Path:
+        for name in self.find(prefix):
+            target = to / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.fs.cat_file(f"{BUCKET}/{prefix}/{name}"))
+        return to
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    """A moto S3 server on a free loopback port; endpoint and credentials in the environment (this
+    module only), as a cluster's nodes would have them."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ENV_CLEARED:
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)  # botocore's service-specific endpoint; s3fs honours it
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never wait for an instance-metadata service
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+        fs.mkdir(BUCKET)
+        try:
+            yield S3(fs, endpoint)
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()  # no S3 file system with this endpoint outlives the module
+    server.stop()
+
+
+RAY_HEAD = """
+import logging, sys, ray
+ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes stdin; then the cluster goes with this driver
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3: S3) -> Iterator[str]:
+    """A Ray instance started with the S3 environment, which its workers inherit; builds join it."""
+    proc = subprocess.Popen([sys.executable, "-c", RAY_HEAD], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    address = proc.stdout.readline().strip()
+    assert address, "the Ray head did not start"
+    yield address
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ImageServer]:
+    with ImageServer(stall_seconds=30) as srv:
+        srv.photos = []
+        for i, image in enumerate(make_demo_images(seed=1)):
+            srv.add(f"/p/{i}", image.data, image.content_type)
+            srv.photos.append(f"/p/{i}")
+        yield srv
+
+
+def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, text=True, capture_output=True,
+                          timeout=timeout)
+
+
+def build_args(server: ImageServer, ray_cluster: str, input_: str, output: str, *more: str) -> list[str]:
+    return ["--input", input_, "--output", output, "--allow-host", f"127.0.0.1:{server.port}", *BUILD_FLAGS,
+            "--address", ray_cluster, *more]
+
+
+@dataclass
+class Built:
+    rows: int
+    input_url: str  # s3://BUCKET/in/*.parquet
+    local_input: Path
+    url: str  # s3://BUCKET/out
+    local: Path  # the same input built into a local folder
+    copy: Path  # the S3 output, downloaded
+    result: subprocess.CompletedProcess  # of the S3 build
+
+
+@pytest.fixture(scope="module")
+def built(s3: S3, ray_cluster: str, server: ImageServer, tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """One input (photos, near-copies among them, a stalled URL per unit, a repeated URL, a 404) in
+    S3, built into S3 and, the same input from a local file, into a local folder."""
+    tmp = tmp_path_factory.mktemp("s3")
+    urls = []
+    for i, path in enumerate(server.photos[:28]):
+        urls.append(server.url(f"/fault/stall?id={i}") if i % SHARD_SIZE == 3 else server.url(path))
+    urls += [server.url(server.photos[0]), server.url("/fault/404")]
+    local_input = laion_parquet(tmp / "part-00000.parquet", urls)
+    s3.fs.put_file(str(local_input), f"{BUCKET}/in/part-00000.parquet")
+    url = f"s3://{BUCKET}/out"
+    result = cli("pipeline.build_laion_face", *build_args(server, ray_cluster, f"s3://{BUCKET}/in/*.parquet", url))
+    assert result.returncode == 0, result.stderr
+    local = tmp / "local"
+    done = cli("pipeline.build_laion_face", *build_args(server, ray_cluster, str(local_input), str(local),
+                                                       "--no-progress"))
+    assert done.returncode == 0, done.stderr
+    copy = s3.download("out", tmp / "copy")
+    return Built(len(urls), f"s3://{BUCKET}/in/*.parquet", local_input, url, local, copy, result)
+
+
+def rows_of(table: pa.Table, drop: tuple[str, ...] = ()) -> list[dict]:
+    rows = [{k: v for k, v in row.items() if k not in drop} for row in table.to_pylist()]
+    return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+
+
+# --- 1. input and output on S3, the same as a local build -------------------------------------------
+
+
+def test_build_from_s3_into_s3_is_consistent_and_equals_a_local_build(s3: S3, built: Built) -> None:
+    objects = s3.find("out")
+    assert not [n for n in objects if ".tmp-" in n], "no temporary object left"
+    assert objects == sorted(p.relative_to(built.local).as_posix() for p in built.local.rglob("*") if p.is_file())
+    for required in ("inputs.json", "stats.json", "sizes.json", "shards/sizes.json", "report/index.html"):
+        assert required in objects
+    # read straight from S3: status and metadata tables, and shards that are tar files
+    status_names = [n for n in objects if n.startswith("status/") and n.endswith(".parquet")]
+    assert len(status_names) == -(-built.rows // SHARD_SIZE)
+    status = pa.concat_tables(read_parquet(s3.fs.open(f"{BUCKET}/out/{n}", "rb")) for n in status_names)
+    assert status.num_rows == built.rows
+    assert set(status["input_file"].to_pylist()) == {f"s3://{BUCKET}/in/part-00000.parquet"}
+    metadata = pa.concat_tables(read_parquet(s3.fs.open(f"{BUCKET}/out/{n}", "rb"))
+                                for n in objects if n.startswith("metadata/") and n.endswith(".parquet"))
+    shards = [n for n in objects if n.startswith("shards/") and n.endswith(".tar")]
+    in_tars = set()
+    for name in shards:
+        with s3.fs.open(f"{BUCKET}/out/{name}", "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            in_tars |= {member.name.split(".", 1)[0] for member in tar}
+    assert in_tars == set(metadata["key"].to_pylist()) and metadata.num_rows >= 10
+    # the downloaded copy passes every cross-check of a local build ...
+    status, metadata, samples = check_consistent(built.copy, built.rows)
+    counts = Counter(status["status"].to_pylist())
+    assert {"ok", "timeout", "duplicate_url", "http_error", "near_duplicate"} <= set(counts), counts
+    # ... and holds what the local build of the same input holds: rows, shard bytes, totals
+    local_status, local_metadata, local_samples = check_consistent(built.local, built.rows)
+    assert rows_of(status, drop=("input_file",)) == rows_of(local_status, drop=("input_file",))
+    assert rows_of(metadata) == rows_of(local_metadata)
+    assert samples == local_samples
+    for tar in sorted((built.local / "shards").glob("*.tar")):
+        assert tar_members(built.copy / "shards" / tar.name) == tar_members(tar), tar.name
+    for name in ("sizes.json", "shards/sizes.json"):
+        assert json.loads((built.copy / name).read_text()) == json.loads((built.local / name).read_text())
+    stats, local_stats = (json.loads((out / "stats.json").read_text()) for out in (built.copy, built.local))
+    assert {k: v for k, v in stats.items() if k != "last_run"} == {k: v for k, v in local_stats.items() if k != "last_run"}
+    inputs = json.loads((built.copy / "inputs.json").read_text())
+    assert [f["path"] for f in inputs["files"]] == [f"s3://{BUCKET}/in/part-00000.parquet"]
+
+
+# --- 2. every query over S3 ----------------------------------------------------------------------------
+
+
+def test_every_query_over_s3_equals_the_same_query_over_a_local_copy(built: Built) -> None:
+    names = list(list_queries())
+    assert len(names) >= 11
+    for name in names:
+        over_s3 = run_query(name, built.url)
+        assert over_s3 == run_query(name, built.copy), name
+        assert over_s3.columns, name
+    assert run_query("overview", built.url).rows, "the overview of a real build has rows"
+    # the command line too, in a process of its own
+    result = cli("queries", "rejects_by_reason", "--data", built.url, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == cli_table(run_query("rejects_by_reason", built.copy)).strip()
+
+
+# --- 3. the report ---------------------------------------------------------------------------------------
+
+
+def test_the_report_is_written_to_s3(s3: S3, built: Built) -> None:
+    report = [n for n in s3.find("out") if n.startswith("report/")]
+    local = sorted(p.relative_to(built.local).as_posix() for p in (built.local / "report").rglob("*") if p.is_file())
+    assert report == local and "report/index.html" in report
+    html = s3.fs.cat_file(f"{BUCKET}/out/report/index.html").decode()
+    linked = set(re.findall(r'(?:src|href)="([^"#:]+)"', html))
+    assert linked, "the report shows images"
+    for link in linked:
+        assert f"report/{link}" in report, f"the report links {link}, which is not in S3"
+    stats = json.loads(s3.fs.cat_file(f"{BUCKET}/out/stats.json"))
+    assert str(stats["written"]) in html
+    # the summary the build printed points at the report in S3
+    assert f"s3://{BUCKET}/out/report/index.html" in built.result.stderr
+
+
+# --- 4. resume after kill -9, and --retry-failed, into S3 ------------------------------------------------
+
+
+def summary_of(out: Path) -> tuple[list, dict[str, str]]:
+    status = status_table(out).sort_by([("input_row", "ascending")])
+    rows = list(zip(status["input_row"].to_pylist(), status["key"].to_pylist(), status["status"].to_pylist(),
+                    status["duplicate_of"].to_pylist()))
+    return rows, {r["key"]: r["sha256"] for r in metadata_table(out).to_pylist()}
+
+
+def test_resume_after_kill_minus_9_into_s3(s3: S3, built: Built, ray_cluster: str, server: ImageServer,
+                                           tmp_path: Path) -> None:
+    args = build_args(server, ray_cluster, built.input_url, f"s3://{BUCKET}/killed", "--no-progress")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.build_laion_face", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(n.startswith("status/") and n.endswith(".parquet") and ".tmp-" not in n for n in s3.find("killed")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert "stats.json" not in s3.find("killed"), "killed mid-run"
+    done = cli("pipeline.build_laion_face", *args)
+    assert done.returncode == 0, done.stderr
+    objects = s3.find("killed")
+    assert not [n for n in objects if ".tmp-" in n], "no temporary object left"
+    assert objects == s3.find("out"), "the files of an uninterrupted build"
+    copy = s3.download("killed", tmp_path / "killed")
+    check_consistent(copy, built.rows)
+    assert summary_of(copy) == summary_of(built.copy)
+    for tar in sorted((built.copy / "shards").glob("*.tar")):
+        assert tar_members(copy / "shards" / tar.name) == tar_members(tar), tar.name
+
+
+def test_retry_failed_into_s3(s3: S3, ray_cluster: str, server: ImageServer, tmp_path: Path) -> None:
+    photos = server.photos[:3]
+    urls = [server.url(p) for p in photos]
+    urls += [server.url(f"/fault/flaky?id=s3-retry-{i}&fail=1&src={p}") for i, p in enumerate(server.photos[3:5])]
+    s3.fs.put_file(str(laion_parquet(tmp_path / "flaky.parquet", urls + [server.url("/fault/404")])),
+                   f"{BUCKET}/retry-in/flaky.parquet")
+    args = build_args(server, ray_cluster, f"s3://{BUCKET}/retry-in/flaky.parquet", f"s3://{BUCKET}/retry",
+                      "--shard-size", "3", "--no-near-dedupe", "--no-progress")
+    first = cli("pipeline.build_laion_face", *args)
+    assert first.returncode == 0, first.stderr
+    status, _, _ = check_consistent(s3.download("retry", tmp_path / "first"), 6)
+    assert Counter(status["status"].to_pylist()) == {"ok": 3, "server_error": 2, "http_error": 1}
+    again = cli("pipeline.build_laion_face", *args, "--retry-failed")
+    assert again.returncode == 0, again.stderr
+    status, metadata, _ = check_consistent(s3.download("retry", tmp_path / "again"), 6)
+    assert Counter(status["status"].to_pylist()) == {"ok": 5, "http_error": 1}
+    assert "00001_1" in set(metadata["shard"].to_pylist())  # the retried rows went into a shard of their own
+    assert "shards/00001_1.tar" in s3.find("retry")
+
+
+# --- 5. subset, pre-training and export on S3 -------------------------------------------------------------
+
+
+def test_subset_reads_s3_and_writes_s3(s3: S3, built: Built, tmp_path: Path) -> None:
+    keys = sorted(metadata_table(built.copy)["key"].to_pylist())[::2]
+    (tmp_path / "keys.txt").write_text("".join(f"{k}\n" for k in keys))
+    result = cli("pipeline.subset", "--data", built.url, "--keys", str(tmp_path / "keys.txt"),
+                 "--output", f"s3://{BUCKET}/subset", "--shard-size", "3", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(keys)} samples in" in result.stdout
+    subset = s3.download("subset", tmp_path / "subset")
+    assert sorted((subset / "keys.txt").read_text().split()) == keys
+    metadata = metadata_table(subset)
+    assert sorted(metadata["key"].to_pylist()) == keys
+    originals = {}
+    for tar in (built.copy / "shards").glob("*.tar"):
+        originals.update(tar_members(tar))
+    copied = {}
+    for tar in sorted((subset / "shards").glob("*.tar")):
+        copied.update(tar_members(tar))
+    assert copied == {name: data for name, data in originals.items() if name.split(".", 1)[0] in set(keys)}
+    assert not [n for n in s3.find("subset") if ".tmp-" in n]
+
+
+def test_pretrain_reads_s3_and_checkpoints_to_s3_then_export_reads_and_writes_s3(s3: S3, built: Built, ray_cluster: str,
+                                                                                 tmp_path: Path) -> None:
+    """Two Ray Train workers (DDP over gloo), as on a cluster: they read the shards from S3, and rank 0
+    writes the checkpoints there from a Ray worker process."""
+    output = f"s3://{BUCKET}/pretrain"
+    result = cli("train.pretrain", "--config", str(ROOT / "configs" / "pretrain_tiny.yaml"), "--data", built.url,
+                 "--output", output, "--log-dir", str(tmp_path / "logs"), "--steps", "2", "--checkpoint-every", "1",
+                 "--log-every", "1", "--batch-size", "4", "--warmup-steps", "1", "--no-progress",
+                 "--workers", "2", "--address", ray_cluster, timeout=300)
+    assert result.returncode == 0, result.stderr
+    checkpoints = [n for n in s3.find("pretrain") if n.startswith("checkpoints/")]
+    assert {"checkpoints/latest.json", "checkpoints/step_00000002.pt", "checkpoints/step_00000002.state.pt"} \
+        <= set(checkpoints), checkpoints
+    assert not [n for n in checkpoints if ".tmp-" in n]
+    assert json.loads(s3.fs.cat_file(f"{BUCKET}/pretrain/checkpoints/latest.json"))["step"] == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps and max(steps) == 2
+    trained = torch.load(io.BytesIO(s3.fs.cat_file(f"{BUCKET}/pretrain/checkpoints/step_00000002.pt")),
+                         map_location="cpu", weights_only=True)
+    assert trained["step"] == 2
+
+    exported = cli("train.export", "--source", output, "--output", f"s3://{BUCKET}/export/farl.pt", timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    assert f"from {output}/checkpoints/step_00000002.pt" in exported.stdout
+    weights = torch.load(io.BytesIO(s3.fs.cat_file(f"{BUCKET}/export/farl.pt")), map_location="cpu", weights_only=True)
+    assert weights["exported_from"].endswith("step_00000002.pt")
+    assert set(weights["state_dict"]) < set(trained["state_dict"])  # without the MIM branch
+    for key, value in weights["state_dict"].items():
+        assert torch.equal(value, trained["state_dict"][key]), key
+    assert s3.find("export") == ["farl.pt"]
+
+
+# --- 6. credentials stay out of everything the build writes or says --------------------------------------
+
+
+def test_credentials_appear_nowhere(s3: S3, built: Built) -> None:
+    said = built.result.stdout + built.result.stderr
+    assert said.strip(), "the build said something (its summary)"
+    for secret in (KEY_ID, SECRET):
+        assert secret not in said
+        for path in sorted(p for p in built.copy.rglob("*") if p.is_file()):  # stats, inputs, report, tables, shards
+            assert secret.encode() not in path.read_bytes(), path.relative_to(built.copy)
+
+
+# --- 7. a bucket that refuses writes ---------------------------------------------------------------------
+
+
+def test_a_bucket_that_refuses_writes_gives_one_error_line(s3: S3, built: Built, tmp_path: Path) -> None:
+    """A user whose policy denies PutObject on the bucket, with moto's IAM checks on for this test."""
+    import boto3
+
+    s3.fs.mkdir("refusing-bucket")
+    iam = boto3.client("iam", endpoint_url=s3.endpoint, region_name="us-east-1")
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+            {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::refusing-bucket/*"}]}))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    previous = requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"0", timeout=10).json()
+    try:
+        result = subprocess.run([sys.executable, "-m", "pipeline.build_laion_face", "--input", str(built.local_input),
+                                 "--output", "s3://refusing-bucket/out", "--detector", "none"],
+                                cwd=ROOT, text=True, capture_output=True, timeout=120, env=env)
+    finally:
+        requests.post(f"{s3.endpoint}/moto-api/reset-auth",
+                      data=str(previous["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]).encode(), timeout=10)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: output s3://refusing-bucket/out is not writable"), lines
+    assert "Access Denied" in lines[0] or "AccessDenied" in lines[0], lines
+    assert key["SecretAccessKey"] not in result.stderr and SECRET not in result.stderr
+    assert s3.fs.find("refusing-bucket") == [], "nothing written"
