@@ -63,6 +63,17 @@ class Output:
         return self.path("status", f"{unit:05d}.parquet")
 
     def make_dirs(self) -> None:
+        """The output's folders; on S3 only in a bucket that exists (s3fs's makedirs would create a
+        bucket a typo names)."""
+        if "s3" in self.fs.protocol:
+            bucket = self.root.split("/", 1)[0]
+            try:
+                self.fs.call_s3("head_bucket", Bucket=bucket)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"bucket {bucket} does not exist (create it first: the builder "
+                                        "never creates buckets)") from None
+            except OSError:  # not allowed to ask (403): the write check that follows decides
+                pass
         for sub in ("shards", "metadata", "status", "rejects"):
             self.fs.makedirs(self.path(sub), exist_ok=True)
 

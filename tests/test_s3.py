@@ -419,3 +419,15 @@ def test_a_bucket_that_refuses_writes_gives_one_error_line(s3: S3, built: Built,
     assert "Access Denied" in lines[0] or "AccessDenied" in lines[0], lines
     assert key["SecretAccessKey"] not in result.stderr and SECRET not in result.stderr
     assert s3.fs.find("refusing-bucket") == [], "nothing written"
+
+
+def test_a_bucket_that_does_not_exist_is_refused_not_created(s3: S3, tmp_path: Path) -> None:
+    """s3fs's makedirs creates a missing bucket: a typo in --output would make one and build into it."""
+    parquet = laion_parquet(tmp_path / "in.parquet", ["http://127.0.0.1:9/a.jpg"])
+    result = cli("pipeline.build_laion_face", "--input", str(parquet), "--output", "s3://no-such-bucket-typo/out",
+                 "--detector", "none", timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert lines == ["error: output s3://no-such-bucket-typo/out is not writable: bucket no-such-bucket-typo does "
+                     "not exist (create it first: the builder never creates buckets)"], lines
+    assert not s3.fs.exists("no-such-bucket-typo")
