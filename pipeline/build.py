@@ -35,7 +35,7 @@ from pipeline.schema import (METADATA_SCHEMA, PHASH_VERSION, TRANSIENT_STATUSES,
                              shard_attempt, shard_name, shard_unit)
 from pipeline.source import (Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_rows, read_unit,
                              register_inputs, unit_samples)
-from pipeline.storage import Output
+from pipeline.storage import Output, StorageError
 from pipeline.write import commit_unit, referenced_shards, remove_orphans
 
 
@@ -78,13 +78,18 @@ def source_fetch_decode(batch: dict, config: BuildConfig, output_url: str, allow
 def filter_and_commit(batch: dict, config: BuildConfig, output_url: str) -> dict:
     """Apply the face filter and commit each unit; returns its status counts."""
     output = Output(output_url)
-    done: dict[str, list] = {"unit": [], "counts": []}
+    done: dict[str, list] = {"unit": [], "counts": [], "error": []}
     for unit, shard, samples in iter_units(batch):
         if config.detector != "none":
             filter_samples(samples, config)
         previous = output.read_table(output.status_path(unit)) if "_" in shard else None
+        try:
+            counts, error = commit_unit(output, unit, shard, samples, previous), ""
+        except OSError as err:  # past the store's retries; raised here, Ray would print the whole traceback
+            counts, error = {}, f"{type(err).__name__}: {err}"
         done["unit"].append(unit)
-        done["counts"].append(json.dumps(commit_unit(output, unit, shard, samples, previous)))
+        done["counts"].append(json.dumps(counts))
+        done["error"].append(error)
     return done
 
 
@@ -182,6 +187,9 @@ def run_units(work: list[Work], output: Output, config: BuildConfig, allowlist_r
     ds = ds.map_batches(filter_and_commit, batch_size=1, num_cpus=0.25,
                         fn_kwargs={"config": config, "output_url": output.url})
     for row in ds.iter_rows():
+        if row["error"]:  # the unit is not committed: a rerun does it again
+            raise StorageError(f"writing unit {row['unit']} to {output.url} failed after the store's retries: "
+                               f"{row['error']}")
         yield int(row["unit"]), json.loads(row["counts"])
 
 

@@ -11,15 +11,18 @@ Rerunning the same command after a kill finishes the job.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from demo.build import build_demo
 from pipeline.build import build
 from pipeline.build_config import BuildConfig
 from pipeline.config import ConfigError, load_config
+from pipeline.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_ray_data_console()
     try:
         config = load_config(BuildConfig, argv, __doc__.split("\n\n")[0])
         if config.input:
@@ -29,7 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:
+        print(f"error: {err}; nothing half-written is left: rerun the same command to go on", file=sys.stderr)
+        return 1
     return 0
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data repeats a failed task's traceback on the console, and warns there about its own
+    progress bars; this command prints its own progress, summary and one error line. Everything
+    still goes to Ray Data's log file (the Ray session's logs/ray-data/)."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+            handler.setLevel(logging.CRITICAL)
 
 
 if __name__ == "__main__":

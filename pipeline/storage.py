@@ -33,6 +33,11 @@ def read_parquet(f: IO[bytes], columns: list[str] | None = None, row_groups: lis
     return parquet.read_row_groups(row_groups, columns=columns, use_threads=False)
 
 
+class StorageError(Exception):
+    """The output store failed a write after its own retries (a bucket that throttles or drops
+    connections past them): the build stops with one line, and a rerun goes on from there."""
+
+
 class Output:
     """OUT/{shards,metadata,status}/ plus the small JSON files at its top."""
 

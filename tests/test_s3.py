@@ -18,12 +18,15 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.client import HTTPConnection
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -431,3 +434,124 @@ def test_a_bucket_that_does_not_exist_is_refused_not_created(s3: S3, tmp_path: P
     assert lines == ["error: output s3://no-such-bucket-typo/out is not writable: bucket no-such-bucket-typo does "
                      "not exist (create it first: the builder never creates buckets)"], lines
     assert not s3.fs.exists("no-such-bucket-typo")
+
+
+# --- a store that throttles and drops connections ------------------------------------------------------
+# A reverse proxy on loopback in front of the moto server that answers some object writes (PUT) with
+# S3's 503 SlowDown or cuts the connection half-way through the upload: what a busy bucket does.
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+@dataclass
+class Faults:
+    slow_down: int = 0  # the next this many PUTs get 503 SlowDown
+    drop: int = 0  # the next this many PUTs lose their connection half-way
+    fail_after: int | None = None  # every PUT after this many get 503 SlowDown
+    puts: int = 0
+    injected: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def decide(self) -> str:
+        with self.lock:
+            self.puts += 1
+            for name in ("slow_down", "drop"):
+                if getattr(self, name) > 0:
+                    setattr(self, name, getattr(self, name) - 1)
+                    self.injected[name] += 1
+                    return name
+            if self.fail_after is not None and self.puts > self.fail_after:
+                self.injected["slow_down"] += 1
+                return "slow_down"
+            return "pass"
+
+
+def faulty_proxy(upstream: str, faults: Faults) -> ThreadingHTTPServer:
+    host, port = upstream.rsplit("/", 1)[1].split(":")
+
+    class Proxy(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def relay(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            fault = faults.decide() if self.command == "PUT" else "pass"
+            if fault == "drop":
+                self.connection.shutdown(socket.SHUT_RDWR)  # mid-upload, as far as the client can tell
+                self.close_connection = True
+                return
+            if fault == "slow_down":
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                self.end_headers()
+                self.wfile.write(SLOW_DOWN)
+                return
+            connection = HTTPConnection(host, int(port), timeout=60)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding")}
+            connection.request(self.command, self.path, body=body, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+            self.send_response(response.status)
+            for name, value in response.getheaders():
+                if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    self.send_header(name, value)
+            # a HEAD's Content-Length is the object's size, with no body
+            self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD"
+                             else str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            connection.close()
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = relay
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def build_through(proxy: ThreadingHTTPServer, server: ImageServer, built: Built, output: str) -> subprocess.CompletedProcess:
+    """A build with its own Ray, whose workers reach S3 only through the proxy."""
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.server_address[1]}"}
+    return subprocess.run([sys.executable, "-m", "pipeline.build_laion_face", "--input", built.input_url,
+                           "--output", output, "--allow-host", f"127.0.0.1:{server.port}", *BUILD_FLAGS,
+                           "--no-progress"], cwd=ROOT, text=True, capture_output=True, timeout=300, env=env)
+
+
+def test_throttling_and_dropped_uploads_are_retried(s3: S3, built: Built, server: ImageServer,
+                                                    tmp_path: Path) -> None:
+    faults = Faults(slow_down=6, drop=3)
+    proxy = faulty_proxy(s3.endpoint, faults)
+    try:
+        result = build_through(proxy, server, built, f"s3://{BUCKET}/throttled")
+    finally:
+        proxy.shutdown()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert faults.injected == {"slow_down": 6, "drop": 3}
+    copy = s3.download("throttled", tmp_path / "throttled")
+    assert not [n for n in s3.find("throttled") if ".tmp-" in n]
+    check_consistent(copy, built.rows)
+    assert summary_of(copy) == summary_of(built.copy)
+
+
+def test_a_store_that_keeps_refusing_gives_one_error_line_and_leaves_nothing_half_written(
+        s3: S3, built: Built, server: ImageServer) -> None:
+    faults = Faults(fail_after=8)  # the output's first files go through, then every write is throttled
+    proxy = faulty_proxy(s3.endpoint, faults)
+    try:
+        result = build_through(proxy, server, built, f"s3://{BUCKET}/refused")
+    finally:
+        proxy.shutdown()
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
+    assert re.fullmatch(rf"error: writing unit \d+ to s3://{BUCKET}/refused failed after the store's retries: "
+                        r"\w+: .*Please reduce your request rate\.; nothing half-written is left: "
+                        r"rerun the same command to go on", errors[0]), errors
+    assert faults.injected["slow_down"] > 1  # retried before giving up
+    objects = s3.find("refused")
+    assert not [n for n in objects if ".tmp-" in n], "nothing half-written"
+    assert "stats.json" not in objects
