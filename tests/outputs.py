@@ -1,15 +1,33 @@
-"""Shared by the end-to-end tests: LAION-format input files, and a build's output read back raw."""
+"""Shared by the end-to-end tests: a server of real photos, LAION-format input files, and a build's
+output read back raw."""
 
 from __future__ import annotations
 
 import json
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from demo.data import make_demo_images
+from demo.server import ImageServer
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def photo_server() -> Iterator[ImageServer]:
+    """The demo's distinct real photos (faces and non-faces) at /p/0, /p/1, ...; `photos` lists
+    (path, image), and the server's fault paths come with it."""
+    with ImageServer(stall_seconds=30) as srv:
+        srv.photos = []
+        for i, image in enumerate(make_demo_images(seed=1)):
+            srv.add(f"/p/{i}", image.data, image.content_type)
+            srv.photos.append((f"/p/{i}", image))
+        yield srv
 
 
 def laion_parquet(path: Path, urls: list[str], **extra_columns) -> Path:

@@ -20,9 +20,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from demo.data import make_demo_images
 from demo.server import ImageServer
-from outputs import ROOT, check_consistent, laion_parquet, metadata_table, status_table
+from outputs import ROOT, check_consistent, laion_parquet, metadata_table, photo_server, status_table
 from pipeline import dedupe
 from pipeline.build import build
 from pipeline.build_config import BuildConfig
@@ -30,12 +29,7 @@ from pipeline.schema import METADATA_SCHEMA, STATUSES
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ImageServer]:
-    """Distinct real photos at /p/0.jpg, /p/1.jpg, ... (faces and non-faces)."""
-    with ImageServer(stall_seconds=30) as srv:
-        srv.photos = []
-        for i, image in enumerate(make_demo_images(seed=1)):
-            srv.add(f"/p/{i}", image.data, image.content_type)
-            srv.photos.append((f"/p/{i}", image))
+    with photo_server() as srv:
         yield srv
 
 

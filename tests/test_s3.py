@@ -36,9 +36,8 @@ import s3fs
 import torch
 from moto.server import ThreadedMotoServer
 
-from demo.data import make_demo_images
 from demo.server import ImageServer
-from outputs import ROOT, check_consistent, laion_parquet, metadata_table, status_table, tar_members
+from outputs import ROOT, check_consistent, laion_parquet, metadata_table, photo_server, status_table, tar_members
 from pipeline.storage import read_parquet
 from queries import list_queries, run_query
 from queries.__main__ import format_table as cli_table
@@ -135,11 +134,8 @@ def ray_cluster(s3: S3) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ImageServer]:
-    with ImageServer(stall_seconds=30) as srv:
-        srv.photos = []
-        for i, image in enumerate(make_demo_images(seed=1)):
-            srv.add(f"/p/{i}", image.data, image.content_type)
-            srv.photos.append(f"/p/{i}")
+    with photo_server() as srv:
+        srv.photos = [path for path, _ in srv.photos]
         yield srv
 
 
