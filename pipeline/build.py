@@ -2,7 +2,7 @@
 
 `build(config)` runs (or, after a kill, finishes) one build; its command line is
 `pipeline/build_laion_face.py`. Data flows one way, one Ray Data operator per stage, one work
-unit (`shard_size` input rows) per row: source -> fetch -> decode (CPU tasks) -> detect (actor
+unit (`shard_size` input rows, by default a few units per CPU) per row: source -> fetch -> decode (CPU tasks) -> detect (actor
 pool) -> filter -> write, then the global image dedupe.
 """
 
@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -238,13 +238,14 @@ def warm_up_workers() -> None:
 
 
 def plan_summary(started: float, timings: dict[str, float], inputs: list[dict], units: list[Unit],
-                 work: list[Work], url_duplicates: int, verbose: bool) -> dict:
+                 work: list[Work], url_duplicates: int, config: BuildConfig) -> dict:
     """What --plan-only returns (and prints): the plan a build would carry out."""
     plan = {"input_files": len(inputs), "input_rows": sum(entry["rows"] for entry in inputs), "units": len(units),
-            "units_to_do": len(work), "url_duplicates_planned": url_duplicates,
+            "rows_per_unit": config.shard_size, "units_to_do": len(work), "url_duplicates_planned": url_duplicates,
             "seconds": round(time.time() - started, 2), "stage_seconds": {k: round(v, 2) for k, v in timings.items()}}
-    if verbose:
+    if config.progress:
         print(f"plan only: {plan['input_rows']} rows in {plan['input_files']} files -> {plan['units']} units "
+              f"of {config.shard_size} rows "
               f"({plan['units_to_do']} to do), {url_duplicates} URL duplicates planned, in {plan['seconds']:.1f} s; "
               "nothing downloaded", file=sys.stderr)
     return plan
@@ -261,10 +262,11 @@ def build(config: BuildConfig) -> dict:
         config.insightface_model = str(insightface_model_path(config))
     rows = check_inputs(paths, config)  # every input is checked before anything is written
     output = check_output(config.output)
-    inputs = register_inputs(output, rows, config, allowlist)
 
-    start_ray(config.address)
+    start_ray(config.address)  # before registering: a new output's unit size follows the cluster's CPUs
     warm_up_workers()
+    inputs, shard_size = register_inputs(output, rows, config, allowlist, ray.cluster_resources().get("CPU", 1.0))
+    config = replace(config, shard_size=shard_size)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.progress and sys.stderr.isatty()
     context.print_on_execution_start = False
@@ -290,7 +292,7 @@ def build(config: BuildConfig) -> dict:
         url_duplicates = plan_url_dedupe(output, units, config, allowlist_ref)
         timings["plan_s"] = time.time() - t0
     if config.plan_only:
-        return plan_summary(started, timings, inputs, units, work, url_duplicates, config.progress)
+        return plan_summary(started, timings, inputs, units, work, url_duplicates, config)
     if work:
         t0 = time.time()
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0

@@ -53,7 +53,9 @@ class BuildConfig:
     min_caption_length: int | None = option(None, "drop rows whose caption has fewer characters")
     sample_ids: str | None = option(None, "allow-list of SAMPLE_IDs (text file, one per line, or parquet with a "
                                           "SAMPLE_ID column): only these rows are fetched, e.g. LAION-Face's ID lists")
-    shard_size: int = option(10000, "input rows per work unit, so at most this many samples per shard")
+    shard_size: int | None = option(None, "input rows per work unit, so at most this many samples per shard; "
+                                          "default: 2 units per cluster CPU, 1,000 to 10,000 rows each; an output "
+                                          "keeps the size of its first run")
 
     # --- fetch ---
     threads_per_task: int = option(32, "concurrent downloads inside one fetch task")
@@ -103,7 +105,7 @@ class BuildConfig:
     progress: bool = option(True, "show progress bars")
 
     def validate(self) -> None:
-        if self.shard_size < 1:
+        if self.shard_size is not None and self.shard_size < 1:
             raise ConfigError("shard_size must be at least 1")
         too_small = self.detect_batch_size is not None and self.detect_batch_size < 1
         if too_small or self.detect_actors < 1 or self.threads_per_task < 1:

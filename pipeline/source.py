@@ -69,22 +69,37 @@ def check_inputs(paths: list[str], config: BuildConfig) -> dict[str, int]:
     return rows
 
 
+AUTO_UNITS_PER_CPU = 2  # a few units per CPU, so a slow unit (dead hosts, timeouts) does not leave CPUs idle at the end
+AUTO_UNIT_ROWS = (1_000, 10_000)  # a shard of fewer rows costs more in files than it gains; more makes resumes coarse
+
+
+def auto_shard_size(rows: int, cpus: float) -> int:
+    """Rows per unit when --shard-size is not given: a unit is one fetch task, so an input of a few
+    thousand rows as one unit would download on one core however many the cluster has."""
+    smallest, largest = AUTO_UNIT_ROWS
+    return min(largest, max(smallest, -(-rows // max(1, AUTO_UNITS_PER_CPU * int(cpus)))))
+
+
 def register_inputs(output: Output, rows: dict[str, int], config: BuildConfig,
-                    allowlist: np.ndarray | None = None) -> list[dict]:
-    """Number the input files and their units for this output, once and for good.
+                    allowlist: np.ndarray | None = None, cpus: float = 1.0) -> tuple[list[dict], int]:
+    """Number the input files and their units for this output, once and for good; returns the
+    files' entries and the output's rows per unit.
 
     OUT/inputs.json records every file ever built into OUT with its row count and first unit,
-    so a file keeps its units whichever files a later run is given, and the settings that decide
-    what a unit writes (BuildConfig.unit_settings, and which allow-list): a run with others would
-    leave one dataset made two ways, so it is refused.
+    so a file keeps its units whichever files a later run is given; the rows per unit, chosen on
+    the first run (--shard-size, else auto_shard_size from the rows and the cluster's `cpus`) and
+    kept by every later one; and the settings that decide what a unit writes
+    (BuildConfig.unit_settings, and which allow-list): a run with others would leave one dataset
+    made two ways, so it is refused.
     """
-    shard_size = config.shard_size
     settings = {**config.unit_settings(), "sample_ids": None if allowlist is None else
                 hashlib.sha256(allowlist.tobytes()).hexdigest()[:16]}  # the IDs, wherever the file lies
-    registry = output.read_json("inputs.json") or {"shard_size": shard_size, "files": [], "settings": settings}
-    if registry["shard_size"] != shard_size:
-        raise ConfigError(f"{output.url} was built with shard_size {registry['shard_size']}, not {shard_size}; "
-                          f"keep it or use a new output directory")
+    registry = output.read_json("inputs.json") or {
+        "shard_size": config.shard_size or auto_shard_size(sum(rows.values()), cpus), "files": [], "settings": settings}
+    shard_size = registry["shard_size"]
+    if config.shard_size is not None and config.shard_size != shard_size:
+        raise ConfigError(f"{output.url} was built with shard_size {shard_size}, not {config.shard_size}; "
+                          f"keep it (or leave --shard-size out) or use a new output directory")
     built_with = registry.setdefault("settings", settings)  # outputs from before settings were recorded
     changed = [f"{name} {built_with[name]!r} -> {value!r}" for name, value in settings.items()
                if name in built_with and built_with[name] != value]
@@ -103,7 +118,7 @@ def register_inputs(output: Output, rows: dict[str, int], config: BuildConfig,
             by_path[path] = {"path": path, "index": len(known), "rows": count, "first_unit": first_unit}
             known.append(by_path[path])
     output.write_json("inputs.json", registry)
-    return [by_path[p] for p in rows]
+    return [by_path[p] for p in rows], shard_size
 
 
 def plan_units(inputs: list[dict], shard_size: int) -> list[Unit]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import webdataset as wds
 from PIL import Image
 
@@ -165,6 +166,18 @@ def test_plan_only_plans_the_url_dedupe_and_downloads_nothing(server: ImageServe
     assert json.loads((out / "inputs.json").read_text())["files"][1]["first_unit"] == 2
     assert not [p for p in out.iterdir() if p.name in ("status", "metadata", "shards", "stats.json", "report")
                 and (p.is_file() or any(p.iterdir()))], "nothing downloaded, nothing written but the plan"
+
+
+def test_without_shard_size_a_build_plans_units_for_every_cpu(server: ImageServer, ray_address: str,
+                                                              tmp_path: Path) -> None:
+    """5,000 rows on this session's 2-CPU Ray: 2 units per CPU of 1,250 rows, not one unit (one
+    fetch task, one busy core); the output records the size for its reruns."""
+    out = tmp_path / "out"
+    parquet = laion_parquet(tmp_path / "a.parquet", [server.url(f"/p/{i}") for i in range(5_000)])
+    assert ray.cluster_resources()["CPU"] == 2
+    plan = build(settings(server, out, input=[str(parquet)], shard_size=None, plan_only=True))
+    assert (plan["units"], plan["rows_per_unit"]) == (4, 1_250)
+    assert json.loads((out / "inputs.json").read_text())["shard_size"] == 1_250
 
 
 # --- resume after kill -9, and --retry-failed --------------------------------------------------------

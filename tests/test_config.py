@@ -32,7 +32,7 @@ def test_documented_defaults() -> None:
     config = load()
     assert config.input == [] and config.output == "out/demo"
     assert (config.url_col, config.caption_col, config.sample_id_col) == ("URL", "TEXT", "SAMPLE_ID")
-    assert config.shard_size == 10000
+    assert config.shard_size is None  # auto: source.auto_shard_size
     assert config.detector == "retinaface"
     assert config.min_face_score == 0.9 and config.min_face_size == 32
     assert config.image_max_side == 512
@@ -136,7 +136,7 @@ def test_unknown_yaml_key_names_key_and_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text, key", [("shard_size: abc\n", "shard_size"), ("min_face_score: high\n", "min_face_score"),
-                                       ("progress: maybe\n", "progress"), ("shard_size: null\n", "shard_size")])
+                                       ("progress: maybe\n", "progress"), ("min_face_size: null\n", "min_face_size")])
 def test_wrong_yaml_type_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load("--config", yaml_file(tmp_path, text))

@@ -120,9 +120,9 @@ def test_plan_units_slices_every_row_once() -> None:
 
 def test_unit_numbers_stay_stable_when_a_file_is_added(tmp_path: Path) -> None:
     output = Output(str(tmp_path))
-    before = plan_units(register_inputs(output, {"b.parquet": 25}, BuildConfig(shard_size=10)), 10)
+    before = plan_units(*register_inputs(output, {"b.parquet": 25}, BuildConfig(shard_size=10)))
     # a later run adds a file that sorts first: the earlier file keeps its number and its units
-    after = plan_units(register_inputs(output, {"a.parquet": 12, "b.parquet": 25}, BuildConfig(shard_size=10)), 10)
+    after = plan_units(*register_inputs(output, {"a.parquet": 12, "b.parquet": 25}, BuildConfig(shard_size=10)))
     assert set(before) <= set(after)
     assert [(u.unit, u.file_index) for u in after if u.path == "a.parquet"] == [(3, 1), (4, 1)]
     assert {k: v for k, v in output.read_json("inputs.json").items() if k != "settings"} == {"shard_size": 10, "files": [
@@ -135,6 +135,29 @@ def test_register_inputs_refuses_another_shard_size(tmp_path: Path) -> None:
     register_inputs(output, {"a.parquet": 25}, BuildConfig(shard_size=10))
     with pytest.raises(ConfigError, match="shard_size 10"):
         register_inputs(output, {"a.parquet": 25}, BuildConfig(shard_size=20))
+
+
+@pytest.mark.parametrize("rows, cpus, expected", [
+    (6_000, 2, 1_500),  # a few thousand rows still reach every CPU, twice
+    (300, 2, 1_000),  # no unit below 1,000 rows: a small build stays one shard
+    (400_000_000, 800, 10_000),  # nor above 10,000 at LAION size
+    (50_000, 16, 1_563)])
+def test_an_output_without_shard_size_gets_units_for_every_cpu(tmp_path: Path, rows: int, cpus: int,
+                                                               expected: int) -> None:
+    inputs, shard_size = register_inputs(Output(str(tmp_path)), {"a.parquet": rows}, BuildConfig(), cpus=cpus)
+    assert shard_size == expected and len(plan_units(inputs, shard_size)) == -(-rows // expected)
+
+
+def test_an_output_keeps_its_first_runs_unit_size_on_another_cluster(tmp_path: Path) -> None:
+    output = Output(str(tmp_path))
+    first, size = register_inputs(output, {"a.parquet": 6_000}, BuildConfig(), cpus=2)
+    # resumed on a bigger cluster, with a file added: the units already planned stay what they were
+    later, size_later = register_inputs(output, {"a.parquet": 6_000, "b.parquet": 9_000}, BuildConfig(), cpus=64)
+    assert size_later == size == 1_500
+    assert set(plan_units(first, size)) <= set(plan_units(later, size_later))
+    assert register_inputs(output, {"a.parquet": 6_000}, BuildConfig(shard_size=1_500), cpus=8)[1] == 1_500
+    with pytest.raises(ConfigError, match="shard_size 1500, not 1000"):
+        register_inputs(output, {"a.parquet": 6_000}, BuildConfig(shard_size=1_000), cpus=2)
 
 
 def test_register_inputs_refuses_settings_that_change_what_a_unit_writes(tmp_path: Path) -> None:
@@ -156,8 +179,8 @@ def test_register_inputs_refuses_settings_that_change_what_a_unit_writes(tmp_pat
 
 def test_units_of_a_file_built_alone_later_do_not_collide(tmp_path: Path) -> None:
     output = Output(str(tmp_path))
-    first = plan_units(register_inputs(output, {"a.parquet": 25}, BuildConfig(shard_size=10)), 10)
-    later = plan_units(register_inputs(output, {"b.parquet": 15}, BuildConfig(shard_size=10)), 10)
+    first = plan_units(*register_inputs(output, {"a.parquet": 25}, BuildConfig(shard_size=10)))
+    later = plan_units(*register_inputs(output, {"b.parquet": 15}, BuildConfig(shard_size=10)))
     assert not {u.unit for u in first} & {u.unit for u in later}
 
 
