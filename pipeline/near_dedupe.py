@@ -8,7 +8,9 @@ comparing all pairs, each hash is cut into 4 bands of 16 bits: two hashes within
 within r = k // 4 bits on at least one band (pigeonhole). Every image is filed under the band
 values within r bits of its pHash's and looks under the exact band values of each of its 16
 hashes; a Ray Data groupby on (band, value) brings candidates together, where the full distance
-is checked. No process ever holds every hash.
+is checked. No process ever holds every hash. Images with the same 16 hashes (a photo served at
+many URLs) are found first, by a groupby on the pHash: only the best of them is compared, and the
+others lose to it or inherit its winner, so copies cost rows, not pairs of rows.
 
 The kept copy is deterministic: the larger image (original pixels), then the smaller key. An
 image is removed when any image of higher priority is within k bits of it. Images of the
@@ -156,23 +158,86 @@ def best_winners(pairs: pa.Table) -> pa.Table:
 
 
 def with_partition(table: pa.Table, column: str, partitions: int) -> pa.Table:
-    """Adds `part`, the shuffle partition of each row: by its bucket, or by its (loser's) key."""
-    values = table[column].to_numpy() if column == "bucket" else np.array(
+    """Adds `part`, the shuffle partition of each row: by an integer column (a bucket, a pHash), or
+    by a key (a loser's, a representative's)."""
+    values = table[column].to_numpy() if pa.types.is_integer(table[column].type) else np.array(
         [int(key) for key in table[column].to_pylist()], dtype=np.int64)  # dataset keys are digits
     return table.append_column("part", pa.array(values % partitions, pa.int64()))
+
+
+def mark_copies(items: pa.Table) -> pa.Table:
+    """Adds `representative`: for an item whose 16 hashes equal a higher-priority item's (the larger,
+    then the smaller key), that item's key; else null. Excluded images are never marked.
+
+    A copy's comparisons are its representative's, so only representatives go through the buckets:
+    a photo copied c times would otherwise cost c x c comparisons in each bucket it falls in."""
+    n = items.num_rows
+    hashes = np.c_[items["phash"].to_numpy(), pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES)]
+    area, keys = items["area"].to_numpy(), np.array(items["key"].to_pylist(), dtype=str)
+    order = np.lexsort((keys, -area, *hashes.T[::-1]))  # same hashes together, best first
+    excluded = area[order] == REFERENCE_AREA  # neither marked nor a representative
+    same = np.r_[False, (hashes[order][1:] == hashes[order][:-1]).all(axis=1) & ~excluded[1:] & ~excluded[:-1]]
+    first = np.maximum.accumulate(np.where(same, 0, np.arange(n)))  # each row's run start
+    representative, representative_area = np.full(n, None, dtype=object), np.zeros(n, np.int64)
+    representative[order[same]] = keys[order[first[same]]]
+    representative_area[order[same]] = area[order[first[same]]]
+    return items.append_column("representative", pa.array(representative, pa.string())).append_column(
+        "representative_area", pa.array(representative_area))
+
+
+def copy_pairs(marked: pa.Table) -> pa.Table:
+    """PAIRS_SCHEMA rows of the marked copies: each loses to its representative, at distance 0."""
+    copies = marked.filter(pc.is_valid(marked["representative"]))
+    return pa.table({"key": copies["key"], "shard": copies["shard"], "winner": copies["representative"],
+                     "winner_area": copies["representative_area"], "distance": pa.array(np.zeros(copies.num_rows, np.int32)),
+                     "overlap_set": pa.nulls(copies.num_rows, pa.string())}, schema=PAIRS_SCHEMA)
+
+
+def inherit_winners(rows: pa.Table) -> pa.Table:
+    """Rows of one part by representative: the representatives' losing rows (`copy` false) and their
+    copies' rows (`copy` true). A copy whose representative loses takes its winner and distance, since
+    the images near the copy are those near the representative; the others keep the representative."""
+    losers = rows.filter(pc.invert(rows["copy"])).drop_columns(["copy", "part"])
+    copies = rows.filter(rows["copy"]).drop_columns(["copy", "part"])
+    inherited = copies.join(losers.select(["key", "winner", "winner_area", "distance", "overlap_set"]),
+                            keys="winner", right_keys="key", join_type="left outer", right_suffix=" of winner")
+    columns = {name: pc.coalesce(inherited[f"{name} of winner"], inherited[name]) if name in (
+        "winner_area", "distance", "overlap_set") else inherited[name] for name in PAIRS_SCHEMA.names}
+    columns["winner"] = pc.if_else(pc.is_valid(inherited["winner_area of winner"]),
+                                   inherited["winner of winner"], inherited["winner"])
+    return pa.concat_tables([losers, pa.table(columns, schema=PAIRS_SCHEMA)])
+
+
+def _union(first: Rows, second: Rows) -> Rows:
+    return pa.concat_tables([first, second]) if isinstance(first, pa.Table) else first.union(second)
 
 
 def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
     """Losers among `items` (ITEMS_SCHEMA rows; excluded images have area REFERENCE_AREA).
 
     Buckets are shuffled in `partitions` groups, not one group each: most buckets hold a single
-    hash, and a Ray task per bucket would cost far more than the comparisons.
+    hash, and a Ray task per bucket would cost far more than the comparisons. Items with the same
+    16 hashes meet first, in groups by pHash: only the best of them is compared (mark_copies).
     """
     partitions = max(1, min(partitions, 200))
-    bands = map_tables(items, lambda t: with_partition(band_rows(t, k), "bucket", partitions))
+    marked = materialize(by_group(map_tables(items, lambda t: with_partition(t, "phash", partitions)), "part",
+                                  lambda t: mark_copies(t.drop_columns(["part"])), partitions))
+    compared = map_tables(marked, lambda t: t.filter(pc.is_null(t["representative"])).drop_columns(
+        ["representative", "representative_area"]))
+    bands = map_tables(compared, lambda t: with_partition(band_rows(t, k), "bucket", partitions))
     pairs = by_group(bands, "part", lambda t: bucket_pairs(t, k), partitions)
     pairs = map_tables(pairs, lambda t: with_partition(t, "key", partitions))
-    return by_group(pairs, "part", lambda t: best_winners(t.drop_columns(["part"])), partitions)
+    losers = by_group(pairs, "part", lambda t: best_winners(t.drop_columns(["part"])), partitions)
+    copies = map_tables(marked, lambda t: by_representative(copy_pairs(t), True, partitions))
+    losers = map_tables(losers, lambda t: by_representative(t, False, partitions))
+    return by_group(_union(losers, copies), "part", inherit_winners, partitions)
+
+
+def by_representative(pairs: pa.Table, copies: bool, partitions: int) -> pa.Table:
+    """Adds `copy` and the part of the representative: a copy's winner, a loser's own key."""
+    table = pairs.append_column("copy", pa.array(np.full(pairs.num_rows, copies)))
+    part = with_partition(table, "winner" if copies else "key", partitions)["part"]
+    return table.append_column("part", part)
 
 
 # --- the driver's side: excluded sets, then one pass over everything written --------------------

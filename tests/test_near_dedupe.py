@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -17,7 +18,7 @@ from PIL import Image
 from pipeline import near_dedupe
 from pipeline.config import ConfigError
 from pipeline.near_dedupe import (EXCLUSIONS_SCHEMA, ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucket_pairs,
-                                  exclusion_items, exclusion_sets, find_near_duplicates, phash_to_int)
+                                  exclusion_items, exclusion_sets, find_near_duplicates, mark_copies, phash_to_int)
 from pipeline.storage import Output
 
 
@@ -101,6 +102,46 @@ def test_ray_result_does_not_depend_on_partitioning(ray_address: str) -> None:
     area = dict(zip(items["key"].to_pylist(), items["area"].to_pylist()))
     for key, winner, _ in results[0]:  # the kept copy: larger image, then smaller key
         assert area[winner] > area[key] or (area[winner] == area[key] and winner < key)
+
+
+def with_copies(items: pa.Table, seed: int) -> pa.Table:
+    """items plus exact-hash copies (new keys, random sizes: some larger than the original, some equal)
+    of a few of them, some copied many times, as popular web images are."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(items.num_rows, 12, replace=False)
+    copies = items.take(np.repeat(picks, rng.integers(1, 30, len(picks))))
+    n = items.num_rows
+    copies = copies.set_column(0, "key", pa.array([f"{n + i:05d}" for i in range(copies.num_rows)]))
+    copies = copies.set_column(3, "area", pa.array(rng.integers(1, 4, copies.num_rows), pa.int64()))
+    return pa.concat_tables([items, copies])
+
+
+@pytest.mark.parametrize("k", [0, 6, 8])
+def test_copies_with_the_same_hashes_decide_as_brute_force(ray_address: str, k: int) -> None:
+    """Only one of each set of identical hashes goes through the buckets: the losers, their best
+    winners and distances stay brute force's, in the driver and on Ray."""
+    items = with_copies(random_items(150, k, seed=k), seed=k)
+    expected = brute_force_winners(items, k)
+    for rows in (items, ray.data.from_arrow(items).repartition(4)):
+        losers = find_near_duplicates(rows, k, 5)
+        losers = losers if isinstance(losers, pa.Table) else pa.Table.from_pandas(losers.to_pandas())
+        assert dict(zip(losers["key"].to_pylist(), zip(losers["winner"].to_pylist(),
+                                                        losers["distance"].to_pylist()))) == expected
+    assert mark_copies(items)["representative"].null_count == 150  # the copies are marked
+
+
+def test_an_excluded_image_catches_every_copy_of_what_it_catches(ray_address: str) -> None:
+    items = with_copies(random_items(40, 6, seed=7), seed=7)
+    victim = items.slice(int(items["key"].to_pylist().index(items["key"][40].as_py())), 1).to_pylist()[0]
+    reference = pa.table({"key": ["/bench/test/002.png"], "phash": [victim["phash"]], "crops": [victim["crops"]],
+                          "area": pa.array([REFERENCE_AREA], pa.int64()), "shard": [""],
+                          "overlap_set": ["bench"]}, schema=ITEMS_SCHEMA)
+    losers = find_near_duplicates(pa.concat_tables([items, reference]), 6, 3)
+    caught = losers.filter(pc.equal(losers["winner"], "/bench/test/002.png"))
+    same = [r["key"] for r in items.to_pylist() if r["phash"] == victim["phash"] and r["crops"] == victim["crops"]]
+    distance = dict(zip(caught["key"].to_pylist(), caught["distance"].to_pylist()))
+    assert len(same) > 1 and {key: distance.get(key) for key in same} == dict.fromkeys(same, 0)
+    assert set(caught["overlap_set"].to_pylist()) == {"bench"} and "/bench/test/002.png" not in losers["key"].to_pylist()
 
 
 def test_excluded_images_always_win_and_only_catch(ray_address: str) -> None:
