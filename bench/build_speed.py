@@ -99,13 +99,14 @@ def run_fetch_only(work: Path, urls: list[str], threads: int = 64) -> dict:
 
 
 def run_img2dataset(work: Path, parquet: Path, shard_size: int, processes: int, threads: int,
-                    name: str = "img2dataset") -> dict:
+                    name: str = "img2dataset", settings: dict | None = None) -> dict:
+    """settings: img2dataset.download's arguments in place of this benchmark's (no resize, shard_size, ...)."""
     folder = work / name
     shutil.rmtree(folder, ignore_errors=True)
+    settings = settings if settings is not None else {"resize_mode": "no", "processes_count": processes, "thread_count": threads,
+                            "number_sample_per_shard": shard_size}
     settings = {"url_list": str(parquet), "input_format": "parquet", "url_col": "URL", "caption_col": "TEXT",
-                "output_format": "webdataset", "output_folder": str(folder), "resize_mode": "no",
-                "processes_count": processes, "thread_count": threads, "number_sample_per_shard": shard_size,
-                "enable_wandb": False}
+                "output_format": "webdataset", "output_folder": str(folder), "enable_wandb": False, **settings}
     (work / f"{name}.settings.json").write_text(json.dumps(settings))
     result = work / f"{name}.result.json"
     wall, _ = _run([sys.executable, "-m", "bench.img2dataset_run", str(work / f"{name}.settings.json"),
@@ -136,13 +137,17 @@ def builder_args(parquet: Path, output: Path, port: int, detector: str, shard_si
 
 
 def run_builder(work: Path, parquet: Path, port: int, detector: str, shard_size: int, timed: bool,
-                name: str) -> dict:
+                name: str, args: list[str] | None = None) -> dict:
+    """args: the builder's flags after --input, --output and --allow-host, in place of this benchmark's."""
     output = work / name
     shutil.rmtree(output, ignore_errors=True)
     timing = Path(str(output) + ".stage-timing.jsonl")
     timing.unlink(missing_ok=True)
     module = "bench.timed_build" if timed else "pipeline.build_laion_face"
-    args = builder_args(parquet, output, port, detector, shard_size)
+    if args is None:
+        args = builder_args(parquet, output, port, detector, shard_size)
+    else:
+        args = ["--input", str(parquet), "--output", str(output), "--allow-host", f"127.0.0.1:{port}", *args]
     wall, started = _run([sys.executable, "-m", module, *args], work / f"{name}.log", timeout=900)
     stats = json.loads((output / "stats.json").read_text())
     run = stats["last_run"]
