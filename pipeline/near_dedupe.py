@@ -31,7 +31,8 @@ from PIL import Image, ImageOps
 
 from pipeline.config import ConfigError
 from pipeline.decode import CROPS, phashes
-from pipeline.dedupe import REMOVED_SCHEMA, Rows, by_group, map_tables, materialize, written_samples
+from pipeline.dedupe import (REMOVED_SCHEMA, Rows, by_group, map_tables, materialize, remove_from_shards,
+                             written_samples)
 from pipeline.schema import PHASH_VERSION, PHASH_VERSION_KEY, phash_version
 from pipeline.storage import Output
 
@@ -90,14 +91,13 @@ def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, 
     buckets, filed, looks = rows["bucket"].to_numpy(), rows["filed"].to_numpy(False), rows["probes"].to_numpy(False)
     query, phash = rows["query"].to_numpy().view(np.uint64), rows["phash"].to_numpy().view(np.uint64)
     starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-    stops = np.r_[starts[1:], len(buckets)]
-    # only buckets where something is filed, something looks, and two images meet: found at once,
-    # as most buckets hold one image's rows (a Python turn per bucket cost more than its comparisons)
-    meet = (np.add.reduceat(filed, starts) > 0) & (np.add.reduceat(looks, starts) > 0) & (
-        np.minimum.reduceat(item, starts) != np.maximum.reduceat(item, starts))
     found = []
-    for start, stop in zip(starts[meet], stops[meet]):
+    for start, stop in zip(starts, np.r_[starts[1:], len(buckets)]):
+        if stop - start < 2:
+            continue
         f, q = start + np.flatnonzero(filed[start:stop]), start + np.flatnonzero(looks[start:stop])
+        if not f.size or not q.size:
+            continue
         q = q[np.argsort(item[q], kind="stable")]
         first_look = np.flatnonzero(np.r_[True, item[q][1:] != item[q][:-1]])  # an image looks with several hashes
         bounds = np.r_[first_look, len(q)]
@@ -307,17 +307,10 @@ def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
     return pa.concat_tables(tables) if tables else ITEMS_SCHEMA.empty_table()
 
 
-def hex_to_int64(hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """phash_to_int over an Arrow column of 16-hex-digit strings, at once: a call per hash cost
-    ~1.7 s per 100k images with their crops."""
-    return np.frombuffer(bytes.fromhex("".join(hashes.to_pylist())), dtype=">u8").astype(np.uint64).view(np.int64)
-
-
 def _written_items(t: pa.Table) -> pa.Table:
     area = pc.multiply(pc.cast(t["original_width"], pa.int64()), pc.cast(t["original_height"], pa.int64()))
-    crops = pa.ListArray.from_arrays(pa.array(np.arange(t.num_rows + 1, dtype=np.int32) * CROP_HASHES),
-                                     hex_to_int64(pc.list_flatten(t["phash_crops"])))
-    return pa.table({"key": t["key"], "phash": hex_to_int64(t["phash"]), "crops": crops,
+    return pa.table({"key": t["key"], "phash": pa.array([phash_to_int(h) for h in t["phash"].to_pylist()], pa.int64()),
+                     "crops": [[phash_to_int(h) for h in crops] for crops in t["phash_crops"].to_pylist()],
                      "area": area, "shard": t["shard"], "overlap_set": pa.nulls(t.num_rows, pa.string())},
                     schema=ITEMS_SCHEMA)
 
@@ -335,19 +328,18 @@ def _as_removed(t: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=REMOVED_SCHEMA)
 
 
-def near_duplicate_removals(output: Output, k: int, exclude: list[str], dedupe_within: bool) -> Rows | None:
-    """REMOVED_SCHEMA rows of the benchmark overlaps, and of the near-duplicates when dedupe_within
-    (None: nothing to do). Exact copies among the written samples need not be gone first: they
-    have the same hashes, so they are compared once (mark_copies) and change no one's winner."""
+def remove_near_duplicates(output: Output, k: int, exclude: list[str], dedupe_within: bool) -> int:
+    """Remove benchmark overlaps, and near-duplicates when dedupe_within; returns how many."""
     written = written_samples(output, ["key", "phash", "phash_crops", "original_width", "original_height", "shard"])
     if written is None or (not exclude and not dedupe_within):
-        return None
+        return 0
     items = map_tables(written, _written_items)
     references = exclusion_items(output, exclude)
     if references.num_rows:
         items = pa.concat_tables([items, references]) if isinstance(items, pa.Table) else items.union(
             ray.data.from_arrow(references))
-    losers = find_near_duplicates(items, k, len(output.list("metadata", ".parquet")))
+    shards = len(output.list("metadata", ".parquet"))
+    losers = find_near_duplicates(items, k, shards)
     if not dedupe_within:  # only what an excluded image caught
         losers = map_tables(losers, lambda t: t.filter(pc.is_valid(t["overlap_set"])))
-    return materialize(map_tables(losers, _as_removed))
+    return remove_from_shards(output, materialize(map_tables(losers, _as_removed)), shards)
