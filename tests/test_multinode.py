@@ -146,10 +146,14 @@ NODE_LOSS_BUILD = textwrap.dedent("""
 
     if target.startswith("pipeline.dedupe."):
         dedupe.LOCAL_ROWS = 0
-    threading.Thread(target=kill_the_first_node_called, daemon=True).start()
+    killer = threading.Thread(target=kill_the_first_node_called, daemon=True)
+    killer.start()
     code = main(build_args + ["--address", cluster.address])
     killed = json.loads((signals / "killed").read_text()) if (signals / "killed").exists() else None
-    alive = sum(node["Alive"] for node in ray.nodes())
+    killer.join(timeout=60)  # a build may finish before remove_node has returned,
+    deadline = time.time() + 30  # and Ray's view of the nodes lags a removal by a moment
+    while (alive := sum(node["Alive"] for node in ray.nodes())) > 2 and time.time() < deadline:
+        time.sleep(0.5)
     print("NODE_LOSS", json.dumps({"killed": killed, "late": (signals / "late").exists(), "alive_nodes": alive}))
     ray.shutdown()
     cluster.shutdown()
