@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline import near_dedupe
 from pipeline.config import ConfigError
 from pipeline.near_dedupe import (EXCLUSIONS_SCHEMA, ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucket_pairs,
-                                  exclusion_items, exclusion_sets, find_near_duplicates, mark_copies, phash_to_int)
+                                  exclusion_items, exclusion_sets, find_near_duplicates, hex_to_int64, mark_copies)
 from pipeline.storage import Output
 
 
@@ -148,7 +148,7 @@ def test_excluded_images_always_win_and_only_catch(ray_address: str) -> None:
     items = random_items(30, 6, seed=5)
     victim = items.slice(4, 1).to_pylist()[0]
     reference = pa.table({"key": ["/bench/test/001.png"], "phash": [victim["phash"] ^ 0b101],
-                          "crops": [[phash_to_int("0" * 16)] * 15],
+                          "crops": [[0] * 15],
                           "area": pa.array([REFERENCE_AREA], pa.int64()), "shard": [""],
                           "overlap_set": ["bench"]}, schema=ITEMS_SCHEMA)
     losers = find_near_duplicates(ray.data.from_arrow(pa.concat_tables([items, reference])), 6, 3).to_pandas()
@@ -157,10 +157,11 @@ def test_excluded_images_always_win_and_only_catch(ray_address: str) -> None:
     assert "/bench/test/001.png" not in set(losers["key"])  # a reference never loses
 
 
-def test_phash_to_int_keeps_all_64_bits() -> None:
-    assert phash_to_int("ffffffffffffffff") == -1
-    assert phash_to_int("8000000000000001") == np.int64(-(2**63) + 1)
-    assert np.array(phash_to_int("0123456789abcdef")).view(np.uint64) == 0x0123456789ABCDEF
+def test_hex_to_int64_keeps_all_64_bits() -> None:
+    hashes = ["ffffffffffffffff", "8000000000000001", "0123456789abcdef", "0000000000000000"]
+    values = hex_to_int64(pa.chunked_array([hashes[:2], hashes[2:]]))
+    assert values.tolist() == [-1, -(2**63) + 1, 0x0123456789ABCDEF, 0]
+    assert [f"{v:016x}" for v in values.view(np.uint64)] == hashes
 
 
 def test_exclusion_sets_are_named_by_folder(tmp_path: Path) -> None:
