@@ -87,14 +87,22 @@ class Output:
         try:
             with self.fs.open(tmp, "wb") as f:
                 write(f)
+            if isinstance(self.fs, LocalFileSystem):
+                os.replace(tmp, path)  # atomic on POSIX, and overwrites (fsspec's mv may not)
+            else:
+                self.fs.mv(tmp, path)  # on S3 a copy: it can fail past the store's retries, as the write can
         except BaseException:
+            self._remove_quietly(tmp)
+            raise
+
+    def _remove_quietly(self, tmp: str) -> None:
+        """A failed write's temporary file; if the store refuses that too, the next run's sweep deletes
+        it, and the write's own error is the one to report."""
+        try:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
-            raise
-        if isinstance(self.fs, LocalFileSystem):
-            os.replace(tmp, path)  # atomic on POSIX, and overwrites (fsspec's mv may not)
-        else:
-            self.fs.mv(tmp, path)
+        except OSError:
+            pass
 
     def write_json(self, name: str, value: Any) -> None:
         data = json.dumps(value, indent=2, sort_keys=True).encode()

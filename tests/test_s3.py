@@ -38,7 +38,7 @@ from moto.server import ThreadedMotoServer
 
 from demo.server import ImageServer
 from outputs import ROOT, check_consistent, laion_parquet, metadata_table, photo_server, status_table, tar_members
-from pipeline.storage import read_parquet
+from pipeline.storage import Output, read_parquet
 from queries import list_queries, run_query
 from queries.__main__ import format_table as cli_table
 
@@ -551,3 +551,20 @@ def test_a_store_that_keeps_refusing_gives_one_error_line_and_leaves_nothing_hal
     objects = s3.find("refused")
     assert not [n for n in objects if ".tmp-" in n], "nothing half-written"
     assert "stats.json" not in objects
+
+
+def test_a_write_whose_rename_is_refused_leaves_no_temporary_file(s3: S3) -> None:
+    """On S3 the rename into place is a copy, a write of its own: the temporary file goes through, then
+    the store throttles the copy past its retries (what left two shards' temporaries in CI)."""
+    faults = Faults(fail_after=1)
+    proxy = faulty_proxy(s3.endpoint, faults)
+    output = Output(f"s3://{BUCKET}/rename-refused")
+    output.fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
+                                  endpoint_url=f"http://127.0.0.1:{proxy.server_address[1]}")
+    try:
+        with pytest.raises(OSError, match="reduce your request rate"):
+            output.write_json("stats.json", {"rows": 1})
+    finally:
+        proxy.shutdown()
+    assert faults.injected["slow_down"] > 1, "the copy was retried and refused, after the upload went through"
+    assert s3.find("rename-refused") == [], "neither the file nor its temporary"
