@@ -12,12 +12,16 @@ Rerunning the same command after a kill finishes the job.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+
+import ray
 
 from demo.build import build_demo
 from pipeline.build import build
 from pipeline.build_config import BuildConfig
 from pipeline.config import ConfigError, load_config
+from pipeline.source import InputError
 from pipeline.storage import StorageError
 
 
@@ -35,7 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as err:
         print(f"error: {err}; nothing half-written is left: rerun the same command to go on", file=sys.stderr)
         return 1
+    except (InputError, ray.exceptions.RayTaskError) as err:  # in a Ray task: its cause, not Ray's traceback
+        message = task_failure(err) if isinstance(err, ray.exceptions.RayTaskError) else str(err)
+        print(f"error: {message}; finished units are kept: rerun the same command to go on", file=sys.stderr)
+        return 1
     return 0
+
+
+def task_failure(err: ray.exceptions.RayTaskError) -> str:
+    """The first exception line of a failed task's text: the root cause, as Ray's chained traceback
+    lists it first (Ray Data wraps the exception itself in a UserCodeException that drops it)."""
+    for line in str(err).splitlines():
+        found = re.match(r"(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)", line)
+        if found and found[1] != "UserCodeException":
+            return found[2] if found[1] == "InputError" else f"{found[1]}: {found[2]}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def quiet_ray_data_console() -> None:

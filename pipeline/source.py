@@ -128,18 +128,28 @@ def plan_units(inputs: list[dict], shard_size: int) -> list[Unit]:
             for entry in sorted(inputs, key=lambda e: e["index"]) for start in range(0, entry["rows"], shard_size)]
 
 
+class InputError(Exception):
+    """An input file failed mid-build, after its footer was checked: the build stops with one line."""
+
+
 def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
-    """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
-    with fsspec.open(path, "rb") as f:
-        footer = pq.read_metadata(f)
-        groups, offset, first_offset = [], 0, None
-        for i in range(footer.num_row_groups):
-            n = footer.row_group(i).num_rows
-            if offset < stop and offset + n > start:
-                groups.append(i)
-                first_offset = offset if first_offset is None else first_offset
-            offset += n
-        table = read_parquet(f, columns, groups, footer)
+    """Rows [start, stop) of a parquet file, reading only the row groups that hold them. A file
+    that cannot be read (corrupt pages behind a valid footer, a store past its retries) is one
+    InputError naming it: finished units are kept, and a rerun goes on once it is readable."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            footer = pq.read_metadata(f)
+            groups, offset, first_offset = [], 0, None
+            for i in range(footer.num_row_groups):
+                n = footer.row_group(i).num_rows
+                if offset < stop and offset + n > start:
+                    groups.append(i)
+                    first_offset = offset if first_offset is None else first_offset
+                offset += n
+            table = read_parquet(f, columns, groups, footer)
+    except (OSError, pa.ArrowException) as err:
+        problem = " ".join(str(err).split())  # Arrow's messages run over several lines
+        raise InputError(f"input {path}: rows {start}-{stop} cannot be read: {problem}") from None
     return table.slice(start - (first_offset or 0), stop - start)
 
 

@@ -277,6 +277,47 @@ def test_bad_input_gives_one_clear_line_and_leaves_nothing(tmp_path: Path) -> No
     assert unwritable.returncode == 2 and "not writable" in unwritable.stderr
 
 
+def corrupt_pages(path: Path) -> Path:
+    """Overwrites a parquet file's pages and keeps its footer: the input check passes, reading fails."""
+    data = bytearray(path.read_bytes())
+    pages_end = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    data[4:pages_end] = b"\x55" * (pages_end - 4)
+    path.write_bytes(data)
+    return path
+
+
+def test_an_input_unreadable_past_its_footer_gives_one_line_naming_it(tmp_path: Path) -> None:
+    bad = corrupt_pages(laion_parquet(tmp_path / "bad.parquet", [f"http://example.invalid/{i}.jpg" for i in range(20)]))
+    result = cli("--input", str(bad), "--output", str(tmp_path / "out"), "--detector", "none")
+    lines = result.stderr.strip().splitlines()  # Ray's own start-up warnings may come first
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert [line for line in lines if line.startswith("error")] == lines[-1:], result.stderr
+    assert lines[-1].startswith(f"error: input {bad}: rows 0-20 cannot be read: ") and "rerun" in lines[-1]
+    assert not list((tmp_path / "out").glob("shards/*")), "nothing written"
+
+
+def test_a_failed_ray_task_is_reduced_to_its_cause(ray_address: str, tmp_path: Path) -> None:
+    from pipeline.build_laion_face import task_failure
+    from pipeline.source import read_rows
+
+    bad = corrupt_pages(laion_parquet(tmp_path / "bad.parquet", [f"http://example.invalid/{i}.jpg" for i in range(20)]))
+
+    def read(batch: dict) -> dict:
+        read_rows(str(bad), 0, 20, ["URL"])
+        return batch
+
+    with pytest.raises(ray.exceptions.RayTaskError) as failed:
+        ray.data.range(1).map_batches(read).materialize()
+    assert task_failure(failed.value).startswith(f"input {bad}: rows 0-20 cannot be read: ")
+
+    def store_failure(batch: dict) -> dict:
+        raise OSError(5, "SlowDown", "bucket/part-0.parquet")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as failed:
+        ray.data.range(1).map_batches(store_failure).materialize()
+    assert task_failure(failed.value) == "OSError: [Errno 5] SlowDown: 'bucket/part-0.parquet'"
+
+
 @pytest.mark.parametrize("old_schema, message", [
     (METADATA_SCHEMA.remove(METADATA_SCHEMA.get_field_index("phash_crops")), "has no column phash_crops"),
     (METADATA_SCHEMA.with_metadata({"phash_version": "0"}), "has pHashes of version 0"),
