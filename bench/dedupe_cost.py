@@ -16,7 +16,8 @@ from PIL import Image
 from bench.dedupe_images import jpeg
 from pipeline.build_config import BuildConfig
 from pipeline.decode import CROPS, decode_image, phashes
-from pipeline.near_dedupe import BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, band_rows, bucket_pairs, with_partition
+from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, band_rows, bucket_pairs, with_ids,
+                                  with_partition)
 
 
 def per_second(fn, seconds: float = 3.0, minimum: int = 20) -> float:
@@ -87,7 +88,7 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
     per_item_items = items.nbytes / items_n
     sample = items.slice(0, band_n)
     start = time.process_time()
-    bands = band_rows(sample, k)
+    bands = band_rows(with_ids(sample), k)
     band_seconds = time.process_time() - start
     assert bands.num_rows == band_n * rows_per_item(k)
     with_part = with_partition(bands, "bucket", 200)
@@ -108,7 +109,7 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
     occupancy = n_images / 2 ** BAND_BITS
     probes = neighbours(k)
     looking_n = round(filed_n * len(CROPS) / probes)
-    template = synthetic_items(filed_n + looking_n, rng).drop_columns(["crops"])
+    template = with_ids(synthetic_items(filed_n + looking_n, rng)).select(["id", "area", "phash"])
     filed = np.arange(template.num_rows) < filed_n
     query = np.where(filed, template["phash"].to_numpy(), random_hashes(template.num_rows, rng))
     bucket = (template.append_column("query", pa.array(query))

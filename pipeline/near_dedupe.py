@@ -20,6 +20,7 @@ image is removed when any image of higher priority is within k bits of it. Image
 
 from __future__ import annotations
 
+from hashlib import blake2b
 from itertools import combinations
 
 import fsspec
@@ -45,6 +46,14 @@ ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("crops",
                           ("area", pa.int64()), ("shard", pa.string()), ("overlap_set", pa.string())])
 PAIRS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("winner", pa.string()),
                           ("winner_area", pa.int64()), ("distance", pa.int32()), ("overlap_set", pa.string())])
+# Through the buckets an image is a number (`with_ids`), not its key, shard and set: the band rows,
+# 128 per image, are what the shuffle moves, and the strings made them 72 bytes a row instead of 37.
+ID_PAIRS_SCHEMA = pa.schema([("loser", pa.int64()), ("winner", pa.int64()), ("winner_area", pa.int64()),
+                             ("distance", pa.int32())])
+# Names and id pairs meet in one shuffle (by the id to name): name rows fill id..overlap_set, pair rows the rest.
+LINK_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("shard", pa.string()), ("overlap_set", pa.string()),
+                         ("loser", pa.int64()), ("loser_key", pa.string()), ("loser_shard", pa.string()),
+                         ("winner", pa.int64()), ("winner_area", pa.int64()), ("distance", pa.int32())])
 
 
 def hex_to_int64(hashes: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
@@ -64,12 +73,23 @@ def _probe_masks(radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.int64)
 
 
+def with_ids(items: pa.Table) -> pa.Table:
+    """Adds `id`: a dataset key's number (make_key's digits, so ids order as keys do), or for an
+    excluded image (its key a path) a negative 63-bit hash of the path, which no process has to hand
+    out and which collides with odds of ~n^2 / 2^64 among n excluded images."""
+    keys = items["key"].to_pylist()
+    ids = np.array([int(key) if key.isdigit() else -1 - (int.from_bytes(blake2b(key.encode(), digest_size=8).digest(),
+                                                                          "little") >> 1) for key in keys], np.int64)
+    return items.append_column("id", pa.array(ids, pa.int64()))
+
+
 def band_rows(items: pa.Table, k: int) -> pa.Table:
     """One row per (item, band, value). An item is filed (`filed`) under the band values within
     k // 4 bits of its pHash's, and looks (`probes`, with `query`) under the exact band values of
     each of its 16 hashes: a query within k bits of a pHash then meets it in some band. Filing the
     neighbours rather than probing them costs 4 x (17 + 15) rows per item at k = 6 instead of
-    4 x 17 x 16, for the same comparisons."""
+    4 x 17 x 16, for the same comparisons. A row carries the image's id and area, nothing else of it:
+    a filed row's `query` is the pHash itself."""
     n = items.num_rows
     masks = _probe_masks(k // BANDS)
     crops = pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES)
@@ -78,7 +98,7 @@ def band_rows(items: pa.Table, k: int) -> pa.Table:
     query = np.r_[np.repeat(plain, len(masks)), crops.ravel()]
     filed = np.r_[np.ones(n * len(masks), bool), np.zeros(n * CROP_HASHES, bool)]
     probes = np.r_[np.tile(masks == 0, n), np.ones(n * CROP_HASHES, bool)]  # the pHash's exact value probes too
-    part = items.drop_columns(["crops"]).take(pa.array(owner)).append_column("query", pa.array(query, pa.int64()))
+    part = items.select(["id", "area"]).take(pa.array(owner)).append_column("query", pa.array(query, pa.int64()))
     part = part.append_column("filed", pa.array(filed)).append_column("probes", pa.array(probes))
     parts = []
     for band in range(BANDS):
@@ -92,9 +112,10 @@ def band_rows(items: pa.Table, k: int) -> pa.Table:
 
 def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(looking item, filed item, smallest distance) of every pair where a query of one is within
-    k bits of the other's pHash filed in the same bucket; `rows` sorted by bucket, `item` their ids."""
+    k bits of the other's pHash filed in the same bucket; `rows` sorted by bucket, `item` their
+    images numbered from 0. A filed row's query is its pHash."""
     buckets, filed, looks = rows["bucket"].to_numpy(), rows["filed"].to_numpy(False), rows["probes"].to_numpy(False)
-    query, phash = rows["query"].to_numpy().view(np.uint64), rows["phash"].to_numpy().view(np.uint64)
+    query = phash = rows["query"].to_numpy().view(np.uint64)
     starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
     stops = np.r_[starts[1:], len(buckets)]
     # only buckets where something is filed, something looks and two images meet, found at once:
@@ -128,47 +149,78 @@ def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 
 def bucket_pairs(rows: pa.Table, k: int) -> pa.Table:
-    """The best winner of every loser that the buckets in `rows` (one shuffle partition) reveal.
+    """The best winner (ID_PAIRS_SCHEMA) of every loser that the buckets in `rows` (one shuffle
+    partition) reveal.
 
     Either image of a close pair may win (a crop hash finds the pair from one side only): the
-    larger one, then the smaller key. A pair shows up in several buckets and through several of
-    an image's hashes: each pair is kept once (at its closest) in numpy, and best_winners reduces
+    larger one, then the smaller id (key). A pair shows up in several buckets and through several
+    of an image's hashes: each pair is kept once (at its closest) in numpy, and best_winners reduces
     them to one row per loser here, before anything is shuffled again, and across partitions later."""
     if rows.num_rows == 0:
-        return PAIRS_SCHEMA.empty_table()
+        return ID_PAIRS_SCHEMA.empty_table()
     rows = rows.sort_by("bucket")
-    keys, first, item = np.unique(rows["key"].to_numpy(False), return_index=True, return_inverse=True)
-    a, b, distance = _close_pairs(rows, item, k)  # item ids follow key order: smaller id, smaller key
+    ids, first, item = np.unique(rows["id"].to_numpy(), return_index=True, return_inverse=True)
+    a, b, distance = _close_pairs(rows, item, k)  # items numbered in id order: smaller number, smaller id
     area = rows["area"].to_numpy()[first]
     a_wins = (area[a] > area[b]) | ((area[a] == area[b]) & (a < b))
     loser, winner = np.where(a_wins, b, a), np.where(a_wins, a, b)
     keep = area[loser] != REFERENCE_AREA  # excluded images are never removed
     loser, winner, distance = loser[keep], winner[keep], distance[keep]
-    return best_winners(pa.table({
-        "key": keys[loser].tolist(), "shard": rows["shard"].take(pa.array(first[loser])),
-        "winner": keys[winner].tolist(), "winner_area": pa.array(area[winner], pa.int64()),
-        "distance": pa.array(distance, pa.int32()), "overlap_set": rows["overlap_set"].take(pa.array(first[winner]))},
-        schema=PAIRS_SCHEMA))
+    return best_winners(pa.table({"loser": ids[loser], "winner": ids[winner], "winner_area": area[winner],
+                                  "distance": distance.astype(np.int32)}, schema=ID_PAIRS_SCHEMA))
 
 
 def best_winners(pairs: pa.Table) -> pa.Table:
-    """One row per loser: an excluded image if any (the closest), else the highest-priority winner."""
+    """One ID_PAIRS_SCHEMA row per loser: an excluded image if any (the closest), else the
+    highest-priority winner."""
     if pairs.num_rows == 0:
-        return PAIRS_SCHEMA.empty_table()
-    not_overlap = pc.is_null(pairs["overlap_set"])
+        return ID_PAIRS_SCHEMA.empty_table()
+    pairs = pairs.select(ID_PAIRS_SCHEMA.names)
+    not_overlap = pc.not_equal(pairs["winner_area"], REFERENCE_AREA)  # only excluded images have that area
     rank = pc.if_else(not_overlap, pc.negate(pairs["winner_area"]), pc.cast(pairs["distance"], pa.int64()))
     ranked = pairs.append_column("not_overlap", not_overlap).append_column("rank", rank).sort_by(
-        [(column, "ascending") for column in ("key", "not_overlap", "rank", "winner", "distance")])
-    keys = ranked["key"].to_numpy(False)
-    return ranked.take(pa.array(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]))).select(PAIRS_SCHEMA.names)
+        [(column, "ascending") for column in ("loser", "not_overlap", "rank", "winner", "distance")])
+    losers = ranked["loser"].to_numpy()
+    return ranked.take(pa.array(np.flatnonzero(np.r_[True, losers[1:] != losers[:-1]]))).select(ID_PAIRS_SCHEMA.names)
+
+
+def link_rows(table: pa.Table, by: str, partitions: int) -> pa.Table:
+    """LINK_SCHEMA rows of names (an item's id, key, shard, set) or of id pairs, in the part of `by`."""
+    columns = {field.name: table[field.name] if field.name in table.column_names else pa.nulls(table.num_rows, field.type)
+               for field in LINK_SCHEMA}
+    return with_partition(pa.table(columns, schema=LINK_SCHEMA), by, partitions)
+
+
+def _names_and_pairs(linked: pa.Table) -> tuple[pa.Table, pa.Table]:
+    named = pc.is_valid(linked["id"])
+    return linked.filter(named), linked.filter(pc.invert(named))
+
+
+def name_losers(linked: pa.Table) -> pa.Table:
+    """One part by loser id: each loser's best winner over every bucket partition, with the loser's
+    key and shard."""
+    names, pairs = _names_and_pairs(linked)
+    best = best_winners(pairs)
+    named = best.join(names.select(["id", "key", "shard"]), keys="loser", right_keys="id", join_type="inner")
+    return named.rename_columns({"key": "loser_key", "shard": "loser_shard"})
+
+
+def name_winners(linked: pa.Table) -> pa.Table:
+    """One part by winner id: PAIRS_SCHEMA rows, the winner's key and set added."""
+    names, pairs = _names_and_pairs(linked)
+    named = pairs.select(["loser_key", "loser_shard", "winner", "winner_area", "distance"]).join(
+        names.select(["id", "key", "overlap_set"]), keys="winner", right_keys="id", join_type="inner")
+    return pa.table({"key": named["loser_key"], "shard": named["loser_shard"], "winner": named["key"],
+                     "winner_area": named["winner_area"], "distance": named["distance"],
+                     "overlap_set": named["overlap_set"]}, schema=PAIRS_SCHEMA)
 
 
 def with_partition(table: pa.Table, column: str, partitions: int) -> pa.Table:
     """Adds `part`, the shuffle partition of each row: by an integer column (a bucket, a pHash), or
     by a key (a loser's, a representative's)."""
-    values = table[column].to_numpy() if pa.types.is_integer(table[column].type) else np.array(
+    values = table[column].to_numpy(False) if pa.types.is_integer(table[column].type) else np.array(
         [int(key) for key in table[column].to_pylist()], dtype=np.int64)  # dataset keys are digits
-    return table.append_column("part", pa.array(values % partitions, pa.int64()))
+    return table.append_column("part", pa.array(values % partitions, pa.int32()))  # 4 bytes of each band row
 
 
 def mark_copies(items: pa.Table) -> pa.Table:
@@ -228,12 +280,15 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
     partitions = max(1, min(partitions, 200))
     marked = materialize(by_group(map_tables(items, lambda t: with_partition(t, "phash", partitions)), "part",
                                   lambda t: mark_copies(t.drop_columns(["part"])), partitions))
-    compared = map_tables(marked, lambda t: t.filter(pc.is_null(t["representative"])).drop_columns(
-        ["representative", "representative_area"]))
+    compared = materialize(map_tables(marked, lambda t: with_ids(t.filter(pc.is_null(t["representative"])).drop_columns(
+        ["representative", "representative_area"]))))
     bands = map_tables(compared, lambda t: with_partition(band_rows(t, k), "bucket", partitions))
     pairs = by_group(bands, "part", lambda t: bucket_pairs(t, k), partitions)
-    pairs = map_tables(pairs, lambda t: with_partition(t, "key", partitions))
-    losers = by_group(pairs, "part", lambda t: best_winners(t.drop_columns(["part"])), partitions)
+    names = map_tables(compared, lambda t: link_rows(t, "id", partitions))
+    losers = by_group(_union(map_tables(pairs, lambda t: link_rows(t, "loser", partitions)), names), "part",
+                      name_losers, partitions)
+    losers = by_group(_union(map_tables(losers, lambda t: link_rows(t, "winner", partitions)), names), "part",
+                      name_winners, partitions)
     copies = map_tables(marked, lambda t: by_representative(copy_pairs(t), True, partitions))
     losers = map_tables(losers, lambda t: by_representative(t, False, partitions))
     return by_group(_union(losers, copies), "part", inherit_winners, partitions)

@@ -18,7 +18,8 @@ from PIL import Image
 from pipeline import near_dedupe
 from pipeline.config import ConfigError
 from pipeline.near_dedupe import (EXCLUSIONS_SCHEMA, ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucket_pairs,
-                                  exclusion_items, exclusion_sets, find_near_duplicates, hex_to_int64, mark_copies)
+                                  exclusion_items, exclusion_sets, find_near_duplicates, hex_to_int64, mark_copies,
+                                  with_ids)
 from pipeline.storage import Output
 
 
@@ -78,9 +79,10 @@ def test_band_buckets_find_exactly_the_brute_force_pairs(k: int, max_matrix: int
     """max_matrix: hot buckets done in pieces (1: one looking image at a time) give the same pairs."""
     monkeypatch.setattr(near_dedupe, "MAX_MATRIX", max_matrix)
     items = random_items(120, k, seed=k)
-    pairs = bucket_pairs(band_rows(items, k), k)
-    found = set(pairs["key"].to_pylist())
-    winners = dict(zip(pairs["key"].to_pylist(), zip(pairs["winner"].to_pylist(), pairs["distance"].to_pylist())))
+    pairs = bucket_pairs(band_rows(with_ids(items), k), k)
+    found = {f"{loser:05d}" for loser in pairs["loser"].to_pylist()}  # random_items' keys are their ids
+    winners = {f"{loser:05d}": (f"{winner:05d}", distance) for loser, winner, distance in zip(
+        pairs["loser"].to_pylist(), pairs["winner"].to_pylist(), pairs["distance"].to_pylist())}
     assert winners == brute_force_winners(items, k)  # the best winner, at their smallest distance
     assert found  # the planted pairs are there
     plain = items["phash"].to_numpy().view(np.uint64)
@@ -179,8 +181,16 @@ def test_buckets_without_close_pairs_give_no_pairs() -> None:
     items = random_items(40, 4, seed=1)
     far = items.take(pa.array([0, 1]))  # random 64-bit hashes: far apart, but their buckets are shared
     far = far.set_column(1, "phash", pa.array([0x0F0F0F0F0F0F0F0F, 0x0F0F0F0F0F0F0F0F ^ 0xFFFF0000], pa.int64()))
-    assert bucket_pairs(band_rows(far, 6), 6).num_rows == 0
-    assert bucket_pairs(band_rows(items.slice(0, 0), 6), 6).num_rows == 0
+    assert bucket_pairs(band_rows(with_ids(far), 6), 6).num_rows == 0
+    assert bucket_pairs(band_rows(with_ids(items.slice(0, 0)), 6), 6).num_rows == 0
+
+
+def test_ids_are_key_numbers_and_excluded_paths_get_distinct_negative_ones() -> None:
+    items = random_items(3, 6).take([0, 1, 2])
+    items = items.set_column(0, "key", pa.array(["00001000000007", "/bench/a.png", "/bench/a.png (mirrored)"]))
+    ids = with_ids(items)["id"].to_pylist()
+    assert ids[0] == 1000000007 and ids[1] < 0 and ids[2] < 0 and ids[1] != ids[2]
+    assert with_ids(items)["id"].to_pylist() == ids  # the same in every process
 
 
 def test_cached_hashes_of_another_version_are_recomputed(ray_address: str, tmp_path: Path) -> None:
