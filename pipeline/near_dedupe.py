@@ -47,7 +47,7 @@ ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("crops",
 PAIRS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("winner", pa.string()),
                           ("winner_area", pa.int64()), ("distance", pa.int32()), ("overlap_set", pa.string())])
 # Through the buckets an image is a number (`with_ids`), not its key, shard and set: the band rows,
-# 128 per image, are what the shuffle moves, and the strings made them 72 bytes a row instead of 37.
+# 128 per image, are what the shuffle moves, and the strings made them 72 bytes a row instead of 36.
 ID_PAIRS_SCHEMA = pa.schema([("loser", pa.int64()), ("winner", pa.int64()), ("winner_area", pa.int64()),
                              ("distance", pa.int32())])
 # Names and id pairs meet in one shuffle (by the id to name): name rows fill id..overlap_set, pair rows the rest.
