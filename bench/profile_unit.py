@@ -4,7 +4,7 @@ Serves N generated rows (bench.build_speed's input) from a loopback ImageServer 
 builder's per-unit functions in this one process, each timed on its own, then the whole unit
 under cProfile:
 
-  read_unit -> fetch_samples -> decode_samples -> pack (pickle)      (source_fetch_decode)
+  read_unit -> fetch_samples -> decode_sample -> pack (pickle)       (source_fetch_decode)
   iter_units (unpickle) -> commit_unit (tar + metadata + status)      (filter_and_commit)
 
 and, for comparison, what img2dataset does per image after the download: cv2.imdecode +
@@ -30,7 +30,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from bench.speed_input import make_rows, start_server, write_input  # noqa: E402
 from pipeline.build_config import BuildConfig  # noqa: E402
-from pipeline.decode import decode_samples  # noqa: E402
+from pipeline.decode import decode_sample  # noqa: E402
 from pipeline.fetch import fetch_samples  # noqa: E402
 from pipeline.schema import iter_units, pack  # noqa: E402
 from pipeline.source import Unit, read_unit  # noqa: E402
@@ -72,11 +72,12 @@ def run_unit(unit: Unit, config: BuildConfig, output: Output) -> dict:
     samples = read_unit(unit, config, None, {})
     t["read_unit_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fetch_samples(samples, config)
+    list(fetch_samples(samples, config))  # timed apart from the decode here; a build decodes as they come
     t["fetch_s"] = time.perf_counter() - t0
     downloaded = [s.content for s in samples if s.content is not None]
     t0 = time.perf_counter()
-    decode_samples(samples, config)
+    for sample in samples:
+        decode_sample(sample, config)
     t["decode_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     packed = pack(unit.unit, f"{unit.unit:05d}", samples)

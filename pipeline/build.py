@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pipeline import dedupe, summary
 from pipeline.build_config import BuildConfig
 from pipeline.config import ConfigError
-from pipeline.decode import decode_samples
+from pipeline.decode import decode_sample
 from pipeline.detect import DetectActor, insightface_model_path
 from pipeline.fetch import fetch_samples
 from pipeline.filter import filter_samples
@@ -69,7 +69,8 @@ def source_fetch_decode(batch: dict, config: BuildConfig, output_url: str, allow
     for unit, row in _work_rows(batch):
         only_rows = {int(r) for r in row["only_rows"]} or None
         samples = read_unit(unit, config, allowlist, dedupe.read_url_plan(output, unit.unit), only_rows)
-        samples = decode_samples(fetch_samples(samples, config), config)
+        for sample in fetch_samples(samples, config):  # each decoded while the others download
+            decode_sample(sample, config)
         for name, value in pack(unit.unit, str(row["shard"]), samples).items():
             packed[name].append(value)
     return packed

@@ -19,7 +19,8 @@ import socket
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextvars import ContextVar
 from urllib.parse import urljoin
 
@@ -283,11 +284,19 @@ class Fetcher:
         return data
 
 
-def fetch_samples(samples: list[Sample], config: BuildConfig) -> list[Sample]:
-    """Download every pending sample, `threads_per_task` at a time."""
+def fetch_samples(samples: list[Sample], config: BuildConfig) -> Iterator[Sample]:
+    """Download every pending sample, `threads_per_task` at a time, and yield each as it finishes
+    (content filled, or failed): the caller's CPU work on one (decoding) overlaps the downloads of
+    the others, and a retry's backoff holds only its own thread, not the unit's CPU."""
     pending = [s for s in samples if s.pending]
-    if pending:
-        fetcher = Fetcher(config)
-        with ThreadPoolExecutor(max_workers=min(config.threads_per_task, len(pending))) as pool:
-            list(pool.map(fetcher.fetch, pending))
-    return samples
+    if not pending:
+        return
+    fetcher = Fetcher(config)
+    pool = ThreadPoolExecutor(max_workers=min(config.threads_per_task, len(pending)))
+    try:
+        downloads = {pool.submit(fetcher.fetch, sample): sample for sample in pending}
+        for done in as_completed(downloads):
+            done.result()
+            yield downloads[done]
+    finally:
+        pool.shutdown(cancel_futures=True)  # a consumer that stopped early waits only for those under way

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from demo.server import bomb_png
 from pipeline.build_config import BuildConfig
-from pipeline.decode import CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, decode_samples, phashes
+from pipeline.decode import CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, decode_sample, phashes
 from pipeline.schema import Sample
 
 T1_JPG = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")  # 1280 x 886 group photo
@@ -39,7 +39,7 @@ def encode(pixels: np.ndarray, fmt: str = "JPEG", orientation: int | None = None
 def decode(data: bytes, **settings) -> Sample:
     sample = Sample(key="00000000000000", unit=0, input_file="in.parquet", input_row=0,
                     url="https://img.example.com/a.jpg", caption="a photo", content=data)
-    [sample] = decode_samples([sample], BuildConfig(**settings))
+    decode_sample(sample, BuildConfig(**settings))
     return sample
 
 
@@ -228,7 +228,8 @@ def test_sha256_is_of_the_stored_bytes(t1_bytes: bytes) -> None:
 def test_samples_already_decided_are_left_alone() -> None:
     sample = Sample(key="k", unit=0, input_file="f", input_row=0, url=None, caption=None)
     sample.fail("invalid_url", "no URL")
-    [after] = decode_samples([sample], BuildConfig())
+    decode_sample(sample, BuildConfig())
+    after = sample
     assert after.status == "invalid_url" and after.reason == "no URL" and after.sha256 is None
 
 

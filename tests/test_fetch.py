@@ -189,7 +189,18 @@ def test_fetch_samples_downloads_concurrently_and_skips_decided_rows(server: Ima
                for i in range(8)]
     samples[0].fail("invalid_url", "decided earlier")
     started = time.monotonic()
-    fetch_samples(samples, config_for(server, retries=0, threads_per_task=8))
+    yielded = list(fetch_samples(samples, config_for(server, retries=0, threads_per_task=8)))
+    assert sorted(s.input_row for s in yielded) == list(range(1, 8))  # each pending sample once, no other
     assert time.monotonic() - started < 5  # 7 stalls of 1 s each, side by side (one after another: 7 s)
     assert samples[0].reason == "decided earlier"
     assert all(s.status == "timeout" for s in samples[1:])
+
+
+def test_samples_come_back_as_their_downloads_finish(server: ImageServer) -> None:
+    """A stalled download does not hold back the samples behind it: the caller decodes those meanwhile."""
+    urls = [server.url("/fault/stall"), server.url("/img/a.jpg"), server.url("/img/a.jpg")]
+    samples = [Sample(key=str(i), unit=0, input_file="f", input_row=i, url=url, caption=None)
+               for i, url in enumerate(urls)]
+    order = [s.input_row for s in fetch_samples(samples, config_for(server, retries=0, threads_per_task=4))]
+    assert order[-1] == 0 and sorted(order) == [0, 1, 2], order
+    assert samples[0].status == "timeout" and samples[1].content and samples[2].content
