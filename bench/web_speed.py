@@ -54,7 +54,8 @@ def run_once(tool: str, work: Path, parquet: Path, server: ImageServer, name: st
     if tool == "builder":
         def fn() -> dict:
             r = run_builder(work, parquet, server.port, "none", 0, timed=False, name=name, args=flags)
-            return {"images": r["images"], "wall_s": r["wall_s"], "counts": r["counts"]}
+            return {"images": r["images"], "wall_s": r["wall_s"], "counts": r["counts"],
+                    "stage_seconds": r["stage_seconds"], "startup_s": r["startup_s"]}  # where ours goes
     else:
         def fn() -> dict:
             r = run_img2dataset(work, parquet, 0, 0, 0, name=name, settings=settings)

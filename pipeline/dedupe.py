@@ -159,15 +159,24 @@ def _rewrite_unit(output: Output, removed: pa.Table) -> pa.Table:
     return pa.table({"unit": [unit], "removed": [len(changes)]})
 
 
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
 def _rewrite_shard(output: Output, shard: str, keys: set[str]) -> None:
     with output.fs.open(output.shard_path(shard), "rb") as f:
         data = f.read()
 
     def rewrite(out) -> None:
-        with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w") as dst:
-            for member in src:
-                if member.name.split(".", 1)[0] not in keys:
-                    dst.addfile(member, src.extractfile(member))
+        # the kept members' bytes (headers and data) copied as they are: tarfile would parse and
+        # re-serialise each one, which took most of a web-like build's dedupe time
+        with tarfile.open(fileobj=io.BytesIO(data)) as src:  # reads the headers, seeks past the data
+            kept = [m for m in src if m.name.split(".", 1)[0] not in keys]
+        view, written = memoryview(data), 0
+        for member in kept:  # offset: the member's first header (a pax or long-name one included)
+            written += out.write(view[member.offset:member.offset_data + _padded(member.size)])
+        end = written + 2 * tarfile.BLOCKSIZE  # two zero blocks, then up to a whole record, as tarfile ends one
+        out.write(bytes(end - written + (-end % tarfile.RECORDSIZE)))
 
     metadata = output.read_table(output.metadata_path(shard))
     metadata = metadata.filter(pc.invert(pc.is_in(metadata["key"], pa.array(sorted(keys), pa.string()))))

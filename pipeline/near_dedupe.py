@@ -126,8 +126,9 @@ def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, 
     for start, stop in zip(starts[meet], stops[meet]):
         f, q = start + np.flatnonzero(filed[start:stop]), start + np.flatnonzero(looks[start:stop])
         q = q[np.argsort(item[q], kind="stable")]
-        first_look = np.flatnonzero(np.r_[True, item[q][1:] != item[q][:-1]])  # an image looks with several hashes
-        bounds = np.r_[first_look, len(q)]
+        looking_item = item[q]  # np.r_ would cost more than the comparisons in a small bucket
+        first_look = np.flatnonzero(np.concatenate(([True], looking_item[1:] != looking_item[:-1])))  # several hashes look
+        bounds = np.append(first_look, len(q))
         lo = 0
         while lo < len(first_look):  # whole looking images at a time, at most MAX_MATRIX distances
             hi = max(lo + 1, int(np.searchsorted(bounds, bounds[lo] + max(1, MAX_MATRIX // len(f)), "right")) - 1)
