@@ -29,7 +29,7 @@ from pipeline.decode import decode_sample
 from pipeline.detect import DetectActor, insightface_model_path
 from pipeline.fetch import fetch_samples
 from pipeline.filter import filter_samples
-from pipeline.near_dedupe import exclusion_sets, remove_near_duplicates
+from pipeline.near_dedupe import exclusion_sets, near_duplicate_removals
 from pipeline.report import write_report
 from pipeline.schema import (METADATA_SCHEMA, PHASH_VERSION, TRANSIENT_STATUSES, iter_units, pack, phash_version,
                              shard_attempt, shard_name, shard_unit)
@@ -194,6 +194,26 @@ def run_units(work: list[Work], output: Output, config: BuildConfig, allowlist_r
         yield int(row["unit"]), json.loads(row["counts"])
 
 
+def remove_duplicates(output: Output, config: BuildConfig, timings: dict[str, float]) -> tuple[int, int]:
+    """The global exact and near dedupe over everything written: both decided, then applied in one
+    rewrite of the shards they touch. Returns (exact copies, near-copies and overlaps) removed."""
+    t0 = time.time()
+    exact = dedupe.duplicate_image_removals(output)
+    timings["image_dedupe_s"] = time.time() - t0
+    t0 = time.time()
+    near = near_duplicate_removals(output, config.near_duplicate_distance, config.exclude_images, config.near_dedupe)
+    timings["near_dedupe_s"] = time.time() - t0
+    found = [rows for rows in (exact, near) if rows is not None]
+    if not found:
+        return 0, 0
+    t0 = time.time()
+    shards = len(output.list("metadata", ".parquet"))
+    removed = dedupe.remove_from_shards(output, dedupe.first_removal_per_key(found, shards), shards)
+    timings["dedupe_rewrite_s"] = time.time() - t0
+    exact_removed = dedupe.count(exact) if exact is not None else 0
+    return exact_removed, removed - exact_removed
+
+
 def check_output(url: str) -> Output:
     output = Output(url)
     written = output.list("metadata", ".parquet")
@@ -303,13 +323,7 @@ def build(config: BuildConfig) -> dict:
                 bar.update(1)
                 bar.set_postfix(rows=rows_done, ok=counts.get("ok", 0))
         timings["download_detect_write_s"] = time.time() - t0
-    t0 = time.time()
-    removed = dedupe.remove_duplicate_images(output)
-    timings["image_dedupe_s"] = time.time() - t0
-    t0 = time.time()
-    removed_near = remove_near_duplicates(output, config.near_duplicate_distance, config.exclude_images,
-                                          config.near_dedupe)
-    timings["near_dedupe_s"] = time.time() - t0
+    removed, removed_near = remove_duplicates(output, config, timings)
     # A task that died with its node left what it was writing, which its retry wrote anew: the
     # temporary file, or the tar of a shard it was emptying. Swept as the next run's start would.
     output.remove_temporaries()

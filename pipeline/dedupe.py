@@ -250,13 +250,12 @@ def with_unit(t: pa.Table) -> pa.Table:
     return t.append_column("unit", pc.cast(unit, pa.int64()))
 
 
-def remove_duplicate_images(output: Output) -> int:
-    """Global sha256 dedupe over every written sample; returns how many were removed."""
+def duplicate_image_removals(output: Output) -> Rows | None:
+    """REMOVED_SCHEMA rows of the global sha256 dedupe over every written sample (None: nothing written)."""
     written = written_samples(output, ["key", "sha256", "shard"])
     if written is None:
-        return 0
-    shards = len(output.list("metadata", ".parquet"))
-    losers = find_duplicates(map_tables(written, with_unit), "sha256", shards)
+        return None
+    losers = find_duplicates(map_tables(written, with_unit), "sha256", len(output.list("metadata", ".parquet")))
 
     def as_removed(t: pa.Table) -> pa.Table:
         n = t.num_rows
@@ -265,4 +264,30 @@ def remove_duplicate_images(output: Output) -> int:
                          "duplicate_of": t["duplicate_of"], "distance": pa.nulls(n, pa.int32()),
                          "overlap_set": pa.nulls(n, pa.string())}, schema=REMOVED_SCHEMA)
 
-    return remove_from_shards(output, materialize(map_tables(losers, as_removed)), shards)
+    return materialize(map_tables(losers, as_removed))
+
+
+def first_removal_per_key(removals: list[Rows], partitions: int) -> Rows:
+    """One REMOVED_SCHEMA row per key: where several dedupes remove a sample, the first in `removals`
+    says why (the exact dedupe before the near one), so its shard is rewritten once for both."""
+    parts = max(1, min(partitions, 200))
+
+    def ranked(rank: int) -> TableFn:
+        def add(t: pa.Table) -> pa.Table:
+            keys = np.array([int(key) for key in t["key"].to_pylist()], dtype=np.int64)  # dataset keys are digits
+            return t.append_column("rank", pa.array(np.full(t.num_rows, rank, np.int64))).append_column(
+                "part", pa.array(keys % parts))
+        return add
+
+    def first_per_key(t: pa.Table) -> pa.Table:
+        if t.num_rows == 0:
+            return REMOVED_SCHEMA.empty_table()
+        t = t.sort_by([("key", "ascending"), ("rank", "ascending")])
+        keys = t["key"].to_numpy(zero_copy_only=False)
+        return t.take(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])).select(REMOVED_SCHEMA.names)
+
+    tables = [map_tables(rows, ranked(rank)) for rank, rows in enumerate(removals)]
+    if all(isinstance(t, pa.Table) for t in tables):
+        return first_per_key(pa.concat_tables(tables))
+    datasets = [t if isinstance(t, ray.data.Dataset) else ray.data.from_arrow(t) for t in tables]
+    return materialize(by_group(datasets[0].union(*datasets[1:]), "part", first_per_key, partitions))

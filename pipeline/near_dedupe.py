@@ -32,8 +32,7 @@ from PIL import Image, ImageOps
 
 from pipeline.config import ConfigError
 from pipeline.decode import CROPS, phashes
-from pipeline.dedupe import (REMOVED_SCHEMA, Rows, by_group, map_tables, materialize, remove_from_shards,
-                             written_samples)
+from pipeline.dedupe import REMOVED_SCHEMA, Rows, by_group, map_tables, materialize, written_samples
 from pipeline.schema import PHASH_VERSION, PHASH_VERSION_KEY, phash_version
 from pipeline.storage import Output
 
@@ -392,18 +391,19 @@ def _as_removed(t: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=REMOVED_SCHEMA)
 
 
-def remove_near_duplicates(output: Output, k: int, exclude: list[str], dedupe_within: bool) -> int:
-    """Remove benchmark overlaps, and near-duplicates when dedupe_within; returns how many."""
+def near_duplicate_removals(output: Output, k: int, exclude: list[str], dedupe_within: bool) -> Rows | None:
+    """REMOVED_SCHEMA rows of the benchmark overlaps, and of the near-duplicates when dedupe_within
+    (None: nothing to do). Exact copies among the written samples need not be gone first: they
+    have the same hashes, so they are compared once (mark_copies) and change no one's winner."""
     written = written_samples(output, ["key", "phash", "phash_crops", "original_width", "original_height", "shard"])
     if written is None or (not exclude and not dedupe_within):
-        return 0
+        return None
     items = map_tables(written, _written_items)
     references = exclusion_items(output, exclude)
     if references.num_rows:
         items = pa.concat_tables([items, references]) if isinstance(items, pa.Table) else items.union(
             ray.data.from_arrow(references))
-    shards = len(output.list("metadata", ".parquet"))
-    losers = find_near_duplicates(items, k, shards)
+    losers = find_near_duplicates(items, k, len(output.list("metadata", ".parquet")))
     if not dedupe_within:  # only what an excluded image caught
         losers = map_tables(losers, lambda t: t.filter(pc.is_valid(t["overlap_set"])))
-    return remove_from_shards(output, materialize(map_tables(losers, _as_removed)), shards)
+    return materialize(map_tables(losers, _as_removed))

@@ -17,7 +17,9 @@ from PIL import Image
 
 from outputs import metadata_table, status_table, tar_samples
 from pipeline import dedupe
-from pipeline.near_dedupe import remove_near_duplicates
+from pipeline.build import remove_duplicates
+from pipeline.build_config import BuildConfig
+from pipeline.near_dedupe import near_duplicate_removals
 from pipeline.schema import Face, Sample, make_key
 from pipeline.storage import Output
 from pipeline.write import commit_unit
@@ -70,15 +72,42 @@ def test_a_removal_plan_a_kill_left_is_finished_before_deciding_again(tmp_path: 
 
     monkeypatch.setattr(dedupe, "_rewrite_unit", killed_after_the_first_unit)
     with pytest.raises(Killed):
-        remove_near_duplicates(output, 6, [], dedupe_within=True)
+        dedupe.remove_from_shards(output, near_duplicate_removals(output, 6, [], dedupe_within=True), 3)
     assert statuses(tmp_path / "out") == {0: "ok", 1: "near_duplicate", 2: "ok"}  # B went, C not yet
     monkeypatch.setattr(dedupe, "_rewrite_unit", rewrite_unit)
 
     assert dedupe.apply_removal_plan(output, 3) == 2  # what the rerun does first (pipeline.build.build)
-    assert remove_near_duplicates(output, 6, [], dedupe_within=True) == 0
+    assert dedupe.count(near_duplicate_removals(output, 6, [], dedupe_within=True)) == 0
     assert statuses(tmp_path / "out") == {0: "ok", 1: "near_duplicate", 2: "near_duplicate"}
     assert metadata_table(tmp_path / "out")["key"].to_pylist() == [make_key(0, 0)] == sorted(tar_samples(tmp_path / "out"))
     assert not output.fs.exists(output.path(dedupe.REMOVALS))
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["table", "ray-dataset"])
+def test_exact_and_near_removals_rewrite_each_shard_once(tmp_path: Path, distributed: bool,
+                                                         request: pytest.FixtureRequest,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit 1 holds an exact copy of unit 0's image and a near-copy of it: both go in one rewrite of
+    shard 00001 (counted in the driver's run), and the exact copy is a duplicate_image (the exact
+    dedupe says why first), on Ray as in the driver."""
+    if distributed:
+        request.getfixturevalue("ray_address")
+        monkeypatch.setattr(dedupe, "LOCAL_ROWS", 0)
+    output = Output(str(tmp_path / "out"))
+    output.make_dirs()
+    commit_unit(output, 0, "00000", [written(0, 0, 0, 1000, sha256="a" * 64)])
+    commit_unit(output, 1, "00001", [written(1, 1, 0, 1000, sha256="a" * 64), written(2, 1, 0b11, 500),
+                                     written(3, 1, 0b1111111111111, 500)])
+    rewrites: list[str] = []
+    rewrite_shard = dedupe._rewrite_shard
+    monkeypatch.setattr(dedupe, "_rewrite_shard", lambda out, shard, keys: (rewrites.append(shard),
+                                                                            rewrite_shard(out, shard, keys)))
+    assert remove_duplicates(output, BuildConfig(), {}) == (1, 1)
+    assert rewrites == ([] if distributed else ["00001"])  # on Ray the rewrites run in workers, unpatched
+    status = status_table(tmp_path / "out")
+    assert dict(zip(status["input_row"].to_pylist(), zip(status["status"].to_pylist(), status["duplicate_of"].to_pylist()))) == {
+        0: ("ok", None), 1: ("duplicate_image", make_key(0, 0)), 2: ("near_duplicate", make_key(0, 0)), 3: ("ok", None)}
+    assert sorted(tar_samples(tmp_path / "out")) == [make_key(0, 0), make_key(0, 3)]
 
 
 def test_an_incomplete_plan_is_dropped_unapplied(tmp_path: Path) -> None:
@@ -103,7 +132,7 @@ def test_a_unit_and_its_retry_shard_are_rewritten_together(tmp_path: Path) -> No
     commit_unit(output, 1, "00001", [*first, pending])
     commit_unit(output, 1, "00001_1", [retried], previous_status=output.read_table(output.status_path(1)))
     assert statuses(tmp_path / "out") == {0: "ok", 1: "ok", 2: "ok", 3: "ok"}
-    assert dedupe.remove_duplicate_images(output) == 2
+    assert dedupe.remove_from_shards(output, dedupe.duplicate_image_removals(output), 2) == 2
     assert statuses(tmp_path / "out") == {0: "ok", 1: "duplicate_image", 2: "ok", 3: "duplicate_image"}
     assert sorted(tar_samples(tmp_path / "out")) == [make_key(0, 0), make_key(0, 2)]
     assert not (tmp_path / "out" / "shards" / "00001_1.tar").exists()  # nothing left in it

@@ -98,7 +98,8 @@ NODE_LOSS_BUILD = textwrap.dedent("""
     out = Path(build_args[build_args.index("--output") + 1])
     PAUSE_S = 3.0  # the kill lands in well under a second (or the call says "late")
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # No CPU on the head: every task runs on a worker node, so one that pauses there can be killed.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=2, wait=False) for _ in range(2)]
     cluster.wait_for_nodes(timeout=120)
     head = cluster.head_node.node_id
