@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.config import ConfigError, option
 
 DETECTORS = ("retinaface", "insightface", "none")
 DETECT_BACKENDS = ("auto", "torch", "onnxruntime")
+# Our field -> the column LAION-400M's metadata names it ('': LAION-400M has none). Only the URL and
+# the caption are required; every other column is read when the input has it and is otherwise null,
+# unless a filter reads it (FILTER_COLUMNS).
 LAION_COLUMNS = {
     "sample_id": "SAMPLE_ID",
     "url": "URL",
@@ -19,11 +22,35 @@ LAION_COLUMNS = {
     "license": "LICENSE",
     "nsfw": "NSFW",
     "similarity": "similarity",
+    "nsfw_score": "",
+}
+REQUIRED_COLUMNS = ("url", "caption")
+# A filter's setting -> the fields it reads: the input must have them when the filter is on.
+FILTER_COLUMNS = {"sample_ids": ("sample_id",), "drop_nsfw": ("nsfw",), "max_nsfw_score": ("nsfw_score",),
+                  "min_similarity": ("similarity",), "min_image_side": ("width", "height")}
+# --preset: the column names of the releases users download today (a field not named: not in that
+# release), and the filters that make one comparable with LAION's own. `similarity` is always a
+# CLIP ViT-B/32 score, as LAION's is; `nsfw_score` a probability, as Re-LAION's `punsafe`.
+PRESETS: dict[str, dict] = {
+    "laion400m": {"columns": LAION_COLUMNS, "filters": {}},  # LAION-Face kept every row that has a face
+    "relaion": {  # Re-LAION-2B-en / Re-LAION-5B research-safe: LAION-5B's columns, unsafe links already removed
+        "columns": {"sample_id": "SAMPLE_ID", "url": "URL", "caption": "TEXT", "width": "WIDTH", "height": "HEIGHT",
+                    "license": "LICENSE", "nsfw": "NSFW", "similarity": "similarity", "nsfw_score": "punsafe"},
+        "filters": {}},
+    "datacomp": {  # DataComp CommonPool: unfiltered, so LAION-5B's English CLIP threshold is applied
+        "columns": {"url": "url", "caption": "text", "width": "original_width", "height": "original_height",
+                    "similarity": "clip_b32_similarity_score"},
+        "filters": {"min_similarity": 0.28}},
+    "coyo700m": {  # COYO-700M: already filtered for size, NSFW and text by its authors
+        "columns": {"sample_id": "id", "url": "url", "caption": "text", "width": "width", "height": "height",
+                    "similarity": "clip_similarity_vitb32", "nsfw_score": "nsfw_score_opennsfw2"},
+        "filters": {}},
+    "cc12m": {"columns": {"url": "url", "caption": "caption"}, "filters": {}},  # two columns, nothing to filter by
 }
 # The settings that decide what a unit writes: which rows are read and pass the filters, which
 # bytes are stored, which faces count. An output holds one value of each (source.register_inputs).
 UNIT_SETTINGS = ("sample_id_col", "url_col", "caption_col", "width_col", "height_col", "license_col", "nsfw_col",
-                 "similarity_col", "drop_nsfw", "min_similarity", "min_image_side", "min_caption_length",
+                 "similarity_col", "nsfw_score_col", "drop_nsfw", "max_nsfw_score", "min_similarity", "min_image_side", "min_caption_length",
                  "max_bytes", "max_redirects", "respect_optout", "max_image_pixels", "image_max_side", "jpeg_quality",
                  "detector", "detect_size", "min_face_score", "min_face_size")  # + the insightface model's content
 
@@ -38,16 +65,24 @@ class BuildConfig:
                                        "choice: RAY_ADDRESS, else a cluster `ray start` began on this machine, "
                                        "else a new local one")
 
-    # --- source: column names (LAION-400M's by default) and metadata filters ---
-    sample_id_col: str = option(LAION_COLUMNS["sample_id"], "column holding the sample id ('' if absent)")
-    url_col: str = option(LAION_COLUMNS["url"], "column holding the image URL")
-    caption_col: str = option(LAION_COLUMNS["caption"], "column holding the caption")
-    width_col: str = option(LAION_COLUMNS["width"], "column holding the advertised width ('' if absent)")
-    height_col: str = option(LAION_COLUMNS["height"], "column holding the advertised height ('' if absent)")
-    license_col: str = option(LAION_COLUMNS["license"], "column holding the license ('' if absent)")
-    nsfw_col: str = option(LAION_COLUMNS["nsfw"], "column holding LAION's NSFW tag ('' if absent)")
-    similarity_col: str = option(LAION_COLUMNS["similarity"], "column holding the CLIP similarity ('' if absent)")
+    # --- source: column names (a preset's, else LAION-400M's) and metadata filters ---
+    preset: str | None = option(None, "column names and filters of a known release: " + ", ".join(PRESETS) +
+                                " (docs: README, 'Inputs'); flags given beside it win", choices=tuple(PRESETS))
+    sample_id_col: str | None = option(None, "column holding the sample id (default: the preset's, else SAMPLE_ID; "
+                                             "without one, ids come from the file and row like keys)")
+    url_col: str | None = option(None, "column holding the image URL (default: the preset's, else URL)")
+    caption_col: str | None = option(None, "column holding the caption (default: the preset's, else TEXT)")
+    width_col: str | None = option(None, "column holding the advertised width (default: the preset's, else WIDTH)")
+    height_col: str | None = option(None, "column holding the advertised height (default: the preset's, else HEIGHT)")
+    license_col: str | None = option(None, "column holding the license (default: the preset's, else LICENSE)")
+    nsfw_col: str | None = option(None, "column holding an NSFW tag such as LAION's UNLIKELY/UNSURE/NSFW "
+                                        "(default: the preset's, else NSFW)")
+    similarity_col: str | None = option(None, "column holding the CLIP ViT-B/32 image-text similarity "
+                                              "(default: the preset's, else similarity)")
+    nsfw_score_col: str | None = option(None, "column holding an NSFW probability such as Re-LAION's punsafe "
+                                              "(default: the preset's, else none)")
     drop_nsfw: list[str] = option([], "NSFW tags to drop, e.g. NSFW and UNSURE; repeatable (LAION-Face kept all)")
+    max_nsfw_score: float | None = option(None, "drop rows whose NSFW probability is above this")
     min_similarity: float | None = option(None, "drop rows whose CLIP similarity is below this")
     min_image_side: int | None = option(None, "drop rows whose advertised WIDTH or HEIGHT is below this")
     min_caption_length: int | None = option(None, "drop rows whose caption has fewer characters")
@@ -102,9 +137,27 @@ class BuildConfig:
     retry_failed: bool = option(False, "re-attempt only rows whose status is a transient failure, add what succeeds")
     plan_only: bool = option(False, "check the inputs, register them, plan the units and the URL dedupe, then stop "
                                     "before any download (a dry run at full size: docs/PERFORMANCE.md)")
+    lock_lease: float = option(60.0, "seconds a build's lock on its output (OUT/build.lock) holds without renewal; "
+                                     "renewed every quarter of it, taken over by the next build once run out")
     progress: bool = option(True, "show progress bars")
 
+    def __post_init__(self) -> None:
+        """Fill what was not given from the preset: its column names (else LAION-400M's), its filters."""
+        preset = PRESETS.get(self.preset or "laion400m")
+        if preset is None:
+            return  # validate() names the unknown preset
+        for name in LAION_COLUMNS:
+            if getattr(self, f"{name}_col") is None:
+                setattr(self, f"{name}_col", preset["columns"].get(name, ""))
+        for name, value in preset["filters"].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
     def validate(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got '{self.preset}'")
+        if self.lock_lease < 4:  # a claim on object storage settles for 2 s before its first renewal
+            raise ConfigError("lock_lease must be at least 4 s")
         if self.shard_size is not None and self.shard_size < 1:
             raise ConfigError("shard_size must be at least 1")
         too_small = self.detect_batch_size is not None and self.detect_batch_size < 1
@@ -118,8 +171,6 @@ class BuildConfig:
                 raise ConfigError(f"--allow-host wants HOST:PORT, got '{entry}'")
         if not 0 <= self.near_duplicate_distance <= 12:  # at 12 an image already makes 2,848 band rows
             raise ConfigError("near_duplicate_distance must be between 0 and 12")
-        if self.sample_ids and not self.sample_id_col:
-            raise ConfigError("--sample-ids needs a SAMPLE_ID column: set --sample-id-col")
         if self.detector not in DETECTORS:
             raise ConfigError(f"detector must be one of {', '.join(DETECTORS)}, got '{self.detector}'")
         if self.detect_backend not in DETECT_BACKENDS:
@@ -134,6 +185,11 @@ class BuildConfig:
         return settings
 
     def source_columns(self) -> dict[str, str]:
-        """Our column name -> the input's column name, for the columns this input has."""
+        """Our field -> the input's column, for the fields given a column; after source.check_inputs, the
+        columns the inputs have (matched there, case aside)."""
         mapping = {name: getattr(self, f"{name}_col") for name in LAION_COLUMNS}
         return {ours: theirs for ours, theirs in mapping.items() if theirs}
+
+    def with_columns(self, columns: dict[str, str]) -> BuildConfig:
+        """This config reading exactly `columns` (our field -> the input's column), every other field absent."""
+        return replace(self, **{f"{name}_col": columns.get(name, "") for name in LAION_COLUMNS})

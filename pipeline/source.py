@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.build_config import BuildConfig
+from pipeline.build_config import FILTER_COLUMNS, LAION_COLUMNS, REQUIRED_COLUMNS, BuildConfig
 from pipeline.config import ConfigError
 from pipeline.schema import Sample, make_key
 from pipeline.storage import Output, read_parquet
@@ -55,18 +55,45 @@ def _parquet_footer(path: str) -> pq.FileMetaData:
         raise ConfigError(f"cannot read parquet file {path}: {err}") from None
 
 
-def check_inputs(paths: list[str], config: BuildConfig) -> dict[str, int]:
-    """Row count of every input, after checking it is readable parquet with the configured columns."""
-    rows = {}
+def input_columns(path: str, names: list[str], config: BuildConfig) -> dict[str, str]:
+    """Our field -> the column of this file that holds it, for the fields it has: the configured name,
+    else the one that differs from it in case only (releases spell URL and url alike). The URL and the
+    caption must be there, and so must what a filter that is on reads."""
+    by_lower: dict[str, str] = {}
+    for name in names:
+        by_lower.setdefault(name.lower(), name)
+    wanted = {name: getattr(config, f"{name}_col") for name in LAION_COLUMNS}
+    found = {ours: theirs if theirs in names else by_lower[theirs.lower()]
+             for ours, theirs in wanted.items() if theirs and (theirs in names or theirs.lower() in by_lower)}
+    needs = {field: "" for field in REQUIRED_COLUMNS}  # field -> the filter flag that reads it ('': always needed)
+    for setting, fields in FILTER_COLUMNS.items():
+        if getattr(config, setting):
+            for field in fields:
+                needs.setdefault(field, "--" + setting.replace("_", "-"))
+    for field, filter_flag in needs.items():
+        if field in found:
+            continue
+        flag, why = f"--{field.replace('_', '-')}-col", f"read by {filter_flag}" if filter_flag else "required"
+        if not wanted[field]:
+            raise ConfigError(f"{flag} is '' but the {field} column is {why}")
+        raise ConfigError(f"{path}: missing column '{wanted[field]}' ({why}; has: {', '.join(names)}; "
+                          f"name it with {flag} or choose a --preset)")
+    return found
+
+
+def check_inputs(paths: list[str], config: BuildConfig) -> tuple[dict[str, int], dict[str, str]]:
+    """Row count of every input, after checking it is readable parquet, and the columns they are read
+    by (input_columns): one set for all of them, since an output holds one reading of its inputs."""
+    rows, columns, first = {}, None, None
     for path in paths:
         footer = _parquet_footer(path)
-        names = footer.schema.to_arrow_schema().names
-        for ours, theirs in config.source_columns().items():
-            if theirs not in names:
-                raise ConfigError(f"{path}: missing column '{theirs}' (has: {', '.join(names)}; "
-                                  f"remap with --{ours.replace('_', '-')}-col)")
+        found = input_columns(path, footer.schema.to_arrow_schema().names, config)
+        if columns is not None and found != columns:
+            raise ConfigError(f"{path} has other columns than {first} ({found} vs {columns}); "
+                              "build them into separate outputs, or name the columns with the --*-col flags")
+        columns, first = found, path
         rows[path] = footer.num_rows
-    return rows
+    return rows, columns or {}
 
 
 AUTO_UNITS_PER_CPU = 2  # a few units per CPU, so a slow unit (dead hosts, timeouts) does not leave CPUs idle at the end
@@ -173,6 +200,10 @@ def _metadata_reject(row: dict, config: BuildConfig) -> str | None:
     """Why the metadata filters drop this row, or None."""
     if row.get("nsfw") in config.drop_nsfw:
         return f"NSFW tag {row['nsfw']}"
+    if config.max_nsfw_score is not None:
+        score = row.get("nsfw_score")
+        if score is None or score > config.max_nsfw_score:  # unknown counts as unsafe: this filter is for safety
+            return f"NSFW score {score} > {config.max_nsfw_score}" if score is not None else "no NSFW score"
     if config.min_similarity is not None and (row.get("similarity") or 0.0) < config.min_similarity:
         return f"similarity {row.get('similarity')} < {config.min_similarity}"
     if config.min_image_side is not None:
@@ -214,8 +245,9 @@ def unit_samples(unit: Unit, table: pa.Table, config: BuildConfig, allowlist: np
         if only_rows is not None and input_row not in only_rows:
             continue
         key = make_key(unit.file_index, input_row)
+        sample_id = row.get("sample_id") if "sample_id" in columns else int(key)  # stable: the file's number and row
         sample = Sample(key=key, unit=unit.unit, input_file=unit.path, input_row=input_row,
-                        url=row.get("url"), caption=row.get("caption"), sample_id=row.get("sample_id"),
+                        url=row.get("url"), caption=row.get("caption"), sample_id=sample_id,
                         license=row.get("license"), nsfw=row.get("nsfw"), similarity=row.get("similarity"))
         if in_allowlist is not None and not in_allowlist[i]:
             sample.fail("not_in_allowlist", "SAMPLE_ID not in the allow-list")

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
+from pipeline.build_config import LAION_COLUMNS
 from pipeline.schema import STATUSES
 from pipeline.storage import Output
 
@@ -30,8 +31,9 @@ def status_counts(output: Output) -> Counter:
 
 
 def finish(output: Output, started: float, timings: dict[str, float], rows_done: int, units_done: int,
-           url_duplicates: int, images_removed: int, near_removed: int) -> dict:
-    """Write sizes.json and stats.json (totals over every run into OUT, plus this run's speed)."""
+           url_duplicates: int, images_removed: int, near_removed: int, columns: dict[str, str]) -> dict:
+    """Write sizes.json and stats.json (totals over every run into OUT, plus this run's speed and the
+    input columns it read: our field -> theirs)."""
     sizes = shard_sizes(output)
     counts = status_counts(output)
     seconds = time.time() - started
@@ -50,12 +52,20 @@ def finish(output: Output, started: float, timings: dict[str, float], rows_done:
             "url_duplicates_planned": url_duplicates,
             "image_duplicates_removed": images_removed,
             "near_duplicates_and_overlaps_removed": near_removed,
+            "columns": columns,
         },
     }
     output.write_json("sizes.json", sizes)
     output.write_json("shards/sizes.json", sizes)  # where open_clip's loader looks: beside the shards
     output.write_json("stats.json", stats)
     return stats
+
+
+def describe_columns(columns: dict[str, str]) -> str:
+    """'url <- URL, caption <- TEXT, ...; absent: license': which input column fed which field."""
+    absent = [field for field in LAION_COLUMNS if field not in columns]
+    return ", ".join(f"{ours} <- {theirs}" for ours, theirs in columns.items()) + (
+        f"; absent (null): {', '.join(absent)}" if absent else "")
 
 
 def describe(output: Output, stats: dict, report: str) -> str:
@@ -73,5 +83,6 @@ def describe(output: Output, stats: dict, report: str) -> str:
         f"  stats     {out}/stats.json",
         f"  report    {report}",
         f"  statuses  {counts}",
+        f"  columns   {describe_columns(run['columns'])}",
         f"  explore   python -m queries overview --data {out}",
     ])

@@ -213,6 +213,12 @@ def test_source_columns_skip_empty_names() -> None:
     assert columns["caption"] == "TEXT"
 
 
-def test_allowlist_without_sample_id_column_is_refused() -> None:
-    with pytest.raises(ConfigError, match="sample"):
-        load("--sample-ids", "ids.txt", "--sample-id-col", "")
+def test_a_preset_fills_what_flags_leave_out() -> None:
+    config = load("--preset", "coyo700m", "--caption-col", "alt_text")
+    assert (config.url_col, config.caption_col, config.similarity_col) == ("url", "alt_text", "clip_similarity_vitb32")
+    assert config.license_col == ""  # COYO has none
+
+
+def test_an_unknown_preset_is_refused() -> None:
+    with pytest.raises(ConfigError, match="preset must be one of laion400m"):
+        BuildConfig(preset="laion9b").validate()

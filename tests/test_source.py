@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.build_config import BuildConfig
+from pipeline.build_config import LAION_COLUMNS, BuildConfig
 from pipeline.config import ConfigError
 from pipeline.schema import Sample, make_key
 from pipeline.source import (Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_rows, read_unit,
@@ -69,18 +69,116 @@ def test_expand_inputs_glob_without_match_is_an_error(tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "*.parquet")])
 
 
-def test_check_inputs_returns_row_counts(tmp_path: Path) -> None:
+def test_check_inputs_returns_row_counts_and_the_columns_read(tmp_path: Path) -> None:
     a = write_parquet(tmp_path / "a.parquet", laion_table(7))
     b = write_parquet(tmp_path / "b.parquet", laion_table(3))
-    assert check_inputs([a, b], BuildConfig()) == {a: 7, b: 3}
+    rows, columns = check_inputs([a, b], BuildConfig())
+    assert rows == {a: 7, b: 3}
+    assert columns == {name: theirs for name, theirs in LAION_COLUMNS.items() if theirs}
 
 
-def test_check_inputs_missing_column_names_file_column_and_flag(tmp_path: Path) -> None:
-    path = write_parquet(tmp_path / "a.parquet", laion_table(2).drop_columns(["TEXT"]))
+@pytest.mark.parametrize("dropped, flag", [("TEXT", "--caption-col"), ("URL", "--url-col")])
+def test_check_inputs_missing_column_names_file_column_and_flag(tmp_path: Path, dropped: str, flag: str) -> None:
+    path = write_parquet(tmp_path / "a.parquet", laion_table(2).drop_columns([dropped]))
     with pytest.raises(ConfigError) as err:
         check_inputs([path], BuildConfig())
     message = str(err.value)
-    assert path in message and "'TEXT'" in message and "--caption-col" in message
+    assert path in message and f"'{dropped}'" in message and flag in message and "required" in message
+
+
+def test_only_the_url_and_the_caption_are_required(tmp_path: Path) -> None:
+    """A file with SAMPLE_ID, URL and TEXT only is read, the other fields null; ids stay the file's."""
+    path = write_parquet(tmp_path / "a.parquet", laion_table(3).select(["SAMPLE_ID", "URL", "TEXT"]))
+    rows, columns = check_inputs([path], BuildConfig())
+    assert rows == {path: 3} and columns == {"sample_id": "SAMPLE_ID", "url": "URL", "caption": "TEXT"}
+    samples = read_all(path, 3, BuildConfig().with_columns(columns))
+    assert [s.sample_id for s in samples] == [1000, 1001, 1002]
+    assert {(s.license, s.nsfw, s.similarity) for s in samples} == {(None, None, None)}
+    assert all(s.pending for s in samples)
+
+
+@pytest.mark.parametrize("flags, field, column", [
+    ({"min_image_side": 64}, "--min-image-side", "WIDTH"),
+    ({"min_similarity": 0.3}, "--min-similarity", "similarity"),
+    ({"drop_nsfw": ["NSFW"]}, "--drop-nsfw", "NSFW"),
+    ({"max_nsfw_score": 0.5}, "--max-nsfw-score", ""),
+])
+def test_a_filter_needs_the_column_it_reads(tmp_path: Path, flags: dict, field: str, column: str) -> None:
+    path = write_parquet(tmp_path / "a.parquet", laion_table(2).select(["URL", "TEXT"]))
+    with pytest.raises(ConfigError) as err:
+        check_inputs([path], BuildConfig(**flags))
+    message = str(err.value)
+    assert f"read by {field}" in message
+    assert (f"'{column}'" in message and path in message) if column else "--nsfw-score-col is ''" in message
+
+
+def test_an_allowlist_needs_a_sample_id_column(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "a.parquet", laion_table(2))
+    with pytest.raises(ConfigError, match="--sample-id-col is '' but the sample_id column is read by --sample-ids"):
+        check_inputs([path], BuildConfig(sample_ids="ids.txt", sample_id_col=""))
+
+
+def test_a_file_without_sample_ids_gets_the_ids_of_its_keys(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "a.parquet", pa.table({"url": ["https://a.example/1.jpg"] * 2, "caption": ["a", "b"]}))
+    config = BuildConfig(preset="cc12m")
+    rows, columns = check_inputs([path], config)
+    assert columns == {"url": "url", "caption": "caption"}
+    samples = read_unit(Unit(0, 3, path, 0, 2), config.with_columns(columns), None, {})
+    assert [s.sample_id for s in samples] == [int(make_key(3, 0)), int(make_key(3, 1))]
+    assert {s.caption for s in samples} == {"a", "b"}
+
+
+def test_column_names_match_whatever_their_case(tmp_path: Path) -> None:
+    table = laion_table(1).rename_columns(["sample_id", "url", "text", "height", "width", "license", "nsfw", "Similarity"])
+    path = write_parquet(tmp_path / "a.parquet", table)
+    _, columns = check_inputs([path], BuildConfig())
+    assert columns["url"] == "url" and columns["caption"] == "text" and columns["similarity"] == "Similarity"
+
+
+def test_inputs_with_different_columns_are_refused_together(tmp_path: Path) -> None:
+    a = write_parquet(tmp_path / "a.parquet", laion_table(2))
+    b = write_parquet(tmp_path / "b.parquet", laion_table(2).drop_columns(["LICENSE"]))
+    with pytest.raises(ConfigError, match="other columns than"):
+        check_inputs([a, b], BuildConfig())
+
+
+@pytest.mark.parametrize("preset, table, expected", [
+    ("coyo700m", {"id": [7], "url": ["https://a.example/1.jpg"], "text": ["t"], "width": [640], "height": [480],
+                  "clip_similarity_vitb32": [0.31], "nsfw_score_opennsfw2": [0.02], "watermark_score": [0.1]},
+     {"sample_id": "id", "url": "url", "caption": "text", "width": "width", "height": "height",
+      "similarity": "clip_similarity_vitb32", "nsfw_score": "nsfw_score_opennsfw2"}),
+    ("datacomp", {"uid": ["00a1"], "url": ["https://a.example/1.jpg"], "text": ["t"], "original_width": [640],
+                  "original_height": [480], "clip_b32_similarity_score": [0.31], "clip_l14_similarity_score": [0.25]},
+     {"url": "url", "caption": "text", "width": "original_width", "height": "original_height",
+      "similarity": "clip_b32_similarity_score"}),
+    ("relaion", {"URL": ["https://a.example/1.jpg"], "TEXT": ["t"], "WIDTH": [640], "HEIGHT": [480],
+                 "similarity": [0.31], "punsafe": [0.01], "pwatermark": [0.2]},
+     {"url": "URL", "caption": "TEXT", "width": "WIDTH", "height": "HEIGHT", "similarity": "similarity",
+      "nsfw_score": "punsafe"}),
+])
+def test_presets_read_their_releases_columns(tmp_path: Path, preset: str, table: dict, expected: dict) -> None:
+    path = write_parquet(tmp_path / "a.parquet", pa.table(table))
+    config = BuildConfig(preset=preset)
+    _, columns = check_inputs([path], config)
+    assert columns == expected
+    [sample] = read_all(path, 1, config.with_columns(columns))
+    assert sample.pending and sample.url == "https://a.example/1.jpg" and sample.caption == "t"
+
+
+def test_datacomp_preset_applies_laions_clip_threshold_unless_told_otherwise() -> None:
+    assert BuildConfig(preset="datacomp").min_similarity == 0.28
+    assert BuildConfig(preset="datacomp", min_similarity=0.2).min_similarity == 0.2
+    assert BuildConfig(preset="coyo700m").min_similarity is None
+
+
+def test_max_nsfw_score_drops_scores_above_it_and_unknown_ones(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "a.parquet", laion_table(3, punsafe=[0.1, 0.9, None]))
+    config = BuildConfig(nsfw_score_col="punsafe", max_nsfw_score=0.5)
+    _, columns = check_inputs([path], config)
+    samples = read_all(path, 3, config.with_columns(columns))
+    assert [(s.status, s.reason) for s in samples[1:]] == [("filtered_metadata", "NSFW score 0.9 > 0.5"),
+                                                           ("filtered_metadata", "no NSFW score")]
+    assert samples[0].pending
 
 
 def test_check_inputs_refuses_a_file_that_is_not_parquet(tmp_path: Path) -> None:
@@ -93,11 +191,11 @@ def test_check_inputs_refuses_a_file_that_is_not_parquet(tmp_path: Path) -> None
 def test_column_remapping(tmp_path: Path) -> None:
     table = pa.table({"link": ["https://a.example/1.jpg"], "alt": ["hello"]})
     path = write_parquet(tmp_path / "other.parquet", table)
-    config = BuildConfig(url_col="link", caption_col="alt", sample_id_col="", width_col="", height_col="",
-                         license_col="", nsfw_col="", similarity_col="")
-    assert check_inputs([path], config) == {path: 1}
-    [sample] = read_all(path, 1, config)
-    assert (sample.url, sample.caption, sample.sample_id, sample.nsfw) == ("https://a.example/1.jpg", "hello", None, None)
+    config = BuildConfig(url_col="link", caption_col="alt")
+    rows, columns = check_inputs([path], config)
+    assert (rows, columns) == ({path: 1}, {"url": "link", "caption": "alt"})
+    [sample] = read_all(path, 1, config.with_columns(columns))
+    assert (sample.url, sample.caption, sample.nsfw) == ("https://a.example/1.jpg", "hello", None)
     assert sample.pending
 
 
