@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -29,6 +30,7 @@ from pipeline.decode import decode_sample
 from pipeline.detect import DetectActor, insightface_model_path
 from pipeline.fetch import fetch_samples
 from pipeline.filter import filter_samples
+from pipeline.lock import OutputLock
 from pipeline.near_dedupe import exclusion_sets, near_duplicate_removals
 from pipeline.report import write_report
 from pipeline.schema import (METADATA_SCHEMA, PHASH_VERSION, TRANSIENT_STATUSES, iter_units, pack, phash_version,
@@ -228,8 +230,9 @@ def check_output(url: str) -> Output:
                               f"(this one writes version {PHASH_VERSION}); delete it or build into a new output")
     try:
         output.make_dirs()
-        output.write_json(".write-test.json", {})
-        output.fs.rm(output.path(".write-test.json"))
+        probe = f".write-test-{uuid.uuid4().hex[:8]}.json"  # its own name: two builds may probe at once
+        output.write_json(probe, {})
+        output.fs.rm(output.path(probe))
     except OSError as err:
         raise ConfigError(f"output {url} is not writable: {err.strerror or err}") from None
     return output
@@ -263,12 +266,14 @@ def plan_summary(started: float, timings: dict[str, float], inputs: list[dict], 
     """What --plan-only returns (and prints): the plan a build would carry out."""
     plan = {"input_files": len(inputs), "input_rows": sum(entry["rows"] for entry in inputs), "units": len(units),
             "rows_per_unit": config.shard_size, "units_to_do": len(work), "url_duplicates_planned": url_duplicates,
+            "columns": config.source_columns(),
             "seconds": round(time.time() - started, 2), "stage_seconds": {k: round(v, 2) for k, v in timings.items()}}
     if config.progress:
         print(f"plan only: {plan['input_rows']} rows in {plan['input_files']} files -> {plan['units']} units "
               f"of {config.shard_size} rows "
               f"({plan['units_to_do']} to do), {url_duplicates} URL duplicates planned, in {plan['seconds']:.1f} s; "
               "nothing downloaded", file=sys.stderr)
+        print(f"columns: {summary.describe_columns(plan['columns'])}", file=sys.stderr)
     return plan
 
 
@@ -281,11 +286,26 @@ def build(config: BuildConfig) -> dict:
     exclusion_sets(config.exclude_images)  # a bad --exclude-images fails now, before any work
     if config.detector == "insightface":
         config.insightface_model = str(insightface_model_path(config))
-    rows = check_inputs(paths, config)  # every input is checked before anything is written
+    rows, columns = check_inputs(paths, config)  # every input is checked before anything is written
+    config = config.with_columns(columns)
     output = check_output(config.output)
+    lock = OutputLock.claim(output, config.lock_lease)  # before anything is swept, registered or written
+    try:
+        return build_locked(config, output, lock, rows, allowlist, started)
+    except KeyboardInterrupt:
+        if lock.lost:  # the renewer stopped this build: another one holds the output now
+            raise StorageError(lock.lost) from None
+        raise
+    finally:
+        lock.release()
 
+
+def build_locked(config: BuildConfig, output: Output, lock: OutputLock, rows: dict[str, int],
+                 allowlist: np.ndarray | None, started: float) -> dict:
+    """build()'s work once the inputs are checked and the output is this build's alone."""
     start_ray(config.address)  # before registering: a new output's unit size follows the cluster's CPUs
     warm_up_workers()
+    lock.confirm()  # on object storage, after a settling time that starting Ray has mostly spent
     inputs, shard_size = register_inputs(output, rows, config, allowlist, ray.cluster_resources().get("CPU", 1.0))
     config = replace(config, shard_size=shard_size)
     context = ray.data.DataContext.get_current()
@@ -328,7 +348,8 @@ def build(config: BuildConfig) -> dict:
     # temporary file, or the tar of a shard it was emptying. Swept as the next run's start would.
     output.remove_temporaries()
     remove_orphans(output)
-    stats = summary.finish(output, started, timings, rows_done, len(work), url_duplicates, removed, removed_near)
+    stats = summary.finish(output, started, timings, rows_done, len(work), url_duplicates, removed, removed_near,
+                           config.source_columns())
     report = write_report(output.url)
     if config.progress:
         print(summary.describe(output, stats, report), file=sys.stderr)

@@ -4,7 +4,11 @@ output read back raw."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tarfile
+import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,3 +126,33 @@ def assert_same_output(out: Path, reference: Path) -> None:
             assert json.loads(ours.read_text()) == json.loads(theirs.read_text()), name
         else:
             assert name.startswith("report/"), f"{name}: a file no build writes"
+
+
+CLAIM_AT = textwrap.dedent("""
+    import sys, time
+    from pipeline.config import ConfigError
+    from pipeline.lock import OutputLock
+    from pipeline.storage import Output
+    url, start = sys.argv[1], float(sys.argv[2])
+    output = Output(url)
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        lock = OutputLock.claim(output, 60)
+        lock.confirm()
+    except ConfigError as err:
+        print("refused", err)
+    else:
+        print("holds")
+        time.sleep(1)  # still holding while the others look
+        lock.release()
+""")
+
+
+def race_for(url: str, claimants: int = 2) -> list[str]:
+    """Start `claimants` processes that claim url's lock at the same instant; what each said."""
+    start = time.time() + 2  # after every interpreter has started
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM_AT, url, str(start)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(claimants)]
+    results = [proc.communicate(timeout=60) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in results]
+    return sorted(out.split()[0] for out, _ in results)

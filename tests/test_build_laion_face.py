@@ -226,6 +226,30 @@ def test_resume_after_kill_minus_9_matches_an_uninterrupted_run(server: ImageSer
     assert summary_of(out) == summary_of(reference)
 
 
+def test_a_second_build_into_an_output_being_built_is_refused(server: ImageServer, ray_address: str,
+                                                               tmp_path: Path) -> None:
+    """Two real builds started into one output: the second stops at once with one line naming the
+    first, and writes nothing; the first finishes as if alone and releases the output."""
+    out = tmp_path / "out"
+    args = ["--input", str(resume_input(server, tmp_path)), "--output", str(out), "--allow-host",
+            f"127.0.0.1:{server.port}", "--shard-size", "6", "--read-timeout", "1", "--url-deadline", "2",
+            "--retries", "0", "--no-progress", "--address", ray_address]
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.build_laion_face", *args], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "build.lock").exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = cli(*args)
+    assert first.poll() is None, "the first build ended before the second started"
+    assert second.returncode == 2
+    [line] = second.stderr.strip().splitlines()
+    assert line.startswith(f"error: {out} is being built by another build (host ") and f"pid {first.pid}, started " in line
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert not (out / "build.lock").exists()
+    check_consistent(out, 42)
+
+
 def test_retry_failed_adds_what_now_succeeds(server: ImageServer, ray_address: str, tmp_path: Path) -> None:
     photos = [path for path, image in server.photos if image.has_face][:6]
     urls = [server.url(p) for p in photos[:3]]
@@ -352,6 +376,21 @@ def test_fsspec_urls_and_no_detector(server: ImageServer, ray_address: str, tmp_
     status, metadata, _ = check_consistent(out, 6)
     assert Counter(status["status"].to_pylist()) == {"ok": 5, "decode_error": 1}
     assert metadata["num_faces"].to_pylist() == [0] * 5
+
+
+def test_a_two_column_file_builds_with_a_preset_and_ids_from_its_rows(server: ImageServer, ray_address: str,
+                                                                       tmp_path: Path) -> None:
+    """A CC12M-style parquet of url and caption only, as a new user has it: built with --preset
+    cc12m, every other field null, each sample's id that of its key, and stats say what was read."""
+    urls = [server.url(path) for path, _ in server.photos[:3]]
+    pq.write_table(pa.table({"url": urls, "caption": ["one", "two", "three"]}), tmp_path / "cc12m.parquet")
+    out = tmp_path / "out"
+    stats = build(settings(server, out, input=[str(tmp_path / "cc12m.parquet")], preset="cc12m", detector="none"))
+    _, metadata, _ = check_consistent(out, 3)
+    assert sorted(metadata["sample_id"].to_pylist()) == sorted(int(key) for key in metadata["key"].to_pylist())
+    assert set(metadata["similarity"].to_pylist()) == {None} and sorted(metadata["caption"].to_pylist()) == [
+        "one", "three", "two"]
+    assert stats["last_run"]["columns"] == {"url": "url", "caption": "caption"}
 
 
 # --- near-duplicates and benchmark decontamination -----------------------------------------------------

@@ -37,7 +37,8 @@ import torch
 from moto.server import ThreadedMotoServer
 
 from demo.server import ImageServer
-from outputs import ROOT, check_consistent, laion_parquet, metadata_table, photo_server, status_table, tar_members
+from outputs import (ROOT, check_consistent, laion_parquet, metadata_table, photo_server, race_for, status_table,
+                     tar_members)
 from pipeline.storage import Output, read_parquet
 from queries import list_queries, run_query
 from queries.__main__ import format_table as cli_table
@@ -568,3 +569,11 @@ def test_a_write_whose_rename_is_refused_leaves_no_temporary_file(s3: S3) -> Non
         proxy.shutdown()
     assert faults.injected["slow_down"] > 1, "the copy was retried and refused, after the upload went through"
     assert s3.find("rename-refused") == [], "neither the file nor its temporary"
+
+
+def test_of_builds_claiming_one_s3_output_at_once_one_holds(s3: S3) -> None:
+    """Object storage has no create-if-absent for every backend: the claim's write, settle and
+    read-back must still leave exactly one holder among processes that claim together."""
+    s3.fs.makedirs(f"{BUCKET}/locked", exist_ok=True)
+    assert race_for(f"s3://{BUCKET}/locked", claimants=3) == ["holds", "refused", "refused"]
+    assert s3.find("locked") == [], "the holder released its lock"
