@@ -8,6 +8,7 @@ pool) -> filter -> write, then the global image dedupe.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -38,6 +39,7 @@ from pipeline.schema import (METADATA_SCHEMA, PHASH_VERSION, TRANSIENT_STATUSES,
 from pipeline.source import (Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_rows, read_unit,
                              register_inputs, unit_samples)
 from pipeline.storage import Output, StorageError
+from pipeline.takedown import Takedowns, load_takedowns, takedown_removals
 from pipeline.write import commit_unit, referenced_shards, remove_orphans
 
 
@@ -64,15 +66,24 @@ def _work_rows(batch: dict) -> list[tuple[Unit, dict]]:
 
 # --- the stages as Ray Data runs them: plain functions over batches of work units ----------------
 
-def source_fetch_decode(batch: dict, config: BuildConfig, output_url: str, allowlist: np.ndarray | None) -> dict:
-    """One CPU task per unit: read its rows, download them, decode them."""
-    output = Output(output_url)
+def resolved(value):
+    """A UDF's fn_kwargs arrive as given, so a list put in the object store once (the allow-list,
+    the takedowns) arrives as its ObjectRef: fetched here, zero-copy for arrays on this node."""
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def source_fetch_decode(batch: dict, config: BuildConfig, output_url: str, allowlist: np.ndarray | None,
+                        takedowns: Takedowns) -> dict:
+    """One CPU task per unit: read its rows, download them, decode them; taken-down images go no further."""
+    output, allowlist, takedowns = Output(output_url), resolved(allowlist), resolved(takedowns)
     packed: dict[str, list] = {"unit": [], "shard": [], "samples": []}
     for unit, row in _work_rows(batch):
         only_rows = {int(r) for r in row["only_rows"]} or None
-        samples = read_unit(unit, config, allowlist, dedupe.read_url_plan(output, unit.unit), only_rows)
+        samples = read_unit(unit, config, allowlist, dedupe.read_url_plan(output, unit.unit), only_rows, takedowns)
         for sample in fetch_samples(samples, config):  # each decoded while the others download
+            downloaded = hashlib.sha256(sample.content).hexdigest() if takedowns.sha256 and sample.content else None
             decode_sample(sample, config)
+            takedowns.check(sample, downloaded)
         for name, value in pack(unit.unit, str(row["shard"]), samples).items():
             packed[name].append(value)
     return packed
@@ -96,10 +107,11 @@ def filter_and_commit(batch: dict, config: BuildConfig, output_url: str) -> dict
     return done
 
 
-def url_candidates(batch: dict, config: BuildConfig, allowlist: np.ndarray | None) -> dict:
+def url_candidates(batch: dict, config: BuildConfig, allowlist: np.ndarray | None, takedowns: Takedowns) -> dict:
     """(key, url) of every row that would be fetched, for the URL dedupe plan. One input file per
     row of the batch, read once: a unit alone reads whole row groups, and a LAION part file is one
     row group of ~1M rows, so planning unit by unit would read each file once per unit."""
+    allowlist, takedowns = resolved(allowlist), resolved(takedowns)
     out: dict[str, list] = {"key": [], "url": [], "unit": [], "shard": []}
     for file_units in batch["units"]:
         units = [Unit(**fields) for fields in json.loads(file_units)]
@@ -107,7 +119,7 @@ def url_candidates(batch: dict, config: BuildConfig, allowlist: np.ndarray | Non
         table = read_rows(units[0].path, first, units[-1].stop, list(config.source_columns().values()))
         for unit in units:
             rows = table.slice(unit.start - first, unit.stop - unit.start)
-            for sample in unit_samples(unit, rows, config, allowlist, url_duplicates={}):
+            for sample in unit_samples(unit, rows, config, allowlist, url_duplicates={}, takedowns=takedowns):
                 if sample.pending:
                     out["key"].append(sample.key), out["url"].append(sample.url)
                     out["unit"].append(unit.unit), out["shard"].append("")
@@ -138,7 +150,7 @@ CANDIDATES_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("uni
                                ("shard", pa.string())])
 
 
-def plan_url_dedupe(output: Output, units: list[Unit], config: BuildConfig, allowlist_ref) -> int:
+def plan_url_dedupe(output: Output, units: list[Unit], config: BuildConfig, allowlist_ref, takedowns_ref) -> int:
     """Plan the URL dedupe over every input row and every sample already written."""
     by_file: dict[int, list[dict]] = {}
     for unit in units:
@@ -148,13 +160,13 @@ def plan_url_dedupe(output: Output, units: list[Unit], config: BuildConfig, allo
     if written is not None:
         written = dedupe.map_tables(written, lambda t: dedupe.with_unit(t).select(CANDIDATES_SCHEMA.names))
     if sum(u.stop - u.start for u in units) <= dedupe.LOCAL_ROWS and not isinstance(written, ray.data.Dataset):
-        allowlist = ray.get(allowlist_ref) if allowlist_ref is not None else None
         batch = {"units": [f["units"] for f in files]}
-        tables = [pa.table(url_candidates(batch, config, allowlist), schema=CANDIDATES_SCHEMA)]
+        tables = [pa.table(url_candidates(batch, config, allowlist_ref, takedowns_ref), schema=CANDIDATES_SCHEMA)]
         candidates = pa.concat_tables(tables + ([written.cast(CANDIDATES_SCHEMA)] if written is not None else []))
     else:
         candidates = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
-            url_candidates, fn_kwargs={"config": config, "allowlist": allowlist_ref}, batch_size=1)
+            url_candidates, fn_kwargs={"config": config, "allowlist": allowlist_ref, "takedowns": takedowns_ref},
+            batch_size=1)
         if written is not None:
             candidates = candidates.union(written if isinstance(written, ray.data.Dataset)
                                           else ray.data.from_arrow(written))
@@ -174,13 +186,14 @@ def actor_cpus(actors: int) -> float:
     return max(0.1, min(1.0, (total - 1.0) / actors))
 
 
-def run_units(work: list[Work], output: Output, config: BuildConfig, allowlist_ref, use_gpu: bool):
+def run_units(work: list[Work], output: Output, config: BuildConfig, allowlist_ref, takedowns_ref, use_gpu: bool):
     """Stream the work units through every stage; yields (unit, status counts) as each commits."""
     ds = ray.data.from_items([w.row() for w in work], override_num_blocks=len(work))
     # Reserving memory for a unit's downloads also keeps Ray from fusing this stage into the
     # detector actors, which would leave the actors idle while they download.
     ds = ds.map_batches(source_fetch_decode, batch_size=1, num_cpus=1, memory=unit_memory(config),
-                        fn_kwargs={"config": config, "output_url": output.url, "allowlist": allowlist_ref})
+                        fn_kwargs={"config": config, "output_url": output.url, "allowlist": allowlist_ref,
+                                   "takedowns": takedowns_ref})
     if config.detector != "none":
         gpus = config.detect_gpus if config.detect_gpus is not None else (1.0 if use_gpu else 0.0)
         ds = ds.map_batches(DetectActor, fn_constructor_args=(config, gpus > 0), batch_size=1,
@@ -194,6 +207,18 @@ def run_units(work: list[Work], output: Output, config: BuildConfig, allowlist_r
             raise StorageError(f"writing unit {row['unit']} to {output.url} failed after the store's retries: "
                                f"{row['error']}")
         yield int(row["unit"]), json.loads(row["counts"])
+
+
+def remove_taken_down(output: Output, takedowns: Takedowns, timings: dict[str, float]) -> int:
+    """Remove what the takedown lists name among the samples earlier runs wrote (this run's never
+    reach the shards), before the dedupes, so that they choose their winners among what stays."""
+    t0 = time.time()
+    found = takedown_removals(output, takedowns)
+    removed = 0
+    if found is not None and dedupe.count(found):
+        removed = dedupe.remove_from_shards(output, found, len(output.list("metadata", ".parquet")))
+    timings["takedown_s"] = time.time() - t0
+    return removed
 
 
 def remove_duplicates(output: Output, config: BuildConfig, timings: dict[str, float]) -> tuple[int, int]:
@@ -283,6 +308,7 @@ def build(config: BuildConfig) -> dict:
     started = time.time()
     paths = expand_inputs(config.input)
     allowlist = load_allowlist(config.sample_ids) if config.sample_ids else None
+    takedowns = load_takedowns(config.exclude_urls, config.exclude_hashes, config.near_duplicate_distance)
     exclusion_sets(config.exclude_images)  # a bad --exclude-images fails now, before any work
     if config.detector == "insightface":
         config.insightface_model = str(insightface_model_path(config))
@@ -291,7 +317,7 @@ def build(config: BuildConfig) -> dict:
     output = check_output(config.output)
     lock = OutputLock.claim(output, config.lock_lease)  # before anything is swept, registered or written
     try:
-        return build_locked(config, output, lock, rows, allowlist, started)
+        return build_locked(config, output, lock, rows, allowlist, takedowns, started)
     except KeyboardInterrupt:
         if lock.lost:  # the renewer stopped this build: another one holds the output now
             raise StorageError(lock.lost) from None
@@ -301,7 +327,7 @@ def build(config: BuildConfig) -> dict:
 
 
 def build_locked(config: BuildConfig, output: Output, lock: OutputLock, rows: dict[str, int],
-                 allowlist: np.ndarray | None, started: float) -> dict:
+                 allowlist: np.ndarray | None, takedowns: Takedowns, started: float) -> dict:
     """build()'s work once the inputs are checked and the output is this build's alone."""
     start_ray(config.address)  # before registering: a new output's unit size follows the cluster's CPUs
     warm_up_workers()
@@ -326,11 +352,12 @@ def build_locked(config: BuildConfig, output: Output, lock: OutputLock, rows: di
     units = plan_units(inputs, config.shard_size)
     work = plan_work(output, units, config.retry_failed)
     allowlist_ref = ray.put(allowlist) if allowlist is not None else None
+    takedowns_ref = ray.put(takedowns)
 
     timings, url_duplicates, rows_done = {}, 0, 0
     if work:
         t0 = time.time()
-        url_duplicates = plan_url_dedupe(output, units, config, allowlist_ref)
+        url_duplicates = plan_url_dedupe(output, units, config, allowlist_ref, takedowns_ref)
         timings["plan_s"] = time.time() - t0
     if config.plan_only:
         return plan_summary(started, timings, inputs, units, work, url_duplicates, config)
@@ -338,18 +365,19 @@ def build_locked(config: BuildConfig, output: Output, lock: OutputLock, rows: di
         t0 = time.time()
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         with tqdm(total=len(work), desc="units", unit="unit", disable=not config.progress, file=sys.stderr) as bar:
-            for _, counts in run_units(work, output, config, allowlist_ref, use_gpu):
+            for _, counts in run_units(work, output, config, allowlist_ref, takedowns_ref, use_gpu):
                 rows_done += sum(counts.values())
                 bar.update(1)
                 bar.set_postfix(rows=rows_done, ok=counts.get("ok", 0))
         timings["download_detect_write_s"] = time.time() - t0
+    taken_down = remove_taken_down(output, takedowns, timings)
     removed, removed_near = remove_duplicates(output, config, timings)
     # A task that died with its node left what it was writing, which its retry wrote anew: the
     # temporary file, or the tar of a shard it was emptying. Swept as the next run's start would.
     output.remove_temporaries()
     remove_orphans(output)
     stats = summary.finish(output, started, timings, rows_done, len(work), url_duplicates, removed, removed_near,
-                           config.source_columns())
+                           config.source_columns(), taken_down)
     report = write_report(output.url)
     if config.progress:
         print(summary.describe(output, stats, report), file=sys.stderr)

@@ -88,6 +88,11 @@ class BuildConfig:
     min_caption_length: int | None = option(None, "drop rows whose caption has fewer characters")
     sample_ids: str | None = option(None, "allow-list of SAMPLE_IDs (text file, one per line, or parquet with a "
                                           "SAMPLE_ID column): only these rows are fetched, e.g. LAION-Face's ID lists")
+    exclude_urls: list[str] = option([], "takedown list of URLs (text, one a line): never fetched, and removed where "
+                                         "an earlier run wrote them; repeatable", flag="--exclude-urls")
+    exclude_hashes: list[str] = option([], "takedown list of images (text, one a line: a sha256 of the image bytes, "
+                                           "or a 16-hex pHash matched within near_duplicate_distance): never written, "
+                                           "and removed where written; repeatable", flag="--exclude-hashes")
     shard_size: int | None = option(None, "input rows per work unit, so at most this many samples per shard; "
                                           "default: 2 units per cluster CPU, 1,000 to 10,000 rows each; an output "
                                           "keeps the size of its first run")

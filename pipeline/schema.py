@@ -19,6 +19,7 @@ import pyarrow as pa
 STATUSES: dict[str, str] = {
     "ok": "written to the shards",
     "not_in_allowlist": "SAMPLE_ID not in the --sample-ids allow-list",
+    "taken_down": "on a takedown list: its URL (--exclude-urls), or its image by sha256 or pHash (--exclude-hashes)",
     "filtered_metadata": "dropped by a metadata filter (NSFW, similarity, size, caption length)",
     "invalid_url": "missing URL, or a scheme other than http/https",
     "duplicate_url": "same URL as an earlier row (duplicate_of names it)",

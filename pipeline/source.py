@@ -20,6 +20,7 @@ from pipeline.build_config import FILTER_COLUMNS, LAION_COLUMNS, REQUIRED_COLUMN
 from pipeline.config import ConfigError
 from pipeline.schema import Sample, make_key
 from pipeline.storage import Output, read_parquet
+from pipeline.takedown import Takedowns
 
 
 @dataclass(frozen=True)
@@ -223,15 +224,16 @@ def is_http_url(url: object) -> bool:
         return False
 
 
-def read_unit(unit: Unit, config: BuildConfig, allowlist: np.ndarray | None,
-              url_duplicates: dict[str, str], only_rows: set[int] | None = None) -> list[Sample]:
-    """The unit's rows as Samples; rows decided here (filters, bad URLs) get their final status."""
+def read_unit(unit: Unit, config: BuildConfig, allowlist: np.ndarray | None, url_duplicates: dict[str, str],
+              only_rows: set[int] | None = None, takedowns: Takedowns | None = None) -> list[Sample]:
+    """The unit's rows as Samples; rows decided here (filters, takedowns, bad URLs) get their final status."""
     table = read_rows(unit.path, unit.start, unit.stop, list(config.source_columns().values()))
-    return unit_samples(unit, table, config, allowlist, url_duplicates, only_rows)
+    return unit_samples(unit, table, config, allowlist, url_duplicates, only_rows, takedowns)
 
 
 def unit_samples(unit: Unit, table: pa.Table, config: BuildConfig, allowlist: np.ndarray | None,
-                 url_duplicates: dict[str, str], only_rows: set[int] | None = None) -> list[Sample]:
+                 url_duplicates: dict[str, str], only_rows: set[int] | None = None,
+                 takedowns: Takedowns | None = None) -> list[Sample]:
     """read_unit's Samples from the unit's rows already read (the source columns, rows [start, stop))."""
     columns = config.source_columns()
     table = table.rename_columns(list(columns))
@@ -239,6 +241,7 @@ def unit_samples(unit: Unit, table: pa.Table, config: BuildConfig, allowlist: np
     if allowlist is not None and "sample_id" in columns:
         ids = pc.fill_null(table["sample_id"], -1).to_numpy(zero_copy_only=False).astype(np.int64)
         in_allowlist = np.isin(ids, allowlist)
+    taken_down = takedowns.url_listed(table["url"].to_pylist()) if takedowns else np.zeros(table.num_rows, bool)
     samples = []
     for i, row in enumerate(table.to_pylist()):
         input_row = unit.start + i
@@ -251,6 +254,8 @@ def unit_samples(unit: Unit, table: pa.Table, config: BuildConfig, allowlist: np
                         license=row.get("license"), nsfw=row.get("nsfw"), similarity=row.get("similarity"))
         if in_allowlist is not None and not in_allowlist[i]:
             sample.fail("not_in_allowlist", "SAMPLE_ID not in the allow-list")
+        elif taken_down[i]:
+            sample.fail("taken_down", "URL on an --exclude-urls list")
         elif reason := _metadata_reject(row, config):
             sample.fail("filtered_metadata", reason)
         elif not is_http_url(sample.url):

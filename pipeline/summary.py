@@ -31,7 +31,8 @@ def status_counts(output: Output) -> Counter:
 
 
 def finish(output: Output, started: float, timings: dict[str, float], rows_done: int, units_done: int,
-           url_duplicates: int, images_removed: int, near_removed: int, columns: dict[str, str]) -> dict:
+           url_duplicates: int, images_removed: int, near_removed: int, columns: dict[str, str],
+           taken_down_removed: int) -> dict:
     """Write sizes.json and stats.json (totals over every run into OUT, plus this run's speed and the
     input columns it read: our field -> theirs)."""
     sizes = shard_sizes(output)
@@ -52,6 +53,7 @@ def finish(output: Output, started: float, timings: dict[str, float], rows_done:
             "url_duplicates_planned": url_duplicates,
             "image_duplicates_removed": images_removed,
             "near_duplicates_and_overlaps_removed": near_removed,
+            "taken_down_removed": taken_down_removed,
             "columns": columns,
         },
     }

@@ -378,6 +378,19 @@ def test_fsspec_urls_and_no_detector(server: ImageServer, ray_address: str, tmp_
     assert metadata["num_faces"].to_pylist() == [0] * 5
 
 
+def test_an_allowlist_build_fetches_only_the_listed_ids(server: ImageServer, ray_address: str, tmp_path: Path) -> None:
+    """--sample-ids, as LAION-Face's released ID lists are used: the list, put in the object store
+    once, reaches every fetch task; only its rows are fetched and written."""
+    parquet = laion_parquet(tmp_path / "in.parquet", [server.url(path) for path, _ in server.photos[:6]])
+    (tmp_path / "ids.txt").write_text("1001\n1004\n")  # laion_parquet numbers its rows from SAMPLE_ID 1000
+    out = tmp_path / "out"
+    build(settings(server, out, input=[str(parquet)], sample_ids=str(tmp_path / "ids.txt"), detector="none"))
+    status, metadata, _ = check_consistent(out, 6)
+    assert dict(zip(status["input_row"].to_pylist(), status["status"].to_pylist())) == {
+        0: "not_in_allowlist", 1: "ok", 2: "not_in_allowlist", 3: "not_in_allowlist", 4: "ok", 5: "not_in_allowlist"}
+    assert sorted(metadata["sample_id"].to_pylist()) == [1001, 1004]
+
+
 def test_a_two_column_file_builds_with_a_preset_and_ids_from_its_rows(server: ImageServer, ray_address: str,
                                                                        tmp_path: Path) -> None:
     """A CC12M-style parquet of url and caption only, as a new user has it: built with --preset
