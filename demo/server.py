@@ -143,6 +143,9 @@ class _Handler(BaseHTTPRequestHandler):
         if entry is None:
             self._not_found({})
             return
+        if path in self.server.app._stalled:
+            self._stall({"src": path})
+            return
         data, content_type, headers = entry
         self._send(200, data, content_type, headers)
 
@@ -314,6 +317,7 @@ class ImageServer:
         self.requests: collections.Counter[str] = collections.Counter()
         self.user_agents: dict[str, str] = {}  # path -> User-Agent of its latest request
         self._files: dict[str, tuple[bytes, str, dict[str, str]]] = {}
+        self._stalled: set[str] = set()
         self._lock = threading.Lock()
         self._attempts: collections.Counter[str] = collections.Counter()
         self._stopping = threading.Event()
@@ -329,11 +333,14 @@ class ImageServer:
         return self.base_url + (path if path.startswith("/") else "/" + path)
 
     def add(self, path: str, data: bytes, content_type: str = "image/jpeg",
-            headers: dict[str, str] | None = None) -> None:
-        """Serve `data` at `path` (any query string is ignored when matching)."""
+            headers: dict[str, str] | None = None, stall: bool = False) -> None:
+        """Serve `data` at `path` (any query string is ignored when matching); with `stall`, as
+        /fault/stall serves it (a robots.txt that never comes, say)."""
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}")
         self._files[path] = (data, content_type, dict(headers or {}))
+        if stall:
+            self._stalled.add(path)
 
     def stop(self) -> None:
         if self._stopping.is_set():

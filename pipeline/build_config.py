@@ -109,8 +109,14 @@ class BuildConfig:
     respect_optout: bool = option(True, "honour X-Robots-Tag noai/noimageai/noindex/noimageindex")
     allow_host: list[str] = option([], "HOST:PORT exempt from the private-address guard; repeatable",
                                    flag="--allow-host")
-    user_agent: str = option("laion-face-builder/0.1 (research dataset; honours X-Robots-Tag: noai)",
-                             "User-Agent header sent with every request")
+    respect_robots: bool = option(False, "honour each host's robots.txt (asked once per host and worker; rules "
+                                         "for laion-face-builder and for *): rows it disallows get "
+                                         "robots_disallowed")
+    contact_url: str = option("", "a page about your crawl (purpose, opt-out, contact), named in the User-Agent "
+                                  "as polite crawlers do")
+    user_agent: str | None = option(None, "User-Agent header sent with every request; default: "
+                                          "laion-face-builder/0.1 (+CONTACT_URL; research dataset; honours "
+                                          "X-Robots-Tag noai[ and robots.txt])")
 
     # --- decode ---
     max_image_pixels: int = option(40_000_000, "images with more pixels (read from the header) are refused undecoded")
@@ -147,7 +153,8 @@ class BuildConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
-        """Fill what was not given from the preset: its column names (else LAION-400M's), its filters."""
+        """Fill what was not given: from the preset, its column names (else LAION-400M's) and its
+        filters; the User-Agent, from the contact URL."""
         preset = PRESETS.get(self.preset or "laion400m")
         if preset is None:
             return  # validate() names the unknown preset
@@ -157,6 +164,10 @@ class BuildConfig:
         for name, value in preset["filters"].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.user_agent is None:
+            contact = f"+{self.contact_url}; " if self.contact_url else ""
+            robots = " and robots.txt" if self.respect_robots else ""
+            self.user_agent = f"laion-face-builder/0.1 ({contact}research dataset; honours X-Robots-Tag noai{robots})"
 
     def validate(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:

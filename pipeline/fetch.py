@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextvars import ContextVar
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -31,6 +31,7 @@ from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NameResolutionEr
 
 from pipeline.build_config import BuildConfig
 from pipeline.netguard import AddressGuard, BlockedAddress, guarded_pool_classes
+from pipeline.robots import RobotsCache, agent_token
 from pipeline.schema import TRANSIENT_STATUSES, Sample
 from pipeline.source import is_http_url
 
@@ -38,6 +39,8 @@ OPTOUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 * 1024
 ZLIB_WBITS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS | 32}
+ROBOTS_DEADLINE_S = 10.0  # a robots.txt gets at most this long (or the URL deadline, if shorter)
+ROBOTS = RobotsCache()  # per worker process, for the whole run: each host is asked once
 WATCHDOG_TICK = 0.05  # seconds: how late past its deadline a socket may be shut down
 DEADLINE: ContextVar[float | None] = ContextVar("fetch_deadline", default=None)  # the URL being fetched in this thread
 ARMED: ContextVar[int | None] = ContextVar("fetch_watchdog_token", default=None)  # its response's socket, if watched
@@ -149,6 +152,8 @@ class Fetcher:
             AddressGuard(config.allow_host),
             type("DeadlineHTTPConnection", (_Deadline, HTTPConnection), {}),
             type("DeadlineHTTPSConnection", (_Deadline, HTTPSConnection), {}))
+        self.robots = ROBOTS if config.respect_robots else None
+        self.agent = agent_token(config.user_agent)
 
     def fetch(self, sample: Sample) -> None:
         """Fill sample.content, or give the sample a failure status."""
@@ -174,14 +179,18 @@ class Fetcher:
                     return
                 time.sleep(wait)
 
-    def _follow(self, url: str, deadline: float, sample: Sample) -> bytes:
-        """GET url, following redirects by hand so that every hop is checked."""
+    def _follow(self, url: str, deadline: float, sample: Sample | None) -> bytes:
+        """GET url, following redirects by hand so that every hop is checked (by robots.txt too,
+        with --respect-robots). Without a sample: a robots.txt, read whatever its X-Robots-Tag."""
         seen = {url}
         for _ in range(self.config.max_redirects + 1):
+            if self.robots is not None and sample is not None:
+                self._obey_robots(url, sample)
             response = self._request(url, deadline)
             body_read = False
             try:
-                sample.http_status = response.status
+                if sample is not None:
+                    sample.http_status = response.status
                 if response.status in REDIRECTS and response.headers.get("Location"):
                     try:
                         url = urljoin(url, response.headers["Location"])
@@ -194,7 +203,7 @@ class Fetcher:
                         raise FetchFailure("too_many_redirects", f"redirect loop at {url[:200]}")
                     seen.add(url)
                     continue
-                body = self._read_body(response, deadline)
+                body = self._read_body(response, deadline, honour_optout=sample is not None)
                 body_read = True
                 return body
             finally:
@@ -228,7 +237,31 @@ class Fetcher:
         except (HTTPError, ValueError) as err:  # ValueError: a URL urllib3 cannot parse
             raise FetchFailure("invalid_url", f"{type(err).__name__}: {err}"[:300]) from None
 
-    def _read_body(self, response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+    def _obey_robots(self, url: str, sample: Sample) -> None:
+        """Raise robots_disallowed where the host's robots.txt forbids url; note a host whose
+        robots.txt could not be read in the row's reason."""
+        rules = self.robots.rules(url, self._robots_file)
+        if not rules.allows(self.agent, url):
+            raise FetchFailure("robots_disallowed", f"robots.txt of {urlsplit(url).netloc} disallows {url[:200]}")
+        if rules.note and sample.pending:
+            sample.reason = rules.note  # kept if the row ends ok; a later failure says its own reason
+
+    def _robots_file(self, url: str) -> tuple[int, bytes]:
+        """(HTTP status, body) of a robots.txt, under its own deadline; TimeoutError or
+        ConnectionError where the host cannot be asked."""
+        token = DEADLINE.set(time.monotonic() + min(self.config.url_deadline, ROBOTS_DEADLINE_S))
+        try:
+            return 200, self._follow(url, DEADLINE.get(), None)
+        except FetchFailure as failure:
+            if failure.http_status is not None and failure.status in ("http_error", "rate_limited", "server_error"):
+                return failure.http_status, b""
+            if failure.status == "timeout":
+                raise TimeoutError(failure.reason) from None
+            raise ConnectionError(f"{failure.status}: {failure.reason}") from None
+        finally:
+            DEADLINE.reset(token)
+
+    def _read_body(self, response: urllib3.BaseHTTPResponse, deadline: float, honour_optout: bool = True) -> bytes:
         status = response.status
         if status == 429 or status >= 500:
             retry_after = response.headers.get("Retry-After", "")
@@ -236,7 +269,8 @@ class Fetcher:
                                float(retry_after) if retry_after.isdigit() else None)
         if status != 200:
             raise FetchFailure("http_error", f"HTTP {status}", status)
-        if self.config.respect_optout and (tag := optout_directive(response.headers.getlist("X-Robots-Tag"))):
+        tag = optout_directive(response.headers.getlist("X-Robots-Tag"))
+        if tag and honour_optout and self.config.respect_optout:
             raise FetchFailure("opted_out", f"X-Robots-Tag: {tag}", status)
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > self.config.max_bytes:

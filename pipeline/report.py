@@ -34,6 +34,7 @@ from pipeline.storage import Output
 # Rows that never got an HTTP body; every other status was downloaded.
 NOT_DOWNLOADED = frozenset({
     "not_in_allowlist", "filtered_metadata", "invalid_url", "duplicate_url", "blocked_address", "opted_out",
+    "robots_disallowed",
     "timeout", "rate_limited", "server_error", "connection_error", "http_error", "too_many_redirects", "too_large",
 })
 NOT_DECODED = frozenset({"decode_error", "image_too_large"})

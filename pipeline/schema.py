@@ -25,6 +25,7 @@ STATUSES: dict[str, str] = {
     "duplicate_url": "same URL as an earlier row (duplicate_of names it)",
     "blocked_address": "resolves to a private, loopback, link-local, multicast or reserved address",
     "opted_out": "X-Robots-Tag asked AI/index crawlers to stay away",
+    "robots_disallowed": "the host's robots.txt disallows the URL for our user agent or * (--respect-robots)",
     "timeout": "connect/read timeout or total URL deadline exceeded (transient)",
     "rate_limited": "HTTP 429 after every retry (transient)",
     "server_error": "HTTP 5xx after every retry (transient)",
