@@ -7,11 +7,15 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 TILE = 128
 MIN_TILE_STD = 10.0
-KINDS = ("jpeg", "resize", "crop", "brightness_contrast", "resize+jpeg", "all", "mirror", "mirror+resize+jpeg")
+KINDS = ("jpeg", "resize", "crop", "brightness_contrast", "resize+jpeg", "all", "mirror", "mirror+resize+jpeg",
+         # copies as the web makes them (issue 14): bigger crops, frames, turns, captions, recompression
+         "crop10", "crop15", "letterbox", "rotate", "grey", "text", "recompress3", "crop10+text+recompress3",
+         "letterbox+grey+recompress3")
+WEB_CROPS = {"crop10": (0.03, 0.10), "crop15": (0.10, 0.15)}  # per cut side, on one to four sides
 RESAMPLERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX)
 
 # scikit-image's real photographs (cat() is chelsea(); stereo_motorcycle's right view is the left
@@ -86,5 +90,50 @@ def transform(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[
         params["scale"] = scale = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
         resample = RESAMPLERS[rng.integers(len(RESAMPLERS))]
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
-    params["quality"] = int(rng.integers(40, 96)) if "jpeg" in parts else 95
+    image = web_transform(image, parts, rng, params)
+    params["quality"] = int(rng.integers(40, 96)) if "jpeg" in parts else params.get("quality", 95)
     return jpeg(image, params["quality"]), params
+
+
+def web_transform(image: Image.Image, parts: tuple[str, ...] | list[str], rng: np.random.Generator,
+                  params: dict) -> Image.Image:
+    """The web-like kinds: crops of 3-15 % on one to four sides, letterbox bars, a turn of 1-5
+    degrees with filled corners, greyscale, a caption bar with text, three JPEG rounds."""
+    for kind, (low, high) in WEB_CROPS.items():
+        if kind in parts:
+            width, height = image.size
+            cuts = np.zeros(4)
+            sides = rng.choice(4, size=int(rng.integers(1, 5)), replace=False)
+            cuts[sides] = rng.uniform(low, high, len(sides))
+            left, top, right, bottom = cuts
+            image = image.crop((round(left * width), round(top * height), width - round(right * width),
+                                height - round(bottom * height)))
+            params["sides_cut"], params["largest_cut"] = len(sides), float(cuts.max())
+    fill = ("black", "white")[int(rng.integers(2))]
+    if "letterbox" in parts:  # bars on two opposite sides, 5-20 % of the other dimension each
+        width, height = image.size
+        bar = rng.uniform(0.05, 0.20)
+        wide = bool(rng.integers(2))
+        size = (width, round(height * (1 + 2 * bar))) if wide else (round(width * (1 + 2 * bar)), height)
+        framed = Image.new("RGB", size, fill)
+        framed.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+        image, params["bar"] = framed, float(bar)
+    if "rotate" in parts:
+        params["angle"] = angle = float(rng.uniform(1, 5) * rng.choice([-1, 1]))
+        image = image.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=fill)
+    if "grey" in parts:
+        image = image.convert("L").convert("RGB")
+    if "text" in parts:  # a caption bar across the bottom, 8-14 % of the height
+        image = image.copy()
+        bar_height = max(8, round(image.height * rng.uniform(0.08, 0.14)))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((0, image.height - bar_height, image.width, image.height), fill="black")
+        draw.text((bar_height // 3, image.height - bar_height * 0.8), "www.example.com | photo of the day",
+                  fill="white", font_size=max(6, bar_height // 2))
+        params["caption_bar"] = bar_height / image.height
+    if "recompress3" in parts:  # two rounds here, the third when the copy is saved
+        qualities = [int(q) for q in rng.integers(60, 91, 3)]
+        for quality in qualities[:2]:
+            image = Image.open(io.BytesIO(jpeg(image, quality))).convert("RGB")
+        params["quality"] = qualities[2]
+    return image

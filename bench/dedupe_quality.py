@@ -26,6 +26,14 @@ Quality
                      mirror               horizontal flip (decontamination only: the pipeline
                                           catches it with the excluded image's mirrored hash)
                      mirror+resize+jpeg   the same, also resized and re-encoded
+                   and copies as the web makes them (bench.dedupe_images.web_transform):
+                     crop10, crop15       one to four sides cut by 3-10 %, by 10-15 %
+                     letterbox            black or white bars of 5-20 % on two opposite sides
+                     rotate               1-5 degrees either way, corners filled black or white
+                     grey                 greyscale
+                     text                 a black caption bar with text over the bottom 8-14 %
+                     recompress3          three JPEG rounds at quality 60-90
+                     crop10+text+recompress3, letterbox+grey+recompress3   combinations
                    (every copy not re-encoded at a random quality is saved at q95). Distances are
                    "dedupe" (copy vs original, both through decode_image) and "decontam" (copy vs
                    the original's excluded-set hashes, plain and mirrored). The same is repeated on
