@@ -114,7 +114,7 @@ def write_url_plan(output: Output, candidates: Rows, partitions: int) -> int:
         units, starts = np.unique(losers["unit"].to_numpy(), return_index=True)
         for unit, start, stop in zip(units, starts, [*starts[1:], losers.num_rows]):
             part = losers.slice(start, stop - start).drop_columns(["shard", "unit"])
-            output.fs.makedirs(f"{folder}/unit={unit}", exist_ok=True)
+            output.makedirs(f"{folder}/unit={unit}")
             output.write_table(f"{folder}/unit={unit}/part-0.parquet", part)
     elif count(losers):
         losers.drop_columns(["shard"]).write_parquet(output.url.rstrip("/") + "/plan/url_duplicates",
@@ -201,7 +201,7 @@ def remove_from_shards(output: Output, removed: Rows, partitions: int) -> int:
     if output.fs.exists(output.path(REMOVALS)):
         output.fs.rm(output.path(REMOVALS), recursive=True)
     if isinstance(removed, pa.Table):
-        output.fs.makedirs(output.path(REMOVALS), exist_ok=True)
+        output.makedirs(output.path(REMOVALS))
         output.write_table(output.path(REMOVALS, "part-0.parquet"), removed)
     else:
         removed.write_parquet(output.url.rstrip("/") + "/" + REMOVALS)

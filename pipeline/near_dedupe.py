@@ -354,7 +354,7 @@ def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
         if todo:
             fresh = ray.data.from_items([{"path": p} for p in todo]).map_batches(hash_files, batch_size=64)
             known.update({r["path"]: r for r in fresh.take_all()})
-            output.fs.makedirs(output.path("exclusions"), exist_ok=True)
+            output.makedirs(output.path("exclusions"))
             output.write_table(cache_path, pa.Table.from_pylist(sorted(known.values(), key=lambda r: r["path"]),
                                                                 schema=EXCLUSIONS_SCHEMA))
         rows = [known[p] for p in paths]

@@ -346,7 +346,7 @@ def write_report(output_url: str, seed: int = 0, samples: int = 24) -> str:
                 files[name] = jpeg
                 reject_images[(status, i)] = name
     files["index.html"] = render_html(data, charts, sheet, reject_images).encode()
-    output.fs.makedirs(output.path("report"), exist_ok=True)
+    output.makedirs(output.path("report"))
     for name, content in files.items():  # index.html last: it appears once its images are there
         output.write_atomic(output.path("report", name), lambda f, c=content: f.write(c))
     for name in set(output.list("report", "")) - set(files):  # images of an earlier, larger report

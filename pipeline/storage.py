@@ -54,6 +54,7 @@ class Output:
         else:
             self.fs, self.root = fsspec.core.url_to_fs(root, use_listings_cache=False)
         self.url = root
+        self._bucket_checked = False
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -68,19 +69,24 @@ class Output:
         return self.path("status", f"{unit:05d}.parquet")
 
     def make_dirs(self) -> None:
-        """The output's folders; on S3 only in a bucket that exists (s3fs's makedirs would create a
-        bucket a typo names)."""
-        if "s3" in self.fs.protocol:
-            bucket = self.root.split("/", 1)[0]
+        """The builder's folders."""
+        for sub in ("shards", "metadata", "status", "rejects"):
+            self.makedirs(self.path(sub))
+
+    def makedirs(self, path: str) -> None:
+        """A folder and its parents; on S3 only in a bucket that exists (s3fs's makedirs would create
+        a bucket a typo names). Every program of the project makes its folders here."""
+        if "s3" in self.fs.protocol and not self._bucket_checked:
+            bucket = path.split("/", 1)[0]
             try:
                 self.fs.call_s3("head_bucket", Bucket=bucket)
             except FileNotFoundError:
-                raise FileNotFoundError(f"bucket {bucket} does not exist (create it first: the builder "
+                raise FileNotFoundError(f"bucket {bucket} does not exist (create it first: this project "
                                         "never creates buckets)") from None
-            except OSError:  # not allowed to ask (403): the write check that follows decides
+            except OSError:  # not allowed to ask (403): the write that follows decides
                 pass
-        for sub in ("shards", "metadata", "status", "rejects"):
-            self.fs.makedirs(self.path(sub), exist_ok=True)
+            self._bucket_checked = True
+        self.fs.makedirs(path, exist_ok=True)
 
     def write_atomic(self, path: str, write: Callable[[IO[bytes]], Any]) -> None:
         tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"

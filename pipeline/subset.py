@@ -156,7 +156,7 @@ def write_subset(data: str, output: str, keys: list[str] | None = None, query: s
 
 def _write(src: Output, new: Output, shards: list[list[Segment]]) -> dict[str, int]:
     for sub in ("shards", "metadata"):
-        new.fs.makedirs(new.path(sub), exist_ok=True)
+        new.makedirs(new.path(sub))
     sizes: dict[str, int] = {}
     order: list[str] = []
     for number, segments in enumerate(shards):

@@ -345,6 +345,21 @@ def test_subset_reads_s3_and_writes_s3(s3: S3, built: Built, tmp_path: Path) -> 
     assert not [n for n in s3.find("subset") if ".tmp-" in n]
 
 
+def test_no_program_creates_a_bucket_a_typo_names(s3: S3, built: Built, tmp_path: Path) -> None:
+    """s3fs's makedirs creates a missing bucket; every program makes its folders through
+    Output.makedirs, which refuses instead (the subset here; checkpoints, export, fine-tuning and the
+    builder's own folders call the same function)."""
+    (tmp_path / "keys.txt").write_text(sorted(metadata_table(built.copy)["key"].to_pylist())[0] + "\n")
+    result = cli("pipeline.subset", "--data", built.url, "--keys", str(tmp_path / "keys.txt"),
+                 "--output", "s3://no-such-bucket/subset", timeout=120)
+    assert result.returncode != 0
+    [line] = result.stderr.strip().splitlines()
+    assert "bucket no-such-bucket does not exist (create it first" in line
+    with pytest.raises(FileNotFoundError, match="bucket no-such-bucket-either does not exist"):
+        Output("s3://no-such-bucket-either/run").makedirs("no-such-bucket-either/run/checkpoints")
+    assert not s3.fs.exists("no-such-bucket") and not s3.fs.exists("no-such-bucket-either")
+
+
 def test_pretrain_reads_s3_and_checkpoints_to_s3_then_export_reads_and_writes_s3(s3: S3, built: Built, ray_cluster: str,
                                                                                  tmp_path: Path) -> None:
     """Two Ray Train workers (DDP over gloo), as on a cluster: they read the shards from S3, and rank 0
@@ -429,7 +444,7 @@ def test_a_bucket_that_does_not_exist_is_refused_not_created(s3: S3, tmp_path: P
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert lines == ["error: output s3://no-such-bucket-typo/out is not writable: bucket no-such-bucket-typo does "
-                     "not exist (create it first: the builder never creates buckets)"], lines
+                     "not exist (create it first: this project never creates buckets)"], lines
     assert not s3.fs.exists("no-such-bucket-typo")
 
 
@@ -510,9 +525,10 @@ def faulty_proxy(upstream: str, faults: Faults) -> ThreadingHTTPServer:
     return server
 
 
-def build_through(proxy: ThreadingHTTPServer, server: ImageServer, built: Built, output: str) -> subprocess.CompletedProcess:
+def build_through(proxy: ThreadingHTTPServer, server: ImageServer, built: Built, output: str,
+                  **env_changes: str) -> subprocess.CompletedProcess:
     """A build with its own Ray, whose workers reach S3 only through the proxy."""
-    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.server_address[1]}"}
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.server_address[1]}", **env_changes}
     return subprocess.run([sys.executable, "-m", "pipeline.build_laion_face", "--input", built.input_url,
                            "--output", output, "--allow-host", f"127.0.0.1:{server.port}", *BUILD_FLAGS,
                            "--no-progress"], cwd=ROOT, text=True, capture_output=True, timeout=300, env=env)
@@ -539,7 +555,9 @@ def test_a_store_that_keeps_refusing_gives_one_error_line_and_leaves_nothing_hal
     faults = Faults(fail_after=8)  # the output's first files go through, then every write is throttled
     proxy = faulty_proxy(s3.endpoint, faults)
     try:
-        result = build_through(proxy, server, built, f"s3://{BUCKET}/refused")
+        # botocore's own attempts cut to 2 (AWS_MAX_ATTEMPTS, as a user may set it): the same
+        # give-up, without a minute of its backoff
+        result = build_through(proxy, server, built, f"s3://{BUCKET}/refused", AWS_MAX_ATTEMPTS="2")
     finally:
         proxy.shutdown()
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
@@ -561,7 +579,8 @@ def test_a_write_whose_rename_is_refused_leaves_no_temporary_file(s3: S3) -> Non
     proxy = faulty_proxy(s3.endpoint, faults)
     output = Output(f"s3://{BUCKET}/rename-refused")
     output.fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
-                                  endpoint_url=f"http://127.0.0.1:{proxy.server_address[1]}")
+                                  endpoint_url=f"http://127.0.0.1:{proxy.server_address[1]}",
+                                  config_kwargs={"retries": {"max_attempts": 2}})  # botocore's backoff: seconds, not a minute
     try:
         with pytest.raises(OSError, match="reduce your request rate"):
             output.write_json("stats.json", {"rows": 1})

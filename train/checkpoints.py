@@ -41,7 +41,7 @@ class Checkpoints:
     def save(self, step: int, model: FaRL, optimizer: torch.optim.Optimizer, data: dict[str, Any] | None = None) -> str:
         name = f"step_{step:08d}"
         folder = self.output.path("checkpoints")
-        self.output.fs.makedirs(folder, exist_ok=True)
+        self.output.makedirs(folder)
         model_bytes = model.checkpoint_bytes(step=step)
         state = io.BytesIO()
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "data": data}, state)

@@ -58,7 +58,7 @@ def export(cfg: ExportConfig) -> str:
     model = FaRL.from_checkpoint(path, with_mim=cfg.keep_mim)
     data = model.checkpoint_bytes(include_mim=cfg.keep_mim, exported_from=path)
     try:
-        output.fs.makedirs(posixpath.dirname(output.root), exist_ok=True)
+        output.makedirs(posixpath.dirname(output.root))
         output.write_atomic(output.root, lambda f: f.write(data))
     except OSError as err:  # permissions, a full disk, a bucket that refuses
         raise RuntimeError(f"cannot write {cfg.output}: {err}") from None

@@ -109,7 +109,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.param_groups(cfg.backbone_lr, cfg.head_lr, cfg.weight_decay), betas=(0.9, 0.999))
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [cfg.lr_drop_epoch], gamma=0.1)
     output = Output(cfg.output)
-    output.fs.makedirs(output.root, exist_ok=True)
+    output.makedirs(output.root)
     start, records = 0, []
     if output.fs.exists(output.path("last.pt")):
         with output.fs.open(output.path("last.pt"), "rb") as f:
