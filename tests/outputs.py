@@ -140,19 +140,21 @@ CLAIM_AT = textwrap.dedent("""
         lock = OutputLock.claim(output, 60)
         lock.confirm()
     except ConfigError as err:
-        print("refused", err)
+        print("refused", err, flush=True)
     else:
-        print("holds")
-        time.sleep(1)  # still holding while the others look
+        print("holds", flush=True)
+        sys.stdin.read()  # held until every claimant has said how it fared
         lock.release()
 """)
 
 
 def race_for(url: str, claimants: int = 2) -> list[str]:
     """Start `claimants` processes that claim url's lock at the same instant; what each said."""
-    start = time.time() + 2  # after every interpreter has started
+    start = time.time() + 2  # after every interpreter has started (a late one meets a held lock all the same)
     procs = [subprocess.Popen([sys.executable, "-c", CLAIM_AT, url, str(start)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(claimants)]
-    results = [proc.communicate(timeout=60) for proc in procs]
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(claimants)]
+    said = [proc.stdout.readline() for proc in procs]
+    results = [proc.communicate(timeout=60) for proc in procs]  # closes stdin: the holder releases
     assert all(proc.returncode == 0 for proc in procs), [err for _, err in results]
-    return sorted(out.split()[0] for out, _ in results)
+    return sorted(line.split()[0] if line else "nothing" for line in said)
