@@ -76,7 +76,7 @@ class Takedowns:
 
     def check(self, sample: Sample, downloaded_sha256: str | None) -> None:
         """Before a decoded sample is written: fail it as taken_down if a list names it."""
-        if sample.pending and sample.phash is not None:
+        if self and sample.pending and sample.phash is not None:  # no lists (the usual case): nothing to do
             hashes = [h for h in (downloaded_sha256, sample.sha256) if h]
             if reason := self.image_reason(hashes, sample.phash, sample.phash_crops):
                 sample.fail("taken_down", reason)
