@@ -96,7 +96,8 @@ class OutputLock:
                                  f"{self._held_by(held, 0.0) if held else 'removed'}); it stops here")
                     _thread.interrupt_main()  # the build sees KeyboardInterrupt, build() turns it into this line
                     return
-                self._write(exclusive=False)
+                self._write(exclusive=False)  # a takeover landing between read and write is undone here;
+                # then the taker's next tick sees this lock and stops: one of the two always stops
             except OSError:
                 continue  # the store is down for a moment: the next tick tries again, within the lease
 

@@ -81,6 +81,9 @@ def test_the_holder_renews_its_lease(tmp_path: Path) -> None:
 def test_a_holder_whose_lock_was_taken_over_is_stopped(tmp_path: Path) -> None:
     lock = OutputLock.claim(output_at(tmp_path), 4)
     lock.confirm()
+    renewed = json.loads((tmp_path / LOCK_NAME).read_text())["renewed_at"]
+    while json.loads((tmp_path / LOCK_NAME).read_text())["renewed_at"] == renewed:
+        time.sleep(0.01)  # just after a renewal: a renewal between our write and its read would undo the takeover
     left_lock(tmp_path, "node-7", 12345, seconds_ago=0)  # as a build that judged ours run out would write it
     started = time.monotonic()
     try:
