@@ -36,10 +36,11 @@ from pipeline.near_dedupe import exclusion_sets, near_duplicate_removals
 from pipeline.report import write_report
 from pipeline.schema import (METADATA_SCHEMA, PHASH_VERSION, TRANSIENT_STATUSES, iter_units, pack, phash_version,
                              shard_attempt, shard_name, shard_unit)
-from pipeline.source import (Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_rows, read_unit,
-                             register_inputs, unit_samples)
+from pipeline.source import (Unit, check_inputs, expand_inputs, input_rows, load_allowlist, plan_units, read_rows,
+                             read_unit, register_inputs, unit_samples)
 from pipeline.storage import Output, StorageError
 from pipeline.takedown import Takedowns, load_takedowns, takedown_removals
+from pipeline.text_inputs import staged_parquet
 from pipeline.write import commit_unit, referenced_shards, remove_orphans
 
 
@@ -312,11 +313,11 @@ def build(config: BuildConfig) -> dict:
     exclusion_sets(config.exclude_images)  # a bad --exclude-images fails now, before any work
     if config.detector == "insightface":
         config.insightface_model = str(insightface_model_path(config))
-    rows, columns = check_inputs(paths, config)  # every input is checked before anything is written
-    config = config.with_columns(columns)
+    config = config.with_columns(check_inputs(paths, config))  # every input is checked before anything is written
     output = check_output(config.output)
     lock = OutputLock.claim(output, config.lock_lease)  # before anything is swept, registered or written
     try:
+        rows = input_rows([staged_parquet(path, output, config) for path in paths])  # CSV/TSV: converted once
         return build_locked(config, output, lock, rows, allowlist, takedowns, started)
     except KeyboardInterrupt:
         if lock.lost:  # the renewer stopped this build: another one holds the output now

@@ -58,8 +58,8 @@ UNIT_SETTINGS = ("sample_id_col", "url_col", "caption_col", "width_col", "height
 @dataclass
 class BuildConfig:
     # --- where ---
-    input: list[str] = option([], "LAION metadata parquet: a path, glob or fsspec URL (s3://, gs://); repeatable. "
-                                  "None: build the embedded demo")
+    input: list[str] = option([], "LAION-style metadata, parquet or CSV/TSV (.gz too): a path, glob or fsspec "
+                                  "URL (s3://, gs://); repeatable. None: build the embedded demo")
     output: str = option("out/demo", "output directory or fsspec URL")
     address: str | None = option(None, "join an existing Ray cluster ('auto' or HOST:PORT); default: Ray's own "
                                        "choice: RAY_ADDRESS, else a cluster `ray start` began on this machine, "

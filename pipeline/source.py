@@ -1,4 +1,5 @@
-"""Stage 1, source: LAION metadata parquet -> work units -> Samples with metadata filters applied.
+"""Stage 1, source: LAION metadata parquet (CSV and TSV staged as parquet by text_inputs) -> work
+units -> Samples with metadata filters applied.
 
 Input files are numbered once per output directory (`OUT/inputs.json`) so that keys, which
 are (file number, row), stay the same across reruns even when files are added later.
@@ -20,6 +21,7 @@ from pipeline.build_config import FILTER_COLUMNS, LAION_COLUMNS, REQUIRED_COLUMN
 from pipeline.config import ConfigError
 from pipeline.schema import Sample, make_key
 from pipeline.storage import Output, read_parquet
+from pipeline import text_inputs
 from pipeline.takedown import Takedowns
 
 
@@ -35,7 +37,7 @@ class Unit:
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
-    """Paths, globs and fsspec URLs -> sorted list of parquet files, each with its protocol."""
+    """Paths, globs and fsspec URLs -> sorted list of input files, each with its protocol."""
     files: list[str] = []
     for pattern in patterns:
         fs, _ = fsspec.core.url_to_fs(pattern)
@@ -82,19 +84,24 @@ def input_columns(path: str, names: list[str], config: BuildConfig) -> dict[str,
     return found
 
 
-def check_inputs(paths: list[str], config: BuildConfig) -> tuple[dict[str, int], dict[str, str]]:
-    """Row count of every input, after checking it is readable parquet, and the columns they are read
-    by (input_columns): one set for all of them, since an output holds one reading of its inputs."""
-    rows, columns, first = {}, None, None
+def check_inputs(paths: list[str], config: BuildConfig) -> dict[str, str]:
+    """The columns every input is read by (input_columns), after checking each is readable parquet, or
+    CSV/TSV with a header: one set for all of them, since an output holds one reading of its inputs."""
+    columns, first = None, None
     for path in paths:
-        footer = _parquet_footer(path)
-        found = input_columns(path, footer.schema.to_arrow_schema().names, config)
+        names = text_inputs.header(path, config)[0] if text_inputs.delimiter(path) else \
+            _parquet_footer(path).schema.to_arrow_schema().names
+        found = input_columns(path, names, config)
         if columns is not None and found != columns:
             raise ConfigError(f"{path} has other columns than {first} ({found} vs {columns}); "
                               "build them into separate outputs, or name the columns with the --*-col flags")
         columns, first = found, path
-        rows[path] = footer.num_rows
-    return rows, columns or {}
+    return columns or {}
+
+
+def input_rows(paths: list[str]) -> dict[str, int]:
+    """Row count of every parquet input (text inputs: of their staged parquet), from its footer."""
+    return {path: _parquet_footer(path).num_rows for path in paths}
 
 
 AUTO_UNITS_PER_CPU = 2  # a few units per CPU, so a slow unit (dead hosts, timeouts) does not leave CPUs idle at the end

@@ -136,7 +136,8 @@ class Output:
         names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
         return sorted(n for n in names if n.endswith(suffix) and TMP_MARK not in n)
 
-    def remove_temporaries(self, folders: tuple[str, ...] = ("shards", "metadata", "status", "rejects", ".")) -> int:
+    def remove_temporaries(self, folders: tuple[str, ...] = ("shards", "metadata", "status", "rejects", "inputs",
+                                                            ".")) -> int:
         """Delete what a killed run left half-written in these subfolders; returns how many."""
         removed = 0
         for sub in folders:

@@ -391,14 +391,17 @@ def test_an_allowlist_build_fetches_only_the_listed_ids(server: ImageServer, ray
     assert sorted(metadata["sample_id"].to_pylist()) == [1001, 1004]
 
 
-def test_a_two_column_file_builds_with_a_preset_and_ids_from_its_rows(server: ImageServer, ray_address: str,
-                                                                       tmp_path: Path) -> None:
-    """A CC12M-style parquet of url and caption only, as a new user has it: built with --preset
-    cc12m, every other field null, each sample's id that of its key, and stats say what was read."""
+def test_a_headerless_two_column_tsv_builds_with_a_preset_and_ids_from_its_rows(server: ImageServer, ray_address: str,
+                                                                                tmp_path: Path) -> None:
+    """CC12M's TSV as a new user has it (url and caption, no header line): built with --preset cc12m
+    from its conversion in OUT/inputs/, every other field null, each sample's id that of its key, and
+    stats say what was read."""
     urls = [server.url(path) for path, _ in server.photos[:3]]
-    pq.write_table(pa.table({"url": urls, "caption": ["one", "two", "three"]}), tmp_path / "cc12m.parquet")
+    (tmp_path / "cc12m.tsv").write_text("".join(f"{url}\t{caption}\n" for url, caption in zip(urls, ["one", "two", "three"])))
     out = tmp_path / "out"
-    stats = build(settings(server, out, input=[str(tmp_path / "cc12m.parquet")], preset="cc12m", detector="none"))
+    stats = build(settings(server, out, input=[str(tmp_path / "cc12m.tsv")], preset="cc12m", detector="none"))
+    [staged] = (out / "inputs").iterdir()
+    assert pq.read_table(staged)["url"].to_pylist() == urls
     _, metadata, _ = check_consistent(out, 3)
     assert sorted(metadata["sample_id"].to_pylist()) == sorted(int(key) for key in metadata["key"].to_pylist())
     assert set(metadata["similarity"].to_pylist()) == {None} and sorted(metadata["caption"].to_pylist()) == [

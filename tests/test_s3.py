@@ -10,6 +10,7 @@ session would not). One input, built once to S3 and once locally, serves most te
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -39,7 +40,10 @@ from moto.server import ThreadedMotoServer
 from demo.server import ImageServer
 from outputs import (ROOT, check_consistent, laion_parquet, metadata_table, photo_server, race_for, status_table,
                      tar_members)
+from pipeline.build_config import BuildConfig
+from pipeline.source import check_inputs, input_rows
 from pipeline.storage import Output, read_parquet
+from pipeline.text_inputs import staged_parquet
 from queries import list_queries, run_query
 from queries.__main__ import format_table as cli_table
 
@@ -596,3 +600,16 @@ def test_of_builds_claiming_one_s3_output_at_once_one_holds(s3: S3) -> None:
     s3.fs.makedirs(f"{BUCKET}/locked", exist_ok=True)
     assert race_for(f"s3://{BUCKET}/locked", claimants=3) == ["holds", "refused", "refused"]
     assert s3.find("locked") == [], "the holder released its lock"
+
+
+def test_a_gzipped_tsv_in_s3_is_converted_into_an_s3_output_once(s3: S3) -> None:
+    source = f"s3://{BUCKET}/meta/cc12m.tsv.gz"
+    s3.fs.pipe_file(source, gzip.compress(b"https://a.example/1.jpg\tone\nhttps://a.example/2.jpg\ttwo\n"))
+    config = BuildConfig(preset="cc12m")
+    config = config.with_columns(check_inputs([source], config))
+    output = Output(f"s3://{BUCKET}/staged")
+    staged = staged_parquet(source, output, config)
+    assert staged.startswith(f"s3://{BUCKET}/staged/inputs/cc12m-") and input_rows([staged]) == {staged: 2}
+    assert staged_parquet(source, output, config) == staged and len(s3.find("staged/inputs")) == 1
+    with output.fs.open(staged, "rb") as f:
+        assert read_parquet(f)["caption"].to_pylist() == ["one", "two"]

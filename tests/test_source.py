@@ -13,8 +13,8 @@ import pytest
 from pipeline.build_config import LAION_COLUMNS, BuildConfig
 from pipeline.config import ConfigError
 from pipeline.schema import Sample, make_key
-from pipeline.source import (Unit, check_inputs, expand_inputs, load_allowlist, plan_units, read_rows, read_unit,
-                             register_inputs)
+from pipeline.source import (Unit, check_inputs, expand_inputs, input_rows, load_allowlist, plan_units, read_rows,
+                             read_unit, register_inputs)
 from pipeline.storage import Output
 
 
@@ -69,11 +69,11 @@ def test_expand_inputs_glob_without_match_is_an_error(tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "*.parquet")])
 
 
-def test_check_inputs_returns_row_counts_and_the_columns_read(tmp_path: Path) -> None:
+def test_check_inputs_returns_the_columns_read_and_input_rows_the_row_counts(tmp_path: Path) -> None:
     a = write_parquet(tmp_path / "a.parquet", laion_table(7))
     b = write_parquet(tmp_path / "b.parquet", laion_table(3))
-    rows, columns = check_inputs([a, b], BuildConfig())
-    assert rows == {a: 7, b: 3}
+    columns = check_inputs([a, b], BuildConfig())
+    assert input_rows([a, b]) == {a: 7, b: 3}
     assert columns == {name: theirs for name, theirs in LAION_COLUMNS.items() if theirs}
 
 
@@ -89,8 +89,8 @@ def test_check_inputs_missing_column_names_file_column_and_flag(tmp_path: Path, 
 def test_only_the_url_and_the_caption_are_required(tmp_path: Path) -> None:
     """A file with SAMPLE_ID, URL and TEXT only is read, the other fields null; ids stay the file's."""
     path = write_parquet(tmp_path / "a.parquet", laion_table(3).select(["SAMPLE_ID", "URL", "TEXT"]))
-    rows, columns = check_inputs([path], BuildConfig())
-    assert rows == {path: 3} and columns == {"sample_id": "SAMPLE_ID", "url": "URL", "caption": "TEXT"}
+    columns = check_inputs([path], BuildConfig())
+    assert input_rows([path]) == {path: 3} and columns == {"sample_id": "SAMPLE_ID", "url": "URL", "caption": "TEXT"}
     samples = read_all(path, 3, BuildConfig().with_columns(columns))
     assert [s.sample_id for s in samples] == [1000, 1001, 1002]
     assert {(s.license, s.nsfw, s.similarity) for s in samples} == {(None, None, None)}
@@ -121,7 +121,7 @@ def test_an_allowlist_needs_a_sample_id_column(tmp_path: Path) -> None:
 def test_a_file_without_sample_ids_gets_the_ids_of_its_keys(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "a.parquet", pa.table({"url": ["https://a.example/1.jpg"] * 2, "caption": ["a", "b"]}))
     config = BuildConfig(preset="cc12m")
-    rows, columns = check_inputs([path], config)
+    columns = check_inputs([path], config)
     assert columns == {"url": "url", "caption": "caption"}
     samples = read_unit(Unit(0, 3, path, 0, 2), config.with_columns(columns), None, {})
     assert [s.sample_id for s in samples] == [int(make_key(3, 0)), int(make_key(3, 1))]
@@ -131,7 +131,7 @@ def test_a_file_without_sample_ids_gets_the_ids_of_its_keys(tmp_path: Path) -> N
 def test_column_names_match_whatever_their_case(tmp_path: Path) -> None:
     table = laion_table(1).rename_columns(["sample_id", "url", "text", "height", "width", "license", "nsfw", "Similarity"])
     path = write_parquet(tmp_path / "a.parquet", table)
-    _, columns = check_inputs([path], BuildConfig())
+    columns = check_inputs([path], BuildConfig())
     assert columns["url"] == "url" and columns["caption"] == "text" and columns["similarity"] == "Similarity"
 
 
@@ -159,7 +159,7 @@ def test_inputs_with_different_columns_are_refused_together(tmp_path: Path) -> N
 def test_presets_read_their_releases_columns(tmp_path: Path, preset: str, table: dict, expected: dict) -> None:
     path = write_parquet(tmp_path / "a.parquet", pa.table(table))
     config = BuildConfig(preset=preset)
-    _, columns = check_inputs([path], config)
+    columns = check_inputs([path], config)
     assert columns == expected
     [sample] = read_all(path, 1, config.with_columns(columns))
     assert sample.pending and sample.url == "https://a.example/1.jpg" and sample.caption == "t"
@@ -174,7 +174,7 @@ def test_datacomp_preset_applies_laions_clip_threshold_unless_told_otherwise() -
 def test_max_nsfw_score_drops_scores_above_it_and_unknown_ones(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "a.parquet", laion_table(3, punsafe=[0.1, 0.9, None]))
     config = BuildConfig(nsfw_score_col="punsafe", max_nsfw_score=0.5)
-    _, columns = check_inputs([path], config)
+    columns = check_inputs([path], config)
     samples = read_all(path, 3, config.with_columns(columns))
     assert [(s.status, s.reason) for s in samples[1:]] == [("filtered_metadata", "NSFW score 0.9 > 0.5"),
                                                            ("filtered_metadata", "no NSFW score")]
@@ -192,8 +192,8 @@ def test_column_remapping(tmp_path: Path) -> None:
     table = pa.table({"link": ["https://a.example/1.jpg"], "alt": ["hello"]})
     path = write_parquet(tmp_path / "other.parquet", table)
     config = BuildConfig(url_col="link", caption_col="alt")
-    rows, columns = check_inputs([path], config)
-    assert (rows, columns) == ({path: 1}, {"url": "link", "caption": "alt"})
+    columns = check_inputs([path], config)
+    assert (input_rows([path]), columns) == ({path: 1}, {"url": "link", "caption": "alt"})
     [sample] = read_all(path, 1, config.with_columns(columns))
     assert (sample.url, sample.caption, sample.nsfw) == ("https://a.example/1.jpg", "hello", None)
     assert sample.pending
