@@ -8,7 +8,7 @@ test images). Everything is hashed through the pipeline's own code paths:
   dataset side   pipeline.decode.decode_image(JPEG bytes, BuildConfig()) and its 16 pHashes
                  (decode.phashes: the image's own, then its 15 crops by 2% off one to four sides),
                  exactly what the builder stores (re-encoded to <= image_max_side, 512 px).
-  excluded side  pipeline.near_dedupe.hash_files on a file: the 16 pHashes of the full-resolution
+  excluded side  pipeline.exclusions.hash_files on a file: the 16 pHashes of the full-resolution
                  image and of its mirror (what --exclude-images caches).
   pairs          as near_dedupe decides: the plain pHash of one within k bits of any of the other's
                  16 (either way round); a dataset image vs an excluded one, against the excluded
@@ -91,7 +91,7 @@ from bench.dedupe_cost import memory_and_comparisons, throughput  # noqa: E402
 from bench.dedupe_images import KINDS, cut_tiles, jpeg, load_lfw, load_photos, transform  # noqa: E402
 from pipeline.build_config import BuildConfig  # noqa: E402
 from pipeline.decode import CROPS, decode_image  # noqa: E402
-from pipeline.near_dedupe import hash_files  # noqa: E402
+from pipeline.exclusions import hash_files  # noqa: E402
 
 CONFIG = BuildConfig()
 DEFAULT_K = CONFIG.near_duplicate_distance

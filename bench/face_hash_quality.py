@@ -1,5 +1,5 @@
-"""Would a pHash of the aligned face catch the web copies that the whole-image pHashes miss? A
-prototype (not pipeline code), measured on the bench photos that show faces.
+"""Does the aligned-face pHash (pipeline.face_hash) catch the web copies that the whole-image pHashes
+miss? Measured on the bench photos that show faces.
 
     python -m bench.face_hash_quality [--per-kind 12] [--out out/bench/face_hash_quality.json]
 
@@ -10,17 +10,18 @@ makes --per-kind copies of each. Every original and copy is stored as the builde
 (pipeline.decode.decode_image) and gets:
 
   pipeline   its 16 pHashes, compared as near_dedupe does (one's pHash against any of the other's 16)
-  face       one pHash (pipeline.decode.phashes) of each face it shows (score >= 0.9; a copy is
-             caught when any of its faces is near any of its original's), aligned by a similarity
-             transform of the 5 landmarks onto ArcFace's 112-px template, warped to FACE_SIDE px;
-             --face-share < 1 takes in context around the face
+  face       pipeline.face_hash of each face it shows (score >= 0.9; a copy is caught when any of
+             its faces is near any of its original's): the copy's plain hash against the
+             original's 7 jittered ones, as --exclude-images compares a written face with a
+             reference image's
 
 Recall: a copy counts as caught at k when its distance to its original is <= k; "either" when
 one of the two is (what a dedupe using both hashes would catch). Distinct faces:
 every face the detector finds at >= 0.9 in the photos (group photos give several people), all
 pairs, face hash against face hash; the closest pairs are listed. Few distinct faces ship with the
-installed packages (about a dozen), so this bounds nothing at LAION size: it shows whether the idea
-is worth building, not what it would merge among 50M faces.
+installed packages (about a dozen), so this bounds nothing at LAION size: it measures recall, not
+what the face hash would merge among 50M faces (which is why the build uses it for --exclude-images
+only, where a false match costs one training sample).
 """
 
 from __future__ import annotations
@@ -33,47 +34,19 @@ import zlib
 from itertools import combinations
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from bench.dedupe_images import KINDS, load_photos, transform
 from pipeline.build_config import BuildConfig
-from pipeline.decode import decode_image, phashes
+from pipeline.decode import decode_image
 from pipeline.detect import RetinaFaceDetector
-from pipeline.schema import Face
+from pipeline.face_hash import JITTERS, shared_face_hasher
 
 WEB_KINDS = KINDS[KINDS.index("crop10"):]
 KS = (4, 6, 8, 10, 12)
 MIN_SCORE = 0.9
-FACE_SIDE = 64
-# ArcFace's five landmarks in its 112 x 112 crop: eyes, nose tip, mouth corners
-ARCFACE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
-                    [70.7299, 92.2041]], np.float32)
-
-
-def template(face_share: float) -> np.ndarray:
-    """ArcFace's landmarks in a FACE_SIDE square where its 112-px crop fills `face_share` of the side
-    (the rest: hair, neck and background around the face, centred)."""
-    side = FACE_SIDE * face_share
-    return ARCFACE * (side / 112) + (FACE_SIDE - side) / 2
 CONFIG = BuildConfig()
-
-
-JITTERS = [(0.0, 0.0, 1.0)] + [(dx, dy, 1.0) for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1))] + [
-    (0.0, 0.0, 0.94), (0.0, 0.0, 1.06)]  # (dx, dy in JITTER_PX, scale): where a detector's landmarks wander
-
-
-def face_hash(rgb: np.ndarray, face: Face, face_share: float, jitter: tuple[float, float, float] = (0.0, 0.0, 1.0),
-              jitter_px: float = 0.0) -> int:
-    """pHash of the face, aligned on its landmarks: unmoved by crops, bars and turns around it;
-    `jitter` moves and scales the alignment, as the landmarks of another copy may be."""
-    dx, dy, scale = jitter
-    target = (template(face_share) - FACE_SIDE / 2) * scale + FACE_SIDE / 2 + np.array([dx, dy]) * jitter_px
-    matrix, _ = cv2.estimateAffinePartial2D(np.array(face.landmarks, np.float32), target.astype(np.float32),
-                                            method=cv2.LMEDS)
-    aligned = cv2.warpAffine(rgb, matrix, (FACE_SIDE, FACE_SIDE), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
-    return int(phashes(Image.fromarray(aligned))[0], 16)
 
 
 def stored(data: bytes) -> tuple[np.ndarray, list[int]]:
@@ -93,18 +66,19 @@ def pipeline_distance(a: list[int], b: list[int]) -> int:
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     detector = RetinaFaceDetector(CONFIG.detect_size, use_gpu=False)
+    hasher = shared_face_hasher()
     sources, distinct = {}, []
     for name, photo in load_photos().items():
         rgb, hashes = stored(_jpeg(photo))
         faces = [f for f in detector([rgb])[0] if f.score >= MIN_SCORE]
         if faces:
-            jitters = JITTERS if args.jitter_px else JITTERS[:1]  # the stored side: one hash per jitter
-            face_hashes = [face_hash(rgb, f, args.face_share, j, args.jitter_px) for f in faces for j in jitters]
+            face_hashes = [int(h, 16) for f in faces for h in hasher.hashes(rgb, f.landmarks, JITTERS)]
             sources[name] = (photo, hashes, face_hashes)
-            distinct += [(f"{name}#{i}", face_hash(rgb, f, args.face_share)) for i, f in enumerate(faces)]
+            distinct += [(f"{name}#{i}", int(hasher.hashes(rgb, f.landmarks)[0], 16)) for i, f in enumerate(faces)]
     print(f"{len(sources)} photos with a face, {len(distinct)} distinct faces", flush=True)
     distances: dict[str, dict[str, list]] = {kind: {"pipeline": [], "face": []} for kind in WEB_KINDS}
     missed_face = {kind: 0 for kind in WEB_KINDS}
+    face_seconds: list[tuple[float, int]] = []  # (seconds, faces) of hashing a copy's faces
     for name, (photo, hashes, face_hashes) in sources.items():
         for kind in WEB_KINDS:
             for i in range(args.per_kind):
@@ -113,8 +87,11 @@ def run(args: argparse.Namespace) -> dict:
                 distances[kind]["pipeline"].append(pipeline_distance(copy_hashes, hashes))
                 copy_faces = [f for f in detector([rgb])[0] if f.score >= MIN_SCORE]
                 missed_face[kind] += not copy_faces
-                distances[kind]["face"].append(min((bits(face_hash(rgb, f, args.face_share), h)  # 65: none found
-                                                    for f in copy_faces for h in face_hashes), default=65))
+                started_faces = time.perf_counter()
+                copy_face_hashes = [int(hasher.hashes(rgb, f.landmarks)[0], 16) for f in copy_faces]
+                face_seconds.append((time.perf_counter() - started_faces, len(copy_faces)))
+                distances[kind]["face"].append(min((bits(c, h) for c in copy_face_hashes for h in face_hashes),
+                                                   default=65))  # 65: no face found
     for by in distances.values():  # what a dedupe using both would catch: either within k
         by["either"] = np.minimum(by["pipeline"], by["face"]).tolist()
     recall = {kind: {method: {k: float(np.mean(np.array(d) <= k)) for k in KS} for method, d in by.items()}
@@ -126,6 +103,7 @@ def run(args: argparse.Namespace) -> dict:
             "copies_without_a_face_found": missed_face, "distinct_faces": len(distinct),
             "distinct_pairs": len(pairs), "distinct_pairs_within": {k: sum(d <= k for d, _, _ in pairs) for k in KS},
             "closest_distinct_pairs": [{"distance": d, "a": x, "b": y} for d, x, y in pairs[:8]],
+            "ms_per_face_hash": round(1000 * sum(s for s, _ in face_seconds) / max(1, sum(n for _, n in face_seconds)), 1),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -144,6 +122,7 @@ def summary(result: dict) -> str:
     lines.append(f"copies without a face found: {result['copies_without_a_face_found']}")
     lines.append(f"{result['distinct_faces']} distinct faces, {result['distinct_pairs']} pairs; within k: "
                  f"{result['distinct_pairs_within']}; closest: {result['closest_distinct_pairs'][:3]}")
+    lines.append(f"{result['ms_per_face_hash']} ms per face hashed (second looks included), one core")
     return "\n".join(lines)
 
 
@@ -151,11 +130,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/bench/face_hash_quality.json")
     parser.add_argument("--per-kind", type=int, default=12, help="copies of each photo per web family")
-    parser.add_argument("--face-share", type=float, default=1.0,
-                        help="how much of the hashed square ArcFace's 112-px face crop fills (less: more context)")
-    parser.add_argument("--jitter-px", type=float, default=0.0,
-                        help="also hash each stored face with its alignment moved by this many pixels (of "
-                             "FACE_SIDE) and scaled by 6 %%: 7 hashes a face, as the crop hashes are 16 an image")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     result = run(args)

@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import threading
-import time
 from pathlib import Path
 
 from bench.build_speed import run_builder, run_img2dataset

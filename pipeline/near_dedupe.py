@@ -14,8 +14,9 @@ others lose to it or inherit its winner, so copies cost rows, not pairs of rows.
 
 The kept copy is deterministic: the larger image (original pixels), then the smaller key. An
 image is removed when any image of higher priority is within k bits of it. Images of the
---exclude-images sets (and their mirrors) always win, and what they catch is a
-`benchmark_overlap` instead of a `near_duplicate`.
+--exclude-images sets (pipeline.exclusions, and their mirrors) always win, and what they catch is
+a `benchmark_overlap` instead of a `near_duplicate`. pipeline.face_overlaps runs the same machinery
+on faces.
 """
 
 from __future__ import annotations
@@ -23,17 +24,14 @@ from __future__ import annotations
 from hashlib import blake2b
 from itertools import combinations
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from PIL import Image, ImageOps
 
-from pipeline.config import ConfigError
-from pipeline.decode import CROPS, phashes
+from pipeline.decode import CROPS
 from pipeline.dedupe import REMOVED_SCHEMA, Rows, by_group, map_tables, materialize, written_samples
-from pipeline.schema import PHASH_VERSION, PHASH_VERSION_KEY, phash_version
+from pipeline.exclusions import exclusion_rows
 from pipeline.storage import Output
 
 BANDS, BAND_BITS = 4, 16
@@ -303,61 +301,10 @@ def by_representative(pairs: pa.Table, copies: bool, partitions: int) -> pa.Tabl
 
 # --- the driver's side: excluded sets, then one pass over everything written --------------------
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-EXCLUSIONS_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
-                               ("phashes", pa.list_(pa.string())), ("phashes_mirror", pa.list_(pa.string()))],
-                              metadata={PHASH_VERSION_KEY: PHASH_VERSION})
-
-
-def exclusion_sets(patterns: list[str]) -> dict[str, list[str]]:
-    """{set name: image paths}; a folder's name, or the last folder before a glob's wildcards."""
-    sets: dict[str, list[str]] = {}
-    for pattern in patterns:
-        fs, root = fsspec.core.url_to_fs(pattern)
-        if fs.isdir(root):
-            files, name = fs.find(root), root.rstrip("/").rsplit("/", 1)[-1]
-        else:
-            files = fs.glob(root)
-            folder = root.split("*", 1)[0].split("?", 1)[0].rsplit("/", 1)[0]  # drop a partial file name
-            name = folder.rsplit("/", 1)[-1]
-        images = sorted(f for f in files if f.lower().endswith(IMAGE_SUFFIXES))
-        if not images:
-            raise ConfigError(f"--exclude-images {pattern}: no images found")
-        protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
-        sets.setdefault(name, []).extend(protocol + f for f in images)
-    return sets
-
-
-def hash_files(batch: dict) -> dict:
-    """EXCLUSIONS_SCHEMA columns for a batch of image paths: the 16 pHashes of each image and of its mirror."""
-    out: dict[str, list] = {name: [] for name in EXCLUSIONS_SCHEMA.names}
-    for path in batch["path"]:
-        fs, local = fsspec.core.url_to_fs(path)
-        info = fs.info(local)
-        with fs.open(local, "rb") as f, Image.open(f) as image:
-            upright = ImageOps.exif_transpose(image).convert("RGB")
-        out["path"].append(path), out["size"].append(int(info.get("size", 0)))
-        out["mtime"].append(float(info.get("mtime", 0) or 0))
-        out["phashes"].append(phashes(upright)), out["phashes_mirror"].append(phashes(ImageOps.mirror(upright)))
-    return out
-
-
 def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
-    """ITEMS_SCHEMA rows for every excluded image and its mirror; hashes cached in OUT/exclusions/."""
+    """ITEMS_SCHEMA rows for every excluded image and its mirror."""
     tables = []
-    for name, paths in exclusion_sets(patterns).items():
-        cache_path = output.path("exclusions", f"{name}.parquet")
-        cached = output.read_table(cache_path) if output.fs.exists(cache_path) else EXCLUSIONS_SCHEMA.empty_table()
-        current = cached.schema.equals(EXCLUSIONS_SCHEMA) and phash_version(cached.schema) == PHASH_VERSION  # else: rehash
-        known = {r["path"]: r for r in cached.to_pylist()} if current else {}
-        todo = [p for p in paths if p not in known]  # a file is hashed once; delete the cache to redo
-        if todo:
-            fresh = ray.data.from_items([{"path": p} for p in todo]).map_batches(hash_files, batch_size=64)
-            known.update({r["path"]: r for r in fresh.take_all()})
-            output.makedirs(output.path("exclusions"))
-            output.write_table(cache_path, pa.Table.from_pylist(sorted(known.values(), key=lambda r: r["path"]),
-                                                                schema=EXCLUSIONS_SCHEMA))
-        rows = [known[p] for p in paths]
+    for name, rows in exclusion_rows(output, patterns).items():
         for column, suffix in (("phashes", ""), ("phashes_mirror", " (mirrored)")):
             tables.append(pa.table({"key": [r["path"] + suffix for r in rows],
                                     "phash": pa.array(hex_to_int64([r[column][0] for r in rows]), pa.int64()),

@@ -417,6 +417,39 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     return out.getvalue()
 
 
+def test_copies_of_an_excluded_face_that_the_image_hashes_miss_are_caught_by_the_face_hash(
+        server: ImageServer, ray_address: str, tmp_path: Path) -> None:
+    """Web copies of a benchmark image, letterboxed or cropped by 10 % (beyond the 2 % crop hashes),
+    are removed by the aligned-face pHash; a photo of someone else stays."""
+    first_of_source = {}
+    for _, image in server.photos:
+        if image.has_face and image.source != "t1":
+            first_of_source.setdefault(image.source, image)
+    benchmark, other = (Image.open(io.BytesIO(image.data)).convert("RGB") for image in list(first_of_source.values())[:2])
+    width, height = benchmark.size
+    letterboxed = Image.new("RGB", (width * 4 // 3, height), "black")
+    letterboxed.paste(benchmark, (width // 6, 0))
+    variants = {"letterbox.jpg": jpeg_bytes(letterboxed),
+                "crop10.jpg": jpeg_bytes(benchmark.crop((width // 10, height // 10, width, height))),
+                "other.jpg": jpeg_bytes(other)}
+    for name, data in variants.items():
+        server.add(f"/faces/{tmp_path.name}/{name}", data)
+    parquet = laion_parquet(tmp_path / "faces.parquet", [server.url(f"/faces/{tmp_path.name}/{n}") for n in variants])
+    excluded = tmp_path / "celeba_test"
+    excluded.mkdir()
+    benchmark.save(excluded / "0001.png")
+    out = tmp_path / "out"
+    build(settings(server, out, input=[str(parquet)], exclude_images=[str(excluded)]))
+    status, _, _ = check_consistent(out, len(variants))
+    by_row = {row: (status, reason, duplicate_of) for row, status, reason, duplicate_of in zip(
+        status["input_row"].to_pylist(), status["status"].to_pylist(), status["reason"].to_pylist(),
+        status["duplicate_of"].to_pylist())}
+    for row in (0, 1):
+        assert by_row[row][0] == "benchmark_overlap" and "aligned-face pHash" in by_row[row][1], by_row[row]
+        assert by_row[row][2] == str(excluded / "0001.png")
+    assert by_row[2][0] == "ok"
+
+
 def test_near_duplicates_and_benchmark_overlaps_are_removed_the_same_way_with_1_or_2_workers(
         server: ImageServer, ray_address: str, tmp_path: Path) -> None:
     from PIL import ImageEnhance, ImageOps

@@ -17,9 +17,9 @@ from PIL import Image
 
 from pipeline import near_dedupe
 from pipeline.config import ConfigError
-from pipeline.near_dedupe import (EXCLUSIONS_SCHEMA, ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucket_pairs,
-                                  exclusion_items, exclusion_sets, find_near_duplicates, hex_to_int64, mark_copies,
-                                  with_ids)
+from pipeline.exclusions import EXCLUSIONS_SCHEMA, exclusion_sets
+from pipeline.near_dedupe import (ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucket_pairs, exclusion_items,
+                                  find_near_duplicates, hex_to_int64, mark_copies, with_ids)
 from pipeline.storage import Output
 
 

@@ -1,0 +1,109 @@
+"""The aligned-face pHash: a face warped by its five landmarks onto ArcFace's template and pHashed.
+Crops, bars, greyscale, recompression and small turns around a face leave it where the template
+puts it, so copies that the whole-image pHashes miss keep their face hash (docs/PERFORMANCE.md,
+'Near-copies as the web makes them'); --exclude-images compares it (pipeline.face_overlaps).
+
+A detector's landmarks move by a few pixels between copies of one photo, which alone moves the hash
+by 10+ bits. So before hashing, the landmarks are looked at again (FaceHasher.refined): in a crop
+already aligned by them (upright, the face at one scale whatever the photo's size) and in its
+mirror, averaged, twice. A reference image is also hashed with its alignment moved a little
+(JITTERS), as a copy's refined landmarks still wander by a pixel or two.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from pipeline.decode import phashes
+from pipeline.detect import RetinaFaceDetector
+from pipeline.schema import Sample
+
+FACE_SIDE = 64  # pHash looks at 32 x 32 pixels; a 64-px face keeps eyes, nose and mouth apart
+# ArcFace's five landmarks in its 112 x 112 crop (eyes, nose tip, mouth corners), at FACE_SIDE
+ARCFACE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+                    [70.7299, 92.2041]], np.float32) * (FACE_SIDE / 112)
+JITTER_PX = 2.0
+# (dx, dy in JITTER_PX, scale) of a reference's alignment: where a copy's landmarks still wander
+JITTERS = ((0.0, 0.0, 1.0), (-1.0, 0.0, 1.0), (1.0, 0.0, 1.0), (0.0, -1.0, 1.0), (0.0, 1.0, 1.0), (0.0, 0.0, 0.94),
+           (0.0, 0.0, 1.06))
+REFINE_SIDE = 192  # the second look's crop; the face (ArcFace's 112-px crop) fills 1 / REFINE_CONTEXT of it
+REFINE_CONTEXT = 1.5  # measured: 2 and 3 let the background move the landmarks (bench.face_hash_quality)
+REFINE_ROUNDS = 2
+MIRRORED = [1, 0, 2, 4, 3]  # landmarks of a mirrored face: left and right eyes and mouth corners swap
+
+
+def _similarity(points: np.ndarray, target: np.ndarray) -> np.ndarray | None:
+    matrix, _ = cv2.estimateAffinePartial2D(points.astype(np.float32), target.astype(np.float32), method=cv2.LMEDS)
+    return matrix
+
+
+class FaceHasher:
+    """Face hashes of images, its second looks taken by `detector`: RetinaFace at REFINE_SIDE,
+    whichever detector found the faces first."""
+
+    def __init__(self, detector: RetinaFaceDetector):
+        self.detector = detector
+        self.template = ARCFACE * (REFINE_SIDE / REFINE_CONTEXT / FACE_SIDE) + REFINE_SIDE * (1 - 1 / REFINE_CONTEXT) / 2
+
+    def refined(self, rgb: np.ndarray, landmarks: list[list[float]]) -> np.ndarray:
+        """The landmarks as the second looks see them; the first ones where a look finds no face."""
+        points = np.asarray(landmarks, np.float32)
+        for _ in range(REFINE_ROUNDS):
+            matrix = _similarity(points, self.template)
+            if matrix is None:  # every landmark on one point: nothing to align
+                return points
+            crop = cv2.warpAffine(rgb, matrix, (REFINE_SIDE, REFINE_SIDE), flags=cv2.INTER_AREA,
+                                  borderMode=cv2.BORDER_REPLICATE)
+            seen = []
+            for mirrored, faces in zip((False, True), self.detector([crop, np.ascontiguousarray(crop[:, ::-1])])):
+                if faces:  # the face nearest the centre, where the alignment put it
+                    face = min(faces, key=lambda f: np.hypot(f.box[0] + f.box[2] - REFINE_SIDE,
+                                                             f.box[1] + f.box[3] - REFINE_SIDE))
+                    found = np.array(face.landmarks, np.float32)
+                    if mirrored:
+                        found[:, 0] = REFINE_SIDE - found[:, 0]
+                        found = found[MIRRORED]
+                    seen.append(found)
+            if not seen:
+                return points
+            inverse = cv2.invertAffineTransform(matrix)
+            points = (np.mean(seen, axis=0) @ inverse[:, :2].T + inverse[:, 2]).astype(np.float32)
+        return points
+
+    def hashes(self, rgb: np.ndarray, landmarks: list[list[float]], jitters=JITTERS[:1]) -> list[str]:
+        """16 hex digits per alignment in `jitters`: the pHash of the face, aligned by its refined landmarks."""
+        points, out = self.refined(rgb, landmarks), []
+        for dx, dy, scale in jitters:
+            target = (ARCFACE - FACE_SIDE / 2) * scale + FACE_SIDE / 2 + np.array([dx, dy], np.float32) * JITTER_PX
+            matrix = _similarity(points, target)
+            if matrix is None:
+                continue
+            aligned = cv2.warpAffine(rgb, matrix, (FACE_SIDE, FACE_SIDE), flags=cv2.INTER_AREA,
+                                     borderMode=cv2.BORDER_REPLICATE)
+            out.append(phashes(Image.fromarray(aligned))[0])
+        return out
+
+    def hash_samples(self, samples: list[Sample]) -> list[Sample]:
+        """Set `phash` on every face of every pending sample (the faces the filter kept), from its
+        stored image (the landmarks are in original pixels)."""
+        for sample in samples:
+            if not sample.pending or not sample.faces:
+                continue
+            with Image.open(io.BytesIO(sample.content)) as image:
+                rgb = np.asarray(image.convert("RGB"))
+            sx, sy = sample.width / sample.original_width, sample.height / sample.original_height
+            for face in sample.faces:
+                found = self.hashes(rgb, [[x * sx, y * sy] for x, y in face.landmarks])
+                face.phash = found[0] if found else None
+        return samples
+
+
+@functools.cache
+def shared_face_hasher() -> FaceHasher:
+    """One per process: Ray's workers keep their processes, so the RetinaFace session loads once each."""
+    return FaceHasher(RetinaFaceDetector(REFINE_SIDE, use_gpu=False))
