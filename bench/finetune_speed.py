@@ -150,7 +150,7 @@ def run_task(task: str, dataset: str, args: argparse.Namespace, work: Path, out:
               *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
               *(["--init", args.init] if args.init else [])]
     cfg = load_config(FinetuneConfig, [*common, "--epochs", str(args.epochs)], "")
-    train_set, val_set, test_set = make_splits(cfg)
+    train_set, val_set, test_set, _ = make_splits(cfg)
     evaluated = len(test_set) + (len(val_set) if val_set is not None else 0)
     result.update(image_size=cfg.input_size, warp_size=cfg.warp_size, batch_size=cfg.batch_size, model=cfg.model,
                   train_images=len(train_set), epochs=args.epochs)

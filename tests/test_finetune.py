@@ -179,8 +179,8 @@ def test_whole_training_split_without_validation(tmp_path: Path) -> None:
 
     cfg = FinetuneConfig(dataset="300w", data=str(tmp_path / "300W"), val_fraction=0)
     cfg.validate()
-    train, val, _ = make_splits(cfg)
-    assert val is None and len(train) == len(open_dataset("300w", str(tmp_path / "300W"), "train"))
+    train, val, _, share = make_splits(cfg)
+    assert val is None and len(train) == len(open_dataset("300w", str(tmp_path / "300W"), "train")) and share == 1
 
 
 def test_aflw19_auc_and_fr_use_the_box_normalisation() -> None:
@@ -219,3 +219,55 @@ def test_epoch_records_time_training_and_evaluation(tmp_path: Path) -> None:
     assert record["images_per_s"] > 0 and record["eval_s"] > 0  # 6 images, batch 2: 2 timed steps
     assert ("peak_memory_gib" in record) == torch.cuda.is_available()
     assert evaluate_main(["--checkpoint", str(out / "last.pt")]) == 0
+
+
+def test_low_data_subsets_are_seeded_nested_and_keep_photos_whole() -> None:
+    from train.downstream_data import subset_indices
+
+    paths = [f"{n // 2}.jpg" for n in range(40)] + [f"single{n}.jpg" for n in range(60)]  # 80 photos, 100 faces
+    indices = list(range(len(paths)))
+    small, large = (subset_indices(paths, indices, fraction, 0, seed=3) for fraction in (0.1, 0.5))
+    photos = [{paths[i] for i in cut} for cut in (small, large)]
+    assert [len(p) for p in photos] == [8, 40] and photos[0] < photos[1]  # one seed: the smaller inside the larger
+    for cut in (small, large):
+        assert set(cut) == {i for i in indices if paths[i] in {paths[j] for j in cut}}  # every face of a kept photo
+    assert subset_indices(paths, indices, 0.1, 0, seed=3) == small
+    assert {paths[i] for i in subset_indices(paths, indices, 0.1, 0, seed=4)} != photos[0]
+    assert len({paths[i] for i in subset_indices(paths, indices, 1.0, 5, seed=3)}) == 5  # --train-count
+    assert len(subset_indices(paths, indices, 0.001, 0, seed=3)) >= 1
+
+
+def test_a_cut_split_trains_longer_by_its_share_up_to_the_cap() -> None:
+    from train.finetune import schedule_for
+
+    cfg = FinetuneConfig(dataset="wflw", data="x")
+    cfg.validate()
+    assert (schedule_for(cfg, 1.0).epochs, schedule_for(cfg, 1.0).lr_drop_epoch) == (150, 200)
+    assert (schedule_for(cfg, 0.25).epochs, schedule_for(cfg, 0.25).lr_drop_epoch) == (600, 800)  # the same steps
+    assert schedule_for(cfg, 0.01).epochs == 1500  # capped at max_epoch_scale 10
+    given = FinetuneConfig(dataset="wflw", data="x", epochs=7)
+    given.validate()
+    assert schedule_for(given, 0.01).epochs == 7  # --epochs is taken as given
+
+
+def test_a_cut_run_lists_its_photos_and_a_listed_subset_is_reused(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    make_300w(tmp_path / "300W")
+    common = ["--dataset", "300w", "--data", str(tmp_path / "300W"), "--epochs", "1", "--val-fraction", "0", *SMALL]
+    assert main([*common, "--output", str(tmp_path / "cut"), "--train-count", "2", "--subset-seed", "5"]) == 0
+    listed = (tmp_path / "cut" / "train_subset.txt").read_text().splitlines()
+    train = open_dataset("300w", str(tmp_path / "300W"), "train")
+    assert len(listed) == 2 and {str(tmp_path / "300W" / photo) for photo in listed} < {
+        train.image_path(i) for i in range(len(train))}  # below the data root: the list works on any copy
+    report = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert report["train_count"] == 2 and report["epochs"] == 1
+    subset = str(tmp_path / "cut" / "train_subset.txt")
+    assert main([*common, "--output", str(tmp_path / "reused"), "--train-subset", subset]) == 0
+    assert (tmp_path / "reused" / "train_subset.txt").read_text().splitlines() == listed
+    assert not (tmp_path / "whole").exists()
+    assert main([*common, "--output", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / "train_subset.txt").exists(), "an uncut run lists nothing"
+    (tmp_path / "bad.txt").write_text("nowhere/img_9.png\n")
+    capsys.readouterr()
+    assert main([*common, "--output", str(tmp_path / "bad"), "--train-subset", str(tmp_path / "bad.txt")]) == 2
+    assert "bad.txt: 1 image(s) not in the training split, e.g. 'nowhere/img_9.png'" in capsys.readouterr().err

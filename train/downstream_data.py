@@ -114,3 +114,26 @@ def train_val_indices(image_paths: Sequence[str], fraction: float, seed: int) ->
     held = [i for i, path in enumerate(image_paths) if path in held_images]
     kept = [i for i, path in enumerate(image_paths) if path not in held_images]
     return kept, held
+
+
+def subset_indices(image_paths: Sequence[str], indices: Sequence[int], fraction: float, count: int,
+                   seed: int) -> list[int]:
+    """The low-data regime: of the training `indices`, those of a seeded share of their photos
+    (`count` photos when given, else `fraction` of them, at least one), every face of a photo kept
+    together. The order is one seeded permutation of the photos, so with one seed a smaller subset
+    lies inside every larger one, and the subset does not depend on the model being trained."""
+    images = sorted({image_paths[i] for i in indices})
+    order = np.random.default_rng(seed).permutation(len(images))
+    keep = count if count else max(1, round(len(images) * fraction))
+    kept_images = {images[i] for i in order[:keep]}
+    return [i for i in indices if image_paths[i] in kept_images]
+
+
+def listed_indices(image_paths: Sequence[str], indices: Sequence[int], listed: Sequence[str], source: str) -> list[int]:
+    """The training `indices` whose photo is in `listed` (a --train-subset file); an unknown photo is an error."""
+    available = {image_paths[i] for i in indices}
+    unknown = [name for name in listed if name not in available]
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} image(s) not in the training split, e.g. {unknown[0]!r}")
+    wanted = set(listed)
+    return [i for i in indices if image_paths[i] in wanted]

@@ -26,9 +26,10 @@ import io
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
+import fsspec
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from pipeline.config import ConfigError, load_config
 from pipeline.storage import Output
 from train.datasets import DatasetError, open_dataset
-from train.downstream_data import WarpedSamples, collate, train_val_indices
+from train.downstream_data import WarpedSamples, collate, listed_indices, subset_indices, train_val_indices
 from train.evaluate import evaluate, score
 from train.face_model import FaceModel, alignment_loss, parsing_loss
 from train.finetune_config import FinetuneConfig
@@ -47,17 +48,49 @@ from train.finetune_config import FinetuneConfig
 RESUMABLE_CHANGES = {"data", "output", "epochs", "eval_every", "max_steps_per_epoch", "workers", "progress"}
 
 
-def make_splits(cfg: FinetuneConfig) -> tuple[WarpedSamples, WarpedSamples | None, WarpedSamples]:
-    """(train, validation or None, test)."""
+def make_splits(cfg: FinetuneConfig) -> tuple[WarpedSamples, WarpedSamples | None, WarpedSamples, float]:
+    """(train, validation or None, test, the share of the training photos kept by the low-data cut)."""
     train = open_dataset(cfg.dataset, cfg.data, "train")
-    test = open_dataset(cfg.dataset, cfg.data, "test")
+    test = WarpedSamples(open_dataset(cfg.dataset, cfg.data, "test"), cfg, train=False)
+    paths = [photo_id(train.image_path(i), cfg.data) for i in range(len(train))]
     if "val" in train.splits:
-        return (WarpedSamples(train, cfg, train=True), WarpedSamples(open_dataset(cfg.dataset, cfg.data, "val"), cfg, False),
-                WarpedSamples(test, cfg, train=False))
-    if cfg.val_fraction == 0:
-        return WarpedSamples(train, cfg, train=True), None, WarpedSamples(test, cfg, train=False)
-    kept, held = train_val_indices([train.image_path(i) for i in range(len(train))], cfg.val_fraction, cfg.seed)
-    return WarpedSamples(train, cfg, True, kept), WarpedSamples(train, cfg, False, held), WarpedSamples(test, cfg, False)
+        indices, val = list(range(len(train))), WarpedSamples(open_dataset(cfg.dataset, cfg.data, "val"), cfg, False)
+    elif cfg.val_fraction == 0:
+        indices, val = list(range(len(train))), None
+    else:
+        indices, held = train_val_indices(paths, cfg.val_fraction, cfg.seed)
+        val = WarpedSamples(train, cfg, False, held)
+    if cfg.train_subset:
+        with fsspec.open(cfg.train_subset, "rt") as f:
+            listed = [line.strip() for line in f if line.strip()]
+        cut = listed_indices(paths, indices, listed, cfg.train_subset)
+    elif cfg.train_fraction < 1 or cfg.train_count:
+        cut = subset_indices(paths, indices, cfg.train_fraction, cfg.train_count, cfg.subset_seed)
+    else:
+        cut = indices
+    share = len({paths[i] for i in cut}) / len({paths[i] for i in indices})
+    return WarpedSamples(train, cfg, True, cut), val, test, share
+
+
+def schedule_for(cfg: FinetuneConfig, share: float) -> FinetuneConfig:
+    """The protocol's epochs (unless --epochs was given), scaled up for a cut training split so that it
+    gets as many steps as the full one, down to 1 / max_epoch_scale of the photos (finetune_config)."""
+    if cfg.epochs:
+        return cfg
+    scale = min(1 / share, cfg.max_epoch_scale)
+    return replace(cfg, epochs=round(cfg.protocol["epochs"] * scale), lr_drop_epoch=round(cfg.lr_drop_epoch * scale))
+
+
+def photo_id(path: str, root: str) -> str:
+    """A training photo as the subset files name it: its path below the dataset's root, so that a list
+    made on one machine selects the same photos from a copy of the dataset anywhere else."""
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
+def training_photos(samples: WarpedSamples, root: str) -> list[str]:
+    """What OUTPUT/train_subset.txt lists: the photos trained on, each once, sorted."""
+    return sorted({photo_id(samples.dataset.image_path(i), root) for i in samples.indices})
 
 
 def outputs_of(samples: WarpedSamples) -> int:
@@ -83,6 +116,7 @@ def summarize(cfg: FinetuneConfig, history: list[dict[str, Any]]) -> dict[str, A
     """Best-epoch test (the paper's way) and, with a validation split, the test of the epoch chosen on it."""
     best_test = max(history, key=lambda h: score(cfg, h["test"]))
     report = {"dataset": cfg.dataset, "task": cfg.task, "init": cfg.init, "epochs": cfg.epochs,
+              "train_fraction": cfg.train_fraction, "train_count": cfg.train_count, "train_subset": cfg.train_subset,
               "best_epoch_test": {"epoch": best_test["epoch"], "test": best_test["test"]}}
     if all("val" in h for h in history):
         best_val = max(history, key=lambda h: score(cfg, h["val"]))
@@ -101,7 +135,8 @@ def check_resumable(cfg: FinetuneConfig, saved: dict[str, Any], path: str) -> No
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    train_set, val_set, test_set = make_splits(cfg)
+    train_set, val_set, test_set, share = make_splits(cfg)
+    cfg = schedule_for(cfg, share)
     model = FaceModel.create(cfg.task, outputs_of(train_set), cfg.init, cfg.model, input_size=cfg.input_size,
                              channels=cfg.head_channels, blocks=tuple(cfg.feature_blocks),
                              heatmap_size=cfg.heatmap_size).to(device)
@@ -110,6 +145,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [cfg.lr_drop_epoch], gamma=0.1)
     output = Output(cfg.output)
     output.makedirs(output.root)
+    if share < 1:  # the low-data cut, for --train-subset to reuse and for the record
+        listed = "".join(f"{photo}\n" for photo in training_photos(train_set, cfg.data)).encode()
+        output.write_atomic(output.path("train_subset.txt"), lambda f: f.write(listed))
     start, records = 0, []
     if output.fs.exists(output.path("last.pt")):
         with output.fs.open(output.path("last.pt"), "rb") as f:

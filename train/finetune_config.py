@@ -54,6 +54,16 @@ class FinetuneConfig:
     augment: bool = option(True, "the protocol's random affine, gray, gamma, blur (+ occlusion, noise for alignment)")
     val_fraction: float = option(0.05, "share of the training split held out for validation when the dataset has no val "
                                        "split; 0 = none: train on all of it, as the paper did (best-epoch number only)")
+    train_fraction: float = option(1.0, "low-data regime: share of the training photos trained on, a seeded subset "
+                                        "(faces of one photo together; validation and test are never cut)")
+    train_count: int = option(0, "low-data regime: this many training photos instead of a fraction; 0 = by fraction")
+    train_subset: str = option("", "a file of training photos (one per line, as OUTPUT/train_subset.txt lists them) "
+                                   "to train on, instead of drawing a subset")
+    subset_seed: int = option(0, "seed of the subset's draw: one seed gives every init the same photos, and a "
+                                 "smaller fraction a subset of a larger one")
+    max_epoch_scale: float = option(10.0, "a cut training split trains protocol epochs x min(1 / share of photos "
+                                          "kept, this) (lr_drop_epoch likewise): as many steps as the full run down "
+                                          "to 1 / this, then capped; 1 = the protocol's epochs. --epochs is never scaled")
     eval_every: int = option(1, "evaluate val and test every this many epochs")
     precision: str = option("fp32", "bf16: bf16 autocast on a GPU, for speed (the protocol has no AMP); CPU runs "
                                     "are fp32 either way", choices=("fp32", "bf16"))
@@ -75,7 +85,10 @@ class FinetuneConfig:
         if self.task and self.task != self.protocol["task"]:
             raise ConfigError(f"dataset {self.dataset} is for {self.protocol['task']}, not {self.task}")
         self.task = self.protocol["task"]
-        self.epochs = self.epochs or self.protocol["epochs"]
+        if not 0 < self.train_fraction <= 1 or self.train_count < 0 or self.max_epoch_scale < 1:
+            raise ConfigError("train_fraction must be in (0, 1], train_count >= 0 and max_epoch_scale >= 1")
+        if self.train_subset and (self.train_fraction < 1 or self.train_count):
+            raise ConfigError("give --train-subset, or --train-fraction / --train-count, not both")
         self.head_lr = self.head_lr or self.protocol["head_lr"]
         if self.warp_factor < 0:
             self.warp_factor = self.protocol["warp_factor"]
