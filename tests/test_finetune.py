@@ -16,6 +16,7 @@ from train.datasets import open_dataset
 from train.datasets.synthetic import make_lapa  # three 96 px faces per split
 from train.downstream_data import WarpedSamples, collate
 from train.evaluate import evaluate, main as evaluate_main
+from train.face_model import FaceModel
 from train.finetune import main
 from train.finetune_config import FinetuneConfig
 from train.model import FaRL, model_config
@@ -245,9 +246,12 @@ def test_a_cut_split_trains_longer_by_its_share_up_to_the_cap() -> None:
     assert (schedule_for(cfg, 1.0).epochs, schedule_for(cfg, 1.0).lr_drop_epoch) == (150, 200)
     assert (schedule_for(cfg, 0.25).epochs, schedule_for(cfg, 0.25).lr_drop_epoch) == (600, 800)  # the same steps
     assert schedule_for(cfg, 0.01).epochs == 1500  # capped at max_epoch_scale 10
-    given = FinetuneConfig(dataset="wflw", data="x", epochs=7)
+    given = FinetuneConfig(dataset="wflw", data="x", epochs=7)  # as a config file gives them
     given.validate()
-    assert schedule_for(given, 0.01).epochs == 7  # --epochs is taken as given
+    assert schedule_for(given, 0.5).epochs == 14 and schedule_for(given, 1.0).epochs == 7
+    unscaled = FinetuneConfig(dataset="wflw", data="x", epochs=7, max_epoch_scale=1)
+    unscaled.validate()
+    assert schedule_for(unscaled, 0.01).epochs == 7
 
 
 def test_a_cut_run_lists_its_photos_and_a_listed_subset_is_reused(tmp_path: Path,
@@ -260,7 +264,7 @@ def test_a_cut_run_lists_its_photos_and_a_listed_subset_is_reused(tmp_path: Path
     assert len(listed) == 2 and {str(tmp_path / "300W" / photo) for photo in listed} < {
         train.image_path(i) for i in range(len(train))}  # below the data root: the list works on any copy
     report = json.loads((tmp_path / "cut" / "report.json").read_text())
-    assert report["train_count"] == 2 and report["epochs"] == 1
+    assert report["train_count"] == 2 and report["epochs"] == 3  # 2 of the 6 photos: --epochs 1 x 3
     subset = str(tmp_path / "cut" / "train_subset.txt")
     assert main([*common, "--output", str(tmp_path / "reused"), "--train-subset", subset]) == 0
     assert (tmp_path / "reused" / "train_subset.txt").read_text().splitlines() == listed
@@ -271,3 +275,59 @@ def test_a_cut_run_lists_its_photos_and_a_listed_subset_is_reused(tmp_path: Path
     capsys.readouterr()
     assert main([*common, "--output", str(tmp_path / "bad"), "--train-subset", str(tmp_path / "bad.txt")]) == 2
     assert "bad.txt: 1 image(s) not in the training split, e.g. 'nowhere/img_9.png'" in capsys.readouterr().err
+
+
+ATTRIBUTE_RUN = ["--model", "FaRL-tiny", "--warp-size", "64", "--input-size", "64", "--batch-size", "16",
+                 "--workers", "0", "--no-progress", "--no-augment", "--ema-decay", "0.5", "--eval-every", "4"]
+
+
+@pytest.mark.timeout(300)
+def test_attributes_learn_the_drawn_one_and_stay_at_chance_on_coin_flips(tmp_path: Path) -> None:
+    """CelebA's layout; Eyeglasses is a bar across the eyes, every other attribute a coin flip."""
+    from train.datasets.synthetic import make_celeba_attr
+
+    make_celeba_attr(tmp_path / "CelebA", {"train": 96, "val": 32, "test": 96})
+    out = tmp_path / "run"
+    assert main(["--dataset", "celeba_attr", "--data", str(tmp_path / "CelebA"), "--output", str(out),
+                 "--epochs", "12", "--backbone-lr", "1e-3", "--head-lr", "1e-2", *ATTRIBUTE_RUN]) == 0
+    report = json.loads((out / "report.json").read_text())
+    test = report["val_chosen_test"]["test"]
+    assert test["balanced_accuracy"]["Eyeglasses"] > 0.9 and test["accuracy"]["Eyeglasses"] > 0.9
+    others = [value for name, value in test["balanced_accuracy"].items() if name != "Eyeglasses"]
+    # coin flips: 96 test images put a chance-level balanced accuracy within ~0.05 of 0.5 (one sigma)
+    assert abs(np.mean(others) - 0.5) < 0.05
+    assert 0.5 <= test["majority_accuracy"] < 0.65 and len(test["accuracy"]) == 40
+    assert evaluate_main(["--checkpoint", str(out / "best_val.pt")]) == 0
+
+
+def test_a_linear_probe_leaves_the_backbone_as_initialised(tmp_path: Path) -> None:
+    from train.datasets.synthetic import make_celeba_attr
+
+    make_celeba_attr(tmp_path / "CelebA", {"train": 16, "val": 8, "test": 8})
+    init = tmp_path / "clip.pt"
+    FaRL(model_config("FaRL-tiny")).save_checkpoint(str(init), include_mim=False)
+    out = tmp_path / "probe"
+    assert main(["--dataset", "celeba_attr", "--data", str(tmp_path / "CelebA"), "--output", str(out), "--epochs", "1",
+                 "--init", str(init), "--linear-probe", *ATTRIBUTE_RUN]) == 0
+    fresh = FaceModel.create("attributes", 40, str(init), input_size=64)  # the init's weights, a new head
+    trained = torch.load(out / "last.pt", weights_only=True)["model"]
+    backbone = {k: v for k, v in fresh.state_dict().items() if k.startswith("backbone.")}
+    assert backbone and all(torch.equal(trained[k], v) for k, v in backbone.items())
+    head = [v for k, v in trained.items() if k.startswith("head.")]
+    assert head and trained["head.mix"].abs().sum() > 0, "the head learned"
+
+
+def test_celeba_files_are_checked_line_by_line(tmp_path: Path) -> None:
+    from train.datasets import DatasetError
+    from train.datasets.synthetic import make_celeba_attr
+
+    make_celeba_attr(tmp_path, {"train": 2, "val": 1, "test": 1})
+    attributes = tmp_path / "list_attr_celeba.txt"
+    lines = attributes.read_text().splitlines()
+    attributes.write_text("\n".join(lines[:3] + [lines[3].replace("-1", "0", 1).replace(" 1", " 0", 1)] + lines[4:]) + "\n")
+    with pytest.raises(DatasetError, match=r"list_attr_celeba.txt:4: expected an image file and 40 values of 1 or -1"):
+        open_dataset("celeba_attr", str(tmp_path), "train")
+    attributes.write_text("\n".join(lines) + "\n")
+    (tmp_path / "img_align_celeba" / "000002.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"missing CelebA image: .*000002.jpg"):
+        open_dataset("celeba_attr", str(tmp_path), "train")

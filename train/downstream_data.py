@@ -27,7 +27,7 @@ from train.geometry import (LAPA_FIVE_POINTS, align_matrix, box_matrix, similari
 
 AUGMENT_PRESETS: dict[str, AugmentConfig] = {
     "celebamask_hq": PARSING, "lapa": PARSING, "300w": ALIGNMENT_300W_WFLW, "wflw": ALIGNMENT_300W_WFLW,
-    "aflw19": ALIGNMENT_AFLW19,
+    "aflw19": ALIGNMENT_AFLW19, "celeba_attr": PARSING,  # attributes: the parsing preset's mild affine and photometry
 }
 
 
@@ -77,6 +77,8 @@ class WarpedSamples(torch.utils.data.Dataset):
         if self.augment:
             warped = self.augment.images(warped).clamp(0, 1)
         out: dict[str, Any] = {"image": warped[0], "matrix": matrix, "index": index}
+        if "attributes" in item:
+            out["attributes"] = torch.from_numpy(item["attributes"])
         if "label" in item:
             label = torch.from_numpy(np.ascontiguousarray(item["label"])).long()
             label_matrix = matrix @ label_to_image_matrix(tuple(label.shape), tuple(image.shape[-2:]))

@@ -6,7 +6,9 @@ Parsing: logits warped back onto the original label map's pixels (inverse tanh-w
 one confusion matrix over the whole split, per-class and mean F1 (background left out).
 Alignment: heatmap points unwarped to original pixels; NME per normalisation, AUC and FR at the
 protocol's threshold, for every subset of the split (300W common/challenge/full, WFLW's
-attribute subsets, AFLW-19 full/frontal). `evaluate` is also what fine-tuning calls every epoch.
+attribute subsets, AFLW-19 full/frontal). Attributes: a logit above 0 is "present"; mean accuracy
+over the attributes, per-attribute accuracy and balanced accuracy, and the majority predictor's
+accuracy beside them. `evaluate` is also what fine-tuning calls every epoch.
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ from train.draw import draw_prediction
 from train.face_model import FaceModel, heatmap_points
 from train.finetune_config import FinetuneConfig
 from train.geometry import inverse_tanh_warp_grid, unwarp_points, warp_images
-from train.metrics import ConfusionAccumulator, auc_fr, landmark_nme
+from train.metrics import ConfusionAccumulator, attribute_metrics, auc_fr, landmark_nme
 
 
 @torch.no_grad()
 def predict(model: FaceModel, batch: dict[str, Any], cfg: FinetuneConfig, device: torch.device) -> list[Any]:
-    """Per sample, in original pixels: a label map (parsing) or (K, 2) landmarks (alignment)."""
+    """Per sample, in original pixels: a label map (parsing) or (K, 2) landmarks (alignment); or the
+    attributes predicted present (a bool per attribute)."""
     with cfg.autocast(device):
         output = model(batch["image"].to(device)).float()
+    if cfg.task == "attributes":
+        return list((output > 0).cpu())
     if cfg.task == "alignment":
         points = heatmap_points(output).cpu() * cfg.warp_size - 0.5  # [0, 1] -> warped-image pixels
         return list(unwarp_points(points, batch["matrix"], cfg.warp_factor, cfg.warp_size))
@@ -58,17 +63,22 @@ def evaluate(model: FaceModel, samples: WarpedSamples, cfg: FinetuneConfig, devi
         for j, prediction in enumerate(predict(model, batch, cfg, device)):
             if confusion is not None:
                 confusion.update(prediction, batch["original_label"][j])
+            elif cfg.task == "attributes":
+                predicted.append(prediction.numpy())
+                truth.append(batch["attributes"][j].numpy())
             else:
                 predicted.append(prediction.numpy())
                 truth.append(batch["landmarks"][j].numpy())
                 boxes.append(batch["box"][j].numpy())
-            if drawn < draw_count:
+            if drawn < draw_count and cfg.task != "attributes":  # nothing to draw on the face
                 item = samples.dataset[int(batch["index"][j])]
                 draw_prediction(item["image"], prediction.numpy(), Path(draw_to) / f"{drawn:03d}.png", cfg.task)
                 drawn += 1
     if confusion is not None:
         per_class, mean = confusion.result()
         return {"f1_mean": float(mean), "f1": {name: float(f) for name, f in zip(labels, per_class)}}
+    if cfg.task == "attributes":
+        return attribute_metrics(np.stack(predicted), np.stack(truth), samples.dataset.attribute_names)
     return alignment_metrics(np.stack(predicted), np.stack(truth), np.stack(boxes), cfg, subsets)
 
 
@@ -91,9 +101,11 @@ def alignment_metrics(pred: np.ndarray, gt: np.ndarray, boxes: np.ndarray, cfg: 
 
 
 def score(cfg: FinetuneConfig, metrics: dict[str, Any]) -> float:
-    """The number a benchmark ranks by, as higher-is-better: mean F1, or minus the full set's NME."""
+    """The number a benchmark ranks by, as higher-is-better: mean F1, mean accuracy, or minus the full set's NME."""
     if cfg.task == "parsing":
         return metrics["f1_mean"]
+    if cfg.task == "attributes":
+        return metrics["mean_accuracy"]
     return -metrics["full"][f"nme_{cfg.protocol['metrics']['normalize'][0]}"]
 
 

@@ -1,5 +1,6 @@
 """FaRL's downstream model: the ViT backbone at 448 px, a feature pyramid and a UPerNet head, for
-face parsing (per-pixel class logits) or face alignment (one heatmap per landmark).
+face parsing (per-pixel class logits) or face alignment (one heatmap per landmark); for face
+attributes, the last block's tokens pooled into one linear layer (AttributeHead).
 
 As in farl.md: images warped to 512 come in (here as floats in [0, 1]), are resized to 448 and
 normalised inside; the ViT's 14x14 position embedding is resized bicubically to 28x28 (open_clip's
@@ -25,8 +26,11 @@ FEATURE_BLOCKS = (3, 5, 7, 11)
 class ViTBackbone(nn.Module):
     """open_clip's ViT image tower returning the patch tokens of chosen blocks as (B, width, g, g) maps."""
 
-    def __init__(self, model: dict, image_size: int = 448, blocks: tuple[int, ...] = FEATURE_BLOCKS):
+    def __init__(self, model: dict, image_size: int = 448, blocks: tuple[int, ...] = FEATURE_BLOCKS,
+                 tokens: bool = False):
+        """`tokens`: return each block's (B, 1 + g * g, width) tokens, class token first, not patch maps."""
         super().__init__()
+        self.tokens = tokens
         model = {**model, "vision_cfg": {**model["vision_cfg"], "image_size": image_size}}
         self.visual = CLIP(**model).visual  # the text tower is built and dropped: open_clip has no public vision-only builder
         self.blocks = blocks
@@ -60,25 +64,51 @@ class ViTBackbone(nn.Module):
         for index, block in enumerate(visual.transformer.resblocks[:max(self.blocks) + 1]):
             x = block(x)
             if index in self.blocks:
-                features[index] = x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+                features[index] = x if self.tokens else x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
         return [features[b] for b in self.blocks]
+
+
+class AttributeHead(nn.Module):
+    """facer's head for FaRL's attributes (farl.md): the class token, the mean and the max of the patch
+    tokens, each layer-normalised, mixed by softmax-learned weights, then one linear layer."""
+
+    def __init__(self, width: int, outputs: int):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(3))
+        self.mix = nn.Parameter(torch.zeros(3))
+        self.linear = nn.Linear(width, outputs)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, 1:]
+        pooled = (tokens[:, 0], patches.mean(1), patches.amax(1))
+        weights = self.mix.softmax(0)
+        return self.linear(sum(w * norm(x) for w, norm, x in zip(weights, self.norms, pooled)))
 
 
 class FaceModel(nn.Module):
     """`task` "parsing": logits (B, outputs, H, W) at the input's size; "alignment": heatmap logits
-    (B, outputs, heatmap_size, heatmap_size)."""
+    (B, outputs, heatmap_size, heatmap_size); "attributes": logits (B, outputs) from the last block."""
 
     def __init__(self, task: str, outputs: int, model: dict, input_size: int = 448, channels: int = 768,
-                 blocks: tuple[int, ...] = FEATURE_BLOCKS, heatmap_size: int = 128):
+                 blocks: tuple[int, ...] = FEATURE_BLOCKS, heatmap_size: int = 128, frozen_backbone: bool = False):
         super().__init__()
-        if task not in ("parsing", "alignment"):
-            raise ValueError(f"unknown task '{task}': parsing or alignment")
+        if task not in ("parsing", "alignment", "attributes"):
+            raise ValueError(f"unknown task '{task}': parsing, alignment or attributes")
         self.config = {"task": task, "outputs": outputs, "model": model, "input_size": input_size,
-                       "channels": channels, "blocks": list(blocks), "heatmap_size": heatmap_size}  # saved with checkpoints
+                       "channels": channels, "blocks": list(blocks), "heatmap_size": heatmap_size,
+                       "frozen_backbone": frozen_backbone}  # saved with checkpoints
         self.task, self.input_size, self.heatmap_size = task, input_size, heatmap_size
-        self.backbone = ViTBackbone(model, input_size, tuple(blocks))
-        self.pyramid = ViTPyramid(self.backbone.width)
-        self.head = UPerHead(self.backbone.width, channels, outputs)
+        if task == "attributes":
+            last = model["vision_cfg"]["layers"] - 1
+            self.backbone = ViTBackbone(model, input_size, (last,), tokens=True)
+            self.pyramid = nn.Identity()  # nothing between the tokens and the head
+            self.head = AttributeHead(self.backbone.width, outputs)
+        else:
+            self.backbone = ViTBackbone(model, input_size, tuple(blocks))
+            self.pyramid = ViTPyramid(self.backbone.width)
+            self.head = UPerHead(self.backbone.width, channels, outputs)
+        self.frozen_backbone = frozen_backbone  # a linear probe: only the head learns
+        self.backbone.requires_grad_(not frozen_backbone)
 
     @classmethod
     def create(cls, task: str, outputs: int, init: str = "", model: str = "ViT-B-16-quickgelu", **kwargs) -> "FaceModel":
@@ -94,14 +124,18 @@ class FaceModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         size = images.shape[-2:]
         x = F.interpolate(images, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)  # as FaRL: no antialias
+        if self.task == "attributes":
+            return self.head(self.backbone(x)[0])
         out = self.head(self.pyramid(self.backbone(x)))
         target = size if self.task == "parsing" else (self.heatmap_size,) * 2
         return F.interpolate(out, size=target, mode="bilinear", align_corners=False)
 
     def param_groups(self, backbone_lr: float, head_lr: float, weight_decay: float) -> list[dict]:
         head = [p for m in (self.pyramid, self.head) for p in m.parameters()]
-        return [{"params": list(self.backbone.parameters()), "lr": backbone_lr, "weight_decay": weight_decay},
-                {"params": head, "lr": head_lr, "weight_decay": weight_decay}]
+        groups = [{"params": head, "lr": head_lr, "weight_decay": weight_decay}]
+        if not self.frozen_backbone:
+            groups.insert(0, {"params": list(self.backbone.parameters()), "lr": backbone_lr, "weight_decay": weight_decay})
+        return groups
 
 
 def heatmap_points(heatmap_logits: torch.Tensor) -> torch.Tensor:
@@ -140,3 +174,8 @@ def alignment_loss(heatmap_logits: torch.Tensor, target_points: torch.Tensor, si
 def parsing_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> dict[str, torch.Tensor]:
     loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index)
     return {"loss": loss}
+
+
+def attribute_loss(logits: torch.Tensor, attributes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Binary cross-entropy over every attribute (targets 0 / 1)."""
+    return {"loss": F.binary_cross_entropy_with_logits(logits.float(), attributes.float())}

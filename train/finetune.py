@@ -39,7 +39,7 @@ from pipeline.storage import Output
 from train.datasets import DatasetError, open_dataset
 from train.downstream_data import WarpedSamples, collate, listed_indices, subset_indices, train_val_indices
 from train.evaluate import evaluate, score
-from train.face_model import FaceModel, alignment_loss, parsing_loss
+from train.face_model import FaceModel, alignment_loss, attribute_loss, parsing_loss
 from train.finetune_config import FinetuneConfig
 
 
@@ -73,12 +73,13 @@ def make_splits(cfg: FinetuneConfig) -> tuple[WarpedSamples, WarpedSamples | Non
 
 
 def schedule_for(cfg: FinetuneConfig, share: float) -> FinetuneConfig:
-    """The protocol's epochs (unless --epochs was given), scaled up for a cut training split so that it
-    gets as many steps as the full one, down to 1 / max_epoch_scale of the photos (finetune_config)."""
-    if cfg.epochs:
-        return cfg
+    """The epochs (--epochs, else the protocol's) scaled up for a cut training split so that it gets as
+    many steps as the full one, down to 1 / max_epoch_scale of the photos (finetune_config)."""
     scale = min(1 / share, cfg.max_epoch_scale)
-    return replace(cfg, epochs=round(cfg.protocol["epochs"] * scale), lr_drop_epoch=round(cfg.lr_drop_epoch * scale))
+    epochs = cfg.epochs or cfg.protocol["epochs"]
+    if scale == 1:
+        return replace(cfg, epochs=epochs)
+    return replace(cfg, epochs=round(epochs * scale), lr_drop_epoch=round(cfg.lr_drop_epoch * scale))
 
 
 def photo_id(path: str, root: str) -> str:
@@ -95,6 +96,8 @@ def training_photos(samples: WarpedSamples, root: str) -> list[str]:
 
 def outputs_of(samples: WarpedSamples) -> int:
     dataset = samples.dataset
+    if dataset.task == "attributes":
+        return len(dataset.attribute_names)
     return len(dataset.labels) if dataset.task == "parsing" else dataset.num_points
 
 
@@ -103,6 +106,8 @@ def task_loss(model: FaceModel, batch: dict[str, Any], cfg: FinetuneConfig, devi
         output = model(batch["image"].to(device))  # the losses take the logits in fp32
     if cfg.task == "parsing":
         return parsing_loss(output, batch["label"].to(device))
+    if cfg.task == "attributes":
+        return attribute_loss(output, batch["attributes"].to(device))
     return alignment_loss(output, batch["points"].to(device), cfg.heatmap_sigma)
 
 
@@ -139,7 +144,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     cfg = schedule_for(cfg, share)
     model = FaceModel.create(cfg.task, outputs_of(train_set), cfg.init, cfg.model, input_size=cfg.input_size,
                              channels=cfg.head_channels, blocks=tuple(cfg.feature_blocks),
-                             heatmap_size=cfg.heatmap_size).to(device)
+                             heatmap_size=cfg.heatmap_size, frozen_backbone=cfg.linear_probe).to(device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     optimizer = torch.optim.AdamW(model.param_groups(cfg.backbone_lr, cfg.head_lr, cfg.weight_decay), betas=(0.9, 0.999))
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [cfg.lr_drop_epoch], gamma=0.1)

@@ -1,4 +1,5 @@
-"""Every setting of `python -m train.finetune`, and the per-dataset protocol of FaRL's downstream code.
+"""Every setting of `python -m train.finetune`, and the per-dataset protocol of FaRL's downstream code
+(and of this project's for face attributes, which FaRL's code does not have).
 
 A dataset's protocol (task, outputs, how a sample is warped, epochs, learning rates, metrics)
 fills the settings a user leaves empty; configs/finetune_DATASET.yaml spell them out.
@@ -25,12 +26,17 @@ PROTOCOLS: dict[str, dict] = {
              "metrics": {"normalize": ["inter_ocular"], "auc": "inter_ocular", "auc_threshold": 0.1}},
     "aflw19": {"task": "alignment", "warp": "box", "warp_factor": 0.0, "epochs": 150, "head_lr": 1e-2,
                "metrics": {"normalize": ["diag", "box"], "auc": "box", "auc_threshold": 0.07}},
+    # no official protocol (farl.md): CelebA's aligned crops stretched to the input, as facer's FaRL
+    # attribute model takes them at 224 px; epochs and learning rate are this project's choice
+    "celeba_attr": {"task": "attributes", "warp": "resize", "warp_factor": 0.0, "epochs": 10, "head_lr": 1e-3,
+                    "metrics": {}},
 }
 
 
 @dataclass
 class FinetuneConfig:
-    task: str = option("", "parsing or alignment (must match the dataset)", choices=("", "parsing", "alignment"))
+    task: str = option("", "parsing, alignment or attributes (must match the dataset)",
+                       choices=("", "parsing", "alignment", "attributes"))
     dataset: str = option("", "which benchmark", choices=("",) + tuple(PROTOCOLS))
     data: str = option("", "the dataset's root folder, in its official layout")
     init: str = option("", "backbone weights: ours, an official FaRL file, any OpenAI-CLIP-layout ViT-B/16; empty = random")
@@ -51,6 +57,8 @@ class FinetuneConfig:
     warp_factor: float = option(-1.0, "tanh-warping strength; -1 = the protocol's (0.8 LaPa, 0 otherwise)")
     heatmap_size: int = option(128, "alignment heatmap side")
     heatmap_sigma: float = option(1.25, "Gaussian heatmap target sigma in heatmap pixels (official: radius 5 = 4 sigma)")
+    linear_probe: bool = option(False, "train the head only, the backbone frozen as initialised (attributes: the "
+                                       "literature's linear probe; any task)")
     augment: bool = option(True, "the protocol's random affine, gray, gamma, blur (+ occlusion, noise for alignment)")
     val_fraction: float = option(0.05, "share of the training split held out for validation when the dataset has no val "
                                        "split; 0 = none: train on all of it, as the paper did (best-epoch number only)")
@@ -61,9 +69,9 @@ class FinetuneConfig:
                                    "to train on, instead of drawing a subset")
     subset_seed: int = option(0, "seed of the subset's draw: one seed gives every init the same photos, and a "
                                  "smaller fraction a subset of a larger one")
-    max_epoch_scale: float = option(10.0, "a cut training split trains protocol epochs x min(1 / share of photos "
-                                          "kept, this) (lr_drop_epoch likewise): as many steps as the full run down "
-                                          "to 1 / this, then capped; 1 = the protocol's epochs. --epochs is never scaled")
+    max_epoch_scale: float = option(10.0, "a cut training split trains epochs x min(1 / share of photos kept, this) "
+                                          "(lr_drop_epoch likewise): as many steps as the full run down to 1 / this, "
+                                          "then capped; 1 = the epochs as given")
     eval_every: int = option(1, "evaluate val and test every this many epochs")
     precision: str = option("fp32", "bf16: bf16 autocast on a GPU, for speed (the protocol has no AMP); CPU runs "
                                     "are fp32 either way", choices=("fp32", "bf16"))

@@ -1,4 +1,5 @@
-"""Downstream metrics of FaRL's protocol: face-alignment NME with CED/AUC/FR, and face-parsing F1.
+"""Downstream metrics of FaRL's protocol: face-alignment NME with CED/AUC/FR, face-parsing F1, and
+face-attribute accuracies.
 
 Formulas and 0-based point indices follow /work/shared/reference/farl.md ("Downstream protocol",
 sections "Face parsing" and "Face alignment"), which collects them from the official FaRL code:
@@ -130,3 +131,23 @@ class ConfusionAccumulator:
     def result(self) -> tuple[np.ndarray, float]:
         """(per-class F1, mean F1) of the confusion so far; see parsing_f1."""
         return parsing_f1(self._confusion)
+
+
+def attribute_metrics(predicted: np.ndarray, truth: np.ndarray, names: tuple[str, ...]) -> dict:
+    """Binary attributes, (N, A) 0/1 arrays: mean accuracy over the attributes (the literature's
+    number), per-attribute accuracy and balanced accuracy (mean of the recalls of 1 and of 0; an
+    attribute with one class only in `truth` gets that class's recall), and what predicting each
+    attribute's majority value of `truth` scores (~80 % on CelebA: the number to beat)."""
+    predicted, truth = predicted.astype(bool), truth.astype(bool)
+    accuracy = (predicted == truth).mean(0)
+    recalls = []
+    for wanted in (True, False):
+        present = (truth == wanted).sum(0)
+        hit = ((predicted == wanted) & (truth == wanted)).sum(0)
+        recalls.append(np.where(present > 0, hit / np.maximum(present, 1), np.nan))
+    balanced = np.nanmean(np.stack(recalls), axis=0)
+    majority = np.maximum(truth.mean(0), 1 - truth.mean(0))
+    return {"mean_accuracy": float(accuracy.mean()), "mean_balanced_accuracy": float(balanced.mean()),
+            "majority_accuracy": float(majority.mean()),
+            "accuracy": {name: float(a) for name, a in zip(names, accuracy)},
+            "balanced_accuracy": {name: float(b) for name, b in zip(names, balanced)}}

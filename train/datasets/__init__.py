@@ -4,16 +4,18 @@ Uniform interface (see ``common.py`` for the conventions)::
 
     ds = open_dataset("wflw", root, "test")     # or DATASETS["wflw"](root, "test")
     len(ds); item = ds[i]; ds.subsets()         # {"full": indices, ...}
-    ds.task                                      # "parsing" | "alignment"
+    ds.task                                      # "parsing" | "alignment" | "attributes"
 
 Parsing datasets (``labels``: names, 0 = background) give "image", "label", "path" (LaPa also
 "landmarks", 106 points); alignment datasets (``num_points``) give "image", "landmarks",
-"box", "path" (AFLW-19 also "visible"). Bad or missing files raise :class:`DatasetError`.
+"box", "path" (AFLW-19 also "visible"); attribute datasets (``attribute_names``) give "image",
+"attributes" (0 / 1 floats), "path". Bad or missing files raise :class:`DatasetError`.
 """
 
 from __future__ import annotations
 
 from .aflw19 import AFLW19
+from .celeba_attr import CelebAAttributes
 from .celebamask_hq import CelebAMaskHQ
 from .common import DatasetError, FaceDataset, MissingFileError
 from .lapa import LaPa
@@ -26,6 +28,7 @@ DATASETS: dict[str, type[FaceDataset]] = {
     "300w": W300,
     "wflw": WFLW,
     "aflw19": AFLW19,
+    "celeba_attr": CelebAAttributes,
 }
 
 
@@ -38,5 +41,5 @@ def open_dataset(name: str, root: str, split: str) -> FaceDataset:
     return cls(root, split)
 
 
-__all__ = ["AFLW19", "CelebAMaskHQ", "DATASETS", "DatasetError", "FaceDataset", "LaPa",
+__all__ = ["AFLW19", "CelebAAttributes", "CelebAMaskHQ", "DATASETS", "DatasetError", "FaceDataset", "LaPa",
            "MissingFileError", "W300", "WFLW", "open_dataset"]

@@ -10,6 +10,7 @@ flat colours (tiny files, as the tests use).
     make_lapa(root, size=640, counts={"train": 256, "val": 16, "test": 16}, noise=8)
     make_celebamask_hq(root, {"train": 256, "val": 16, "test": 16})   # 1024 px images, 512 px masks
     make_wflw(root, {"train": 256, "test": 32})                       # 1024 x 768 photos, one face each
+    make_celeba_attr(root, {"train": 96, "val": 32, "test": 64})      # Eyeglasses drawn, the rest coin flips
 
 Builders write samples on a thread pool (`threads`; PIL and numpy release the GIL while encoding).
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .celeba_attr import ATTRIBUTES as CELEBA_ATTRIBUTES
 from .celebamask_hq import PART_FILES
 from .wflw import ANNOTATION_DIR, ATTRIBUTES
 
@@ -223,3 +225,30 @@ def _wflw_image(path: Path, points: np.ndarray, size: tuple[int, int], texture: 
     for x, y in points:
         pen.ellipse([x - dot, y - dot, x + dot, y + dot], fill=(255, 255, 255))
     _photo(np.asarray(image), texture, shift).save(path, quality=90)
+
+
+def make_celeba_attr(root: Path, counts: dict[str, int], size: tuple[int, int] = (64, 64), marked: str = "Eyeglasses",
+                     seed: int = 0) -> None:
+    """CelebA's img_align_celeba/, list_attr_celeba.txt and list_eval_partition.txt: a face disk, with a
+    dark bar across the eyes exactly when `marked` is 1, so a model can learn that attribute; every
+    attribute (that one too) is a fair coin flip, so the others cannot be learned from the pixels."""
+    rng = np.random.default_rng(seed)
+    (root / "img_align_celeba").mkdir(parents=True, exist_ok=True)
+    width, height = size
+    rows, partition, number = [], [], 0
+    for code, split in enumerate(("train", "val", "test")):
+        for _ in range(counts.get(split, 0)):
+            number += 1
+            name = f"{number:06d}.jpg"
+            values = rng.integers(0, 2, len(CELEBA_ATTRIBUTES))
+            image = Image.new("RGB", size, (40, 40, 40))
+            pen = ImageDraw.Draw(image)
+            pen.ellipse([width * 0.2, height * 0.15, width * 0.8, height * 0.9], fill=(200, 150, 120))
+            if values[CELEBA_ATTRIBUTES.index(marked)]:
+                pen.rectangle([width * 0.22, height * 0.38, width * 0.78, height * 0.48], fill=(10, 10, 10))
+            image.save(root / "img_align_celeba" / name, quality=95)
+            rows.append(f"{name} " + " ".join(" 1" if v else "-1" for v in values))
+            partition.append(f"{name} {code}")
+    header = f"{len(rows)}\n" + " ".join(CELEBA_ATTRIBUTES) + " \n"
+    (root / "list_attr_celeba.txt").write_text(header + "\n".join(rows) + "\n")
+    (root / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
