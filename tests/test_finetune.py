@@ -257,7 +257,8 @@ def test_a_cut_split_trains_longer_by_its_share_up_to_the_cap() -> None:
 def test_a_cut_run_lists_its_photos_and_a_listed_subset_is_reused(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:
     make_300w(tmp_path / "300W")
-    common = ["--dataset", "300w", "--data", str(tmp_path / "300W"), "--epochs", "1", "--val-fraction", "0", *SMALL]
+    common = ["--dataset", "300w", "--data", str(tmp_path / "300W"), "--epochs", "1", "--val-fraction", "0",
+              "--max-steps-per-epoch", "1", *SMALL]
     assert main([*common, "--output", str(tmp_path / "cut"), "--train-count", "2", "--subset-seed", "5"]) == 0
     listed = (tmp_path / "cut" / "train_subset.txt").read_text().splitlines()
     train = open_dataset("300w", str(tmp_path / "300W"), "train")
