@@ -18,6 +18,7 @@ from __future__ import annotations
 import _thread
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -31,6 +32,13 @@ from pipeline.storage import Output
 
 LOCK_NAME = "build.lock"
 SETTLE_S = 2.0
+# how the renewer stops the main thread: a signal of its own, since SIGINT is ignored in a build
+# started with nohup or & (the shell ignores it there, and interrupt_main then does nothing)
+LOST_SIGNAL = signal.SIGUSR2
+
+
+def _raise_lost(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("this build's output lock was taken over")
 
 
 class OutputLock:
@@ -48,6 +56,7 @@ class OutputLock:
         self.lost: str | None = None  # why the lock was lost while held, if it was
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._previous_handler: signal.Handlers | None = None  # LOST_SIGNAL's, while ours is set
 
     @classmethod
     def claim(cls, output: Output, lease_s: float) -> OutputLock:
@@ -73,6 +82,8 @@ class OutputLock:
             if held is None or held["token"] != self.token:
                 raise ConfigError(self._held_by(held, 0.0) if held else
                                   f"{self.output.url}: another build removed this one's lock as it started")
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            self._previous_handler = signal.signal(LOST_SIGNAL, _raise_lost)
         self._renewer = threading.Thread(target=self._renew, name="output-lock", daemon=True)
         self._renewer.start()
 
@@ -80,6 +91,9 @@ class OutputLock:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
+        if self._previous_handler is not None:
+            signal.signal(LOST_SIGNAL, self._previous_handler)
+            self._previous_handler = None
         try:
             held = self._read()
             if held is not None and held["token"] == self.token:
@@ -94,7 +108,8 @@ class OutputLock:
                 if held is None or held["token"] != self.token:
                     self.lost = (f"{self.output.url}: this build's lock was taken over ("
                                  f"{self._held_by(held, 0.0) if held else 'removed'}); it stops here")
-                    _thread.interrupt_main()  # the build sees KeyboardInterrupt, build() turns it into this line
+                    # the build sees KeyboardInterrupt, build() turns it into this line
+                    _thread.interrupt_main(LOST_SIGNAL if self._previous_handler is not None else signal.SIGINT)
                     return
                 self._write(exclusive=False)  # a takeover landing between read and write is undone here;
                 # then the taker's next tick sees this lock and stops: one of the two always stops

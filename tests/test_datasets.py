@@ -31,8 +31,8 @@ def write_mask(path: Path, rows: slice, cols: slice, size: int = 32, mode: str =
 
 
 def test_registry() -> None:
-    assert set(DATASETS) == {"celebamask_hq", "lapa", "300w", "wflw", "aflw19"}
-    assert {cls.task for cls in DATASETS.values()} == {"parsing", "alignment"}
+    assert set(DATASETS) == {"celebamask_hq", "lapa", "300w", "wflw", "aflw19", "celeba_attr"}
+    assert {cls.task for cls in DATASETS.values()} == {"parsing", "alignment", "attributes"}
     assert CelebAMaskHQ.labels[0] == "background" and len(CelebAMaskHQ.labels) == 19
     assert len(LaPa.labels) == 11 and (W300.num_points, WFLW.num_points, AFLW19.num_points) == (68, 98, 19)
     with pytest.raises(DatasetError, match="unknown dataset"):

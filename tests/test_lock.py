@@ -4,6 +4,7 @@ storage has the same tests against a local S3 server in test_s3.py."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def test_the_holder_renews_its_lease(tmp_path: Path) -> None:
 
 
 def test_a_holder_whose_lock_was_taken_over_is_stopped(tmp_path: Path) -> None:
+    """Also when SIGINT is ignored, as in a build started with nohup or & (what `make test &` showed)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     lock = OutputLock.claim(output_at(tmp_path), 4)
     lock.confirm()
     renewed = json.loads((tmp_path / LOCK_NAME).read_text())["renewed_at"]
@@ -92,6 +95,7 @@ def test_a_holder_whose_lock_was_taken_over_is_stopped(tmp_path: Path) -> None:
                 time.sleep(0.05)  # busy, as a build's main thread is between its waits on Ray
     finally:
         lock.release()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 4, "stopped within about a quarter lease (1 s), load aside"
     assert "taken over" in lock.lost and "host node-7" in lock.lost
     assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == "theirs", "the new holder's lock is kept"
