@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import json
 import os
 import signal
@@ -313,7 +314,9 @@ def corrupt_pages(path: Path) -> Path:
 def test_an_input_unreadable_past_its_footer_gives_one_line_naming_it(tmp_path: Path) -> None:
     bad = corrupt_pages(laion_parquet(tmp_path / "bad.parquet", [f"http://example.invalid/{i}.jpg" for i in range(20)]))
     result = cli("--input", str(bad), "--output", str(tmp_path / "out"), "--detector", "none")
-    lines = result.stderr.strip().splitlines()  # Ray's own start-up warnings may come first
+    # Ray's own start-up warnings may come first, and its core worker may log a C++ line such as
+    # "task_manager.cc:1545: Failed to push error to driver" as the driver shuts down (seen once in CI-like runs)
+    lines = [line for line in result.stderr.strip().splitlines() if not re.match(r"\[\d{4}-.*\.cc:\d+\]?", line)]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert [line for line in lines if line.startswith("error")] == lines[-1:], result.stderr
     assert lines[-1].startswith(f"error: input {bad}: rows 0-20 cannot be read: ") and "rerun" in lines[-1]
