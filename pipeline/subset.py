@@ -2,12 +2,16 @@
 
     python -m pipeline.subset --data OUT --query select_training_subset --output NEW
     python -m pipeline.subset --data OUT --keys keys.txt --output NEW --shard-size 5000
+    python -m pipeline.subset --data OUT --holdout 0.01 --output HELD_OUT
 
-The selection is the `key` column of a canned query (`python -m queries --list`) or a file of
-keys, one a line. NEW gets a build's layout: NEW/shards/*.tar (each sample's KEY.jpg, KEY.txt
-and KEY.json copied byte for byte from OUT's shards), NEW/metadata/*.parquet (the samples'
-metadata rows, `shard` updated), NEW/sizes.json and NEW/shards/sizes.json (open_clip's format),
-and NEW/keys.txt, the keys in the order of the new shards: by source shard, then as stored
+The selection is the `key` column of a canned query (`python -m queries --list`), a file of
+keys, one a line, or a held-out share of the samples drawn by key (`--holdout F`: the samples whose
+md5 of "SEED:KEY" falls in the first F of its range, so the same keys whatever the shards and for
+every later build that holds them; `train.pretrain --holdout NEW` then trains on the rest and
+measures retrieval on NEW). NEW gets a build's layout: NEW/shards/*.tar (each sample's
+KEY.jpg, KEY.txt and KEY.json copied byte for byte from OUT's shards), NEW/metadata/*.parquet (the
+samples' metadata rows, `shard` updated), NEW/sizes.json and NEW/shards/sizes.json (open_clip's
+format), and NEW/keys.txt, the keys in the order of the new shards: by source shard, then as stored
 there. Source shards are read one at a time as streams; every file appears atomically.
 """
 
@@ -30,6 +34,7 @@ from pipeline.storage import Output
 from queries import QueryError, connect, query_keys
 
 USAGE_ERROR = 2
+HOLDOUT_BITS = 48  # of the md5 that draw a held-out sample: shares down to 1e-14 are exact enough
 Segment = tuple[str, list[str]]  # (source shard, keys of it that go into one new shard)
 
 
@@ -44,6 +49,23 @@ def read_keys(path: str) -> list[str]:
             return sorted({line.strip() for line in f if line.strip()})
     except OSError as err:
         raise SubsetError(f"cannot read keys file {path}: {err.strerror or err}") from None
+
+
+def holdout_keys(data: str, fraction: float, seed: int = 0) -> list[str]:
+    """The keys of OUT's samples held out by `--holdout fraction`, sorted: those whose md5 of
+    "SEED:KEY" falls in the first `fraction` of its range. Drawn by key, not by position, so a
+    bigger build of the same inputs holds out the same samples it shares with a smaller one."""
+    if not 0 < fraction < 1:
+        raise SubsetError(f"--holdout must be a fraction in (0, 1), got {fraction}")
+    con = connect(data)
+    try:
+        rows = con.execute(f"""
+            SELECT key FROM metadata
+            WHERE ('0x' || left(md5(? || ':' || key), {HOLDOUT_BITS // 4}))::UBIGINT < ? ORDER BY key
+        """, [str(seed), int(fraction * 2 ** HOLDOUT_BITS)]).fetchall()
+    finally:
+        con.close()
+    return [key for (key,) in rows]
 
 
 def locate(data: str, keys: list[str]) -> list[tuple[str, str]]:
@@ -183,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--query", metavar="NAME", help="canned query whose `key` column is the selection")
     which.add_argument("--keys", metavar="FILE", help="file of keys, one a line")
+    which.add_argument("--holdout", type=float, metavar="F", help="hold out this share of the samples, drawn by key")
+    parser.add_argument("--holdout-seed", type=int, default=0, metavar="S", help="which samples --holdout draws")
     parser.add_argument("--output", required=True, metavar="NEW", help="new (or empty) output directory")
     parser.add_argument("--shard-size", type=int, default=10000, metavar="N", help="samples per new shard")
     args = parser.parse_args(argv)
@@ -190,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--shard-size must be at least 1")
     try:
         keys = read_keys(args.keys) if args.keys else None
+        if args.holdout is not None:
+            keys = holdout_keys(args.data, args.holdout, args.holdout_seed)
         sizes = write_subset(args.data, args.output, keys, args.query, args.shard_size)
     except (SubsetError, QueryError) as err:
         print(f"error: {err}", file=sys.stderr)

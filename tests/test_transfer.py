@@ -1,14 +1,17 @@
 """train.transfer end to end on the CPU: a tiny grid (2 inits x 2 tasks x 2 fractions, FaRL-tiny,
-fixture data in the official layouts) on the test session's Ray, its tables, its picture, resume."""
+fixture data in the official layouts, plus the zero-shot and retrieval columns) on the test
+session's Ray, its tables, its picture, resume."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from pipeline.subset import holdout_keys, write_subset
 from train.datasets.synthetic import make_celeba_attr, make_lapa
 from train.model import FaRL, model_config
 from train.transfer import main
@@ -20,24 +23,32 @@ TINY = ["--model", "FaRL-tiny", "--warp-size", "64", "--input-size", "64", "--he
 
 
 @pytest.mark.timeout(300)
-def test_a_tiny_grid_runs_every_cell_once_and_tables_them(ray_address: str, tmp_path: Path,
+def test_a_tiny_grid_runs_every_cell_once_and_tables_them(ray_address: str, built_output: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
+    held_out = tmp_path / "held_out"
+    write_subset(str(built_output), str(held_out), holdout_keys(str(built_output), 0.4))
     make_lapa(tmp_path / "LaPa")
     make_celeba_attr(tmp_path / "CelebA", {"train": 8, "val": 4, "test": 4})
     FaRL(model_config("FaRL-tiny")).save_checkpoint(str(tmp_path / "ours.pt"), include_mim=False)
     out = tmp_path / "transfer"
     argv = ["--inits", f"ours={tmp_path / 'ours.pt'}", "--inits", "random=random",
             "--tasks", f"lapa={tmp_path / 'LaPa'}", "--tasks", f"celeba_attr={tmp_path / 'CelebA'}",
-            "--fractions", "0.5,1", "--output", str(out), "--", *TINY]
+            "--fractions", "0.5,1", "--zeroshot", str(tmp_path / "CelebA"), "--retrieval", str(held_out),
+            "--output", str(out), "--", *TINY]
     assert main(argv) == 0
     rows = list(csv.DictReader((out / "table.csv").open()))
     assert {(r["init"], r["task"], float(r["fraction"])) for r in rows} == {
-        (init, task, f) for init in ("ours", "random") for task in ("lapa", "celeba_attr") for f in (0.5, 1.0)}
-    assert {r["metric"] for r in rows} == {"f1_mean", "mean_accuracy"}
+        (init, task, f) for init in ("ours", "random") for task in ("lapa", "celeba_attr") for f in (0.5, 1.0)
+    } | {("ours", "zeroshot", 0.0), ("ours", "retrieval", 0.0)}  # random has no text tower to ask
+    assert {r["metric"] for r in rows} == {"f1_mean", "mean_accuracy", "mean_recall"}
     assert all(0 <= float(r["val_chosen_test"]) <= 1 and 0 <= float(r["best_epoch_test"]) <= 1 for r in rows)
     table = (out / "table.md").read_text()
-    assert table.startswith("| init | lapa 0.5 | lapa 1 | celeba_attr 0.5 | celeba_attr 1 |")
-    assert "| ours | " in table and "| random | " in table and "not run" not in table
+    assert table.startswith("| init | lapa 0.5 | lapa 1 | celeba_attr 0.5 | celeba_attr 1 | zeroshot | retrieval |")
+    assert "| ours | " in table and "not run" not in table
+    assert next(line for line in table.splitlines() if line.startswith("| random |")).endswith("| - | - |")
+    probed = {r["task"]: float(r["val_chosen_test"]) for r in rows if r["init"] == "ours" and r["fraction"] == "0.0"}
+    for probe, metric in (("zeroshot", "mean_accuracy"), ("retrieval", "mean_recall")):
+        assert probed[probe] == json.loads((out / "ours" / probe / f"{probe}.json").read_text())[metric]
     # one subset for every init: the half of LaPa's training photos that both trained on
     cut = [(out / init / "lapa" / "f0.5" / "train_subset.txt").read_text() for init in ("ours", "random")]
     assert cut[0] == cut[1] and len(cut[0].splitlines()) == 2

@@ -69,6 +69,7 @@ class LoaderConfig:
     seed: int = 0
     context_length: int = 77
     tokenizer: str = "ViT-B-16-quickgelu"
+    exclude_keys: frozenset[str] = frozenset()  # samples never drawn (a held-out set, see pipeline.subset)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -235,6 +236,17 @@ def _samples(shards: Iterable[dict], handler: _Skips) -> Iterator[dict]:
         yield from group_by_keys(tar_file_expander([shard], handler=handler), handler=handler)
 
 
+def _keep(samples: Iterable[dict], exclude: frozenset[str]) -> Iterator[dict]:
+    return (sample for sample in samples if sample["__key__"] not in exclude)
+
+
+def iter_samples(pattern: str) -> Iterator[dict]:
+    """Every sample of the shards of `pattern` (see expand_shards) once, in shard and stored order, as
+    webdataset dicts of bytes, read in this process; unreadable shards and samples are skipped and logged."""
+    skips = _Skips()
+    yield from _samples(_open_shards(({"url": url} for url in expand_shards(pattern)), skips), skips)
+
+
 def _shuffle(samples: Iterable[dict], bufsize: int, seed: int, epoch: int) -> Iterator[dict]:
     # seeded inside the worker, so that workers and ranks shuffle differently
     yield from wds.shuffle(bufsize, rng=random.Random(_worker_seed(seed, epoch)))(samples)
@@ -267,6 +279,7 @@ def make_loader(pattern: str, config: LoaderConfig, mask_fn: MaskFn | None = Non
         *shards,
         partial(_open_shards, handler=skips),
         partial(_samples, handler=skips),
+        *([partial(_keep, exclude=config.exclude_keys)] if config.exclude_keys else []),
         # shuffle the encoded bytes, a tenth the size of decoded tensors
         partial(_shuffle, bufsize=config.shuffle_buffer, seed=config.seed, epoch=epoch),
         partial(_number, start=start),

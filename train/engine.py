@@ -25,6 +25,7 @@ from train.masking import BlockMaskGenerator
 from train.metrics_log import MetricsLog
 from train.model import FaRL, model_config
 from train.pretrain_config import PretrainConfig
+from train.retrieval import evaluate, held_out_keys, load_pairs
 from train.targets import Targets, make_targets
 
 log = logging.getLogger("train")
@@ -96,7 +97,8 @@ def batches(cfg: PretrainConfig, model: FaRL, position: DataPosition) -> Iterato
     loader_config = LoaderConfig(
         batch_size=cfg.batch_size, image_size=vision["image_size"], crop_scale=(cfg.crop_scale_min, 1.0),
         face_crop_bias=cfg.face_crop_bias, workers=cfg.loader_workers, shuffle_buffer=cfg.shuffle_buffer,
-        resampled=cfg.resampled, seed=cfg.seed, context_length=text["context_length"])
+        resampled=cfg.resampled, seed=cfg.seed, context_length=text["context_length"],
+        exclude_keys=held_out_keys(cfg.holdout) if cfg.holdout else frozenset())
     while True:
         for batch in make_loader(cfg.data, loader_config, mask_fn, epoch=position.epoch, start=position.drawn):
             position.advance(batch)
@@ -107,7 +109,8 @@ def batches(cfg: PretrainConfig, model: FaRL, position: DataPosition) -> Iterato
 def stream_settings(cfg: PretrainConfig) -> dict[str, object]:
     """What decides which samples each loader worker draws in an epoch."""
     return {"data": cfg.data, "resampled": cfg.resampled, "loader_workers": cfg.loader_workers,
-            "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed}
+            "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed,
+            "holdout": cfg.holdout or None}  # None: as checkpoints from before --holdout have it
 
 
 def start_position(cfg: PretrainConfig, resumed: Resumed | None) -> DataPosition:
@@ -204,6 +207,7 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
                  metrics_log.attempt, cfg.max_failures, step)
     position = start_position(cfg, resumed)
     data = batches(cfg, model, position)
+    held_out = held_out_retrieval(cfg, model, worker, autocast)
     last: dict[str, float] = {}
     skipped = 0  # samples this rank's loader skipped as corrupt
     wrapped.train()
@@ -216,16 +220,35 @@ def train(cfg: PretrainConfig, worker: Worker = Worker()) -> dict[str, float]:
         losses = train_step(model, wrapped, loss_fn, optimizer, (images, tokens, mask), autocast, cfg.grad_clip_norm)
         step += 1
         skipped += int(batch["skipped"])
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        evaluating = bool(cfg.holdout) and (step % cfg.eval_every == 0 or step == cfg.steps)
+        if step % cfg.log_every == 0 or step == cfg.steps or evaluating:  # the same steps on every rank
             values = reduce(losses, skipped, worker)
             if not cfg.resampled:  # a one-pass run counts its passes over the data
                 values["epoch"] = position.epoch
+            if evaluating and held_out is not None:
+                values.update(held_out())
             last = metrics_log.write(step, lr, model.clip.logit_scale.exp().item(), values)
         if worker.rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             metrics_log.flush()
             checkpoints.save(step, model, optimizer, data={**asdict(position), **stream_settings(cfg)})
     metrics_log.close()
     return last
+
+
+def held_out_retrieval(cfg: PretrainConfig, model: FaRL, worker: Worker,
+                       autocast: torch.autocast) -> Callable[[], dict[str, float]] | None:
+    """Rank 0's health metric: recall@K on the --holdout pairs (loaded once), as heldout_* values.
+    The other ranks do not wait for it beyond their next gradient all-reduce."""
+    if not cfg.holdout or worker.rank != 0:
+        return None
+    vision, text = model.config["model"]["vision_cfg"], model.config["model"]["text_cfg"]
+    pairs = load_pairs(cfg.holdout, cfg.eval_samples, vision["image_size"], text["context_length"])
+    log.info("held out: %d image-text pairs from %s for the retrieval recall", len(pairs.captions), cfg.holdout)
+
+    def measure() -> dict[str, float]:
+        recall = evaluate(model, pairs, worker.device, cfg.batch_size, autocast)
+        return {f"heldout_{name}": value for name, value in recall.items()}
+    return measure
 
 
 def reduce(losses: dict[str, torch.Tensor], skipped: int, worker: Worker) -> dict[str, float]:

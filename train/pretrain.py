@@ -26,15 +26,19 @@ from train.masking import BlockMaskGenerator
 from train.metrics_log import MetricsFiles, log_folder
 from train.model import model_config
 from train.pretrain_config import PretrainConfig
+from train.retrieval import held_out_keys
 
 log = logging.getLogger("train")
 
 
 def check_inputs(cfg: PretrainConfig) -> None:
-    """Fail before anything is written: the shards exist, metrics have a local folder, the masks fit
+    """Fail before anything is written: the shards (and held-out ones) exist, metrics have a local folder, the masks fit
     the model's grid; for Ray runs also the init file and the MIM target load, before any worker
     starts (a one-process run loads them once, in `train`, before it writes anything)."""
     expand_shards(cfg.data)
+    if cfg.holdout:
+        held_out_keys(cfg.holdout)
+        expand_shards(cfg.holdout)
     log_folder(cfg)
     vision = model_config(cfg.model)["vision_cfg"]
     if cfg.mim:
@@ -62,7 +66,8 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     def fix(value: str) -> str:
         return value if not value or "://" in value else os.path.abspath(value)
     return dataclasses.replace(cfg, data=fix(cfg.data), output=fix(cfg.output), log_dir=fix(cfg.log_dir),
-                               init=fix(cfg.init), dalle_encoder=fix(cfg.dalle_encoder))
+                               init=fix(cfg.init), dalle_encoder=fix(cfg.dalle_encoder),
+                               holdout=fix(cfg.holdout))
 
 
 def run_on_ray(cfg: PretrainConfig) -> None:

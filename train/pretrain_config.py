@@ -51,6 +51,10 @@ class PretrainConfig:
     shuffle_buffer: int = option(1000, "samples in each loader worker's shuffle buffer")
     resampled: bool = option(True, "draw shards with replacement per rank (needed when shards < ranks x loader workers)")
     seed: int = option(0, "random seed")
+    holdout: str = option("", "a `pipeline.subset --holdout` output: its samples are never trained on, and image<->text "
+                              "retrieval recall on them is logged as heldout_* (see train.retrieval)")
+    eval_every: int = option(1000, "with --holdout: measure the retrieval recall every this many steps (and at the end)")
+    eval_samples: int = option(1000, "with --holdout: pairs to rank among (the first of its shards)")
     # running
     workers: int = option(0, "0 = one process without Ray (debugging); N = Ray Train with N workers (DDP)")
     gpu: bool = option(False, "each Ray worker takes a GPU (nccl); one-process runs use CUDA whenever present")
@@ -67,7 +71,7 @@ class PretrainConfig:
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("--data is required: the builder's output folder or a shard pattern")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}' must be at least 1, got {getattr(self, name)}")
         if self.workers < 0 or self.loader_workers < 0 or self.max_failures < 0:
@@ -75,5 +79,7 @@ class PretrainConfig:
         if self.workers > 1 and not self.resampled:
             raise ConfigError("--no-resampled with several workers gives ranks unequal batches, which DDP cannot "
                               "gather: keep resampled shards for distributed runs")
+        if self.holdout and self.eval_samples < 2:
+            raise ConfigError(f"eval_samples must be at least 2 (pairs to rank among), got {self.eval_samples}")
         if not 0 < self.crop_scale_min <= 1 or not 0 <= self.face_crop_bias <= 1:
             raise ConfigError("crop_scale_min must be in (0, 1] and face_crop_bias in [0, 1]")

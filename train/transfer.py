@@ -13,11 +13,17 @@ fine-tuning run uses every core). A cell whose report.json exists is not run aga
 killed cell resumes from its last.pt). Then OUTPUT/table.md and table.csv (rows: init; columns:
 task x fraction; the validation-chosen test number, and the best-epoch one) and OUTPUT/transfer.png
 (each task's number against the training fraction, a line per init).
+
+Two columns need no training, and are measured when asked for: `--zeroshot CELEBA_ROOT` (CelebA's
+attributes from each init's text tower, train.zeroshot: mean accuracy) and `--retrieval HELD_OUT`
+(image<->text recall on held-out pairs of a build, train.retrieval: mean of recall@1/5/10 both
+ways), into OUTPUT/INIT/zeroshot/ and OUTPUT/INIT/retrieval/; `random` has no text tower to ask.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import logging
@@ -34,6 +40,8 @@ from train.transfer_plot import draw_transfer
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # a task's headline number in report.json's test metrics, and whether higher is better
 HEADLINES = {"parsing": ("f1_mean", True), "attributes": ("mean_accuracy", True), "alignment": ("nme", False)}
+# the columns without training: (program, its JSON file's number), keyed by the config field that asks for them
+PROBES = {"zeroshot": ("train.zeroshot", "mean_accuracy"), "retrieval": ("train.retrieval", "mean_recall")}
 
 
 @dataclass
@@ -45,6 +53,9 @@ class TransferConfig:
     fractions: str = option("1", "training fractions, comma-separated (e.g. 0.01,0.1,1)")
     output: str = option("out/transfer", "one folder per cell, and table.md, table.csv, transfer.png")
     subset_seed: int = option(0, "the low-data subsets' seed, the same for every init")
+    zeroshot: str = option("", "CelebA's root: also each init's zero-shot attribute accuracy (train.zeroshot)")
+    retrieval: str = option("", "held-out shards (`pipeline.subset --holdout`): also each init's image<->text "
+                                "recall on them (train.retrieval)")
     address: str | None = option(None, "a Ray cluster to run on ('auto' or HOST:PORT); default: a local Ray")
 
     def validate(self) -> None:
@@ -88,17 +99,32 @@ def cell_argv(cfg: TransferConfig, init: str, task: str, fraction: float, extra:
             "--no-progress", *extra]
 
 
-@ray.remote
-def run_cell(argv: list[str]) -> str:
-    """One fine-tuning run; '' when it finished, else its error line."""
-    from train.finetune import main  # in the worker: the driver need not import torch's training stack
+def probes(cfg: TransferConfig) -> list[tuple[str, str]]:
+    """(init, probe) of the no-training columns asked for; `random` has nothing to probe."""
+    asked = [probe for probe in PROBES if getattr(cfg, probe)]
+    return [(init, probe) for init, path in cfg.init_paths.items() if path != "random" for probe in asked]
 
-    stderr, sys.stderr = sys.stderr, io.StringIO()
+
+def probe_dir(cfg: TransferConfig, init: str, probe: str) -> Path:
+    return Path(cfg.output) / init / probe
+
+
+def probe_argv(cfg: TransferConfig, init: str, probe: str) -> list[str]:
+    return ["--checkpoint", cfg.init_paths[init], "--data", getattr(cfg, probe),
+            "--output", str(probe_dir(cfg, init, probe))]
+
+
+@ray.remote
+def run_cell(program: str, argv: list[str]) -> str:
+    """One run of `program`'s main (train.finetune, or a probe); '' when it finished, else its error line."""
+    main = importlib.import_module(program).main  # in the worker: the driver need not import the training stack
+
+    stderr, stdout, sys.stderr, sys.stdout = sys.stderr, sys.stdout, io.StringIO(), io.StringIO()
     try:
         code = main(argv)
         said = sys.stderr.getvalue().strip().splitlines()
     finally:
-        sys.stderr = stderr
+        sys.stderr, sys.stdout = stderr, stdout
     return "" if code == 0 else (said[-1] if said else f"exit {code}")
 
 
@@ -126,6 +152,12 @@ def collect(cfg: TransferConfig) -> list[dict]:
                 rows.append({"init": init, "task": task, "fraction": fraction, "metric": metric,
                              "val_chosen_test": headline(task, chosen["test"]) if chosen else None,
                              "best_epoch_test": headline(task, report["best_epoch_test"]["test"])})
+    for init, probe in probes(cfg):
+        path = probe_dir(cfg, init, probe) / f"{probe}.json"
+        if path.exists():  # no epochs to choose from: the one number is both
+            value = json.loads(path.read_text())[PROBES[probe][1]]
+            rows.append({"init": init, "task": probe, "fraction": 0.0, "metric": PROBES[probe][1],
+                         "val_chosen_test": value, "best_epoch_test": value})
     return rows
 
 
@@ -136,17 +168,22 @@ def write_tables(cfg: TransferConfig, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     columns = [(task, fraction) for task in cfg.task_roots for fraction in cfg.fraction_list]
+    asked = [probe for probe in PROBES if getattr(cfg, probe)]
     found = {(r["init"], r["task"], r["fraction"]): r for r in rows}
-    lines = ["| init | " + " | ".join(f"{task} {fraction:g}" for task, fraction in columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = ["| init | " + " | ".join([f"{task} {fraction:g}" for task, fraction in columns] + asked) + " |",
+             "|---|" + "---|" * (len(columns) + len(asked))]
     for init in cfg.init_paths:
         cells = []
         for task, fraction in columns:
             row = found.get((init, task, fraction))
             chosen = f"{row['val_chosen_test']:.4f}" if row and row["val_chosen_test"] is not None else "-"
             cells.append(f"{chosen} ({row['best_epoch_test']:.4f})" if row else "not run")
+        for probe in asked:
+            row = found.get((init, probe, 0.0))
+            cells.append(f"{row['val_chosen_test']:.4f}" if row else "-" if cfg.init_paths[init] == "random" else "not run")
         lines.append(f"| {init} | " + " | ".join(cells) + " |")
-    metrics = ", ".join(f"{task}: {HEADLINES[PROTOCOLS[task]['task']][0]}" for task in cfg.task_roots)
+    metrics = ", ".join([f"{task}: {HEADLINES[PROTOCOLS[task]['task']][0]}" for task in cfg.task_roots] +
+                        [f"{probe}: {PROBES[probe][1]}" for probe in asked])
     (out / "table.md").write_text("\n".join(lines) + "\n\nEach cell: the test number of the epoch chosen on "
                                   f"validation (the best-epoch test number). Metrics: {metrics} (nme: lower is "
                                   "better).\n")
@@ -155,21 +192,24 @@ def write_tables(cfg: TransferConfig, rows: list[dict]) -> None:
 def transfer(cfg: TransferConfig, extra: list[str]) -> list[str]:
     """Runs the cells not finished yet, then writes the tables and the plot; returns the failed cells' lines."""
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    todo = [(init, task, fraction) for init in cfg.init_paths for task in cfg.task_roots for fraction in cfg.fraction_list
+    todo = [("train.finetune", f"{init}/{task}/{fraction:g}", cell_argv(cfg, init, task, fraction, extra))
+            for init in cfg.init_paths for task in cfg.task_roots for fraction in cfg.fraction_list
             if not (cell_dir(cfg, init, task, fraction) / "report.json").exists()]
+    todo += [(PROBES[probe][0], f"{init}/{probe}", probe_argv(cfg, init, probe)) for init, probe in probes(cfg)
+             if not (probe_dir(cfg, init, probe) / f"{probe}.json").exists()]
     failed = []
     if todo:
         if not ray.is_initialized():
             ray.init(address=cfg.address, logging_level=logging.WARNING, log_to_driver=False)
         gpus = ray.cluster_resources().get("GPU", 0)
         resources = {"num_gpus": 1} if gpus else {"num_cpus": ray.cluster_resources().get("CPU", 1)}
-        refs = [run_cell.options(**resources).remote(cell_argv(cfg, *cell, extra)) for cell in todo]
-        for cell, error in zip(todo, ray.get(refs)):
+        refs = [run_cell.options(**resources).remote(program, argv) for program, _, argv in todo]
+        for (_, name, _), error in zip(todo, ray.get(refs)):
             if error:
-                failed.append(f"{'/'.join(map(str, cell))}: {error}")
+                failed.append(f"{name}: {error}")
     rows = collect(cfg)
     write_tables(cfg, rows)
-    draw_transfer(rows, {task: HEADLINES[PROTOCOLS[task]["task"]][1] for task in cfg.task_roots},
+    draw_transfer([row for row in rows if row["task"] in cfg.task_roots], {task: HEADLINES[PROTOCOLS[task]["task"]][1] for task in cfg.task_roots},
                   Path(cfg.output) / "transfer.png")
     return failed
 
