@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import scipy.io
@@ -31,7 +32,7 @@ def write_mask(path: Path, rows: slice, cols: slice, size: int = 32, mode: str =
 
 
 def test_registry() -> None:
-    assert set(DATASETS) == {"celebamask_hq", "lapa", "300w", "wflw", "aflw19", "celeba_attr"}
+    assert set(DATASETS) == {"celebamask_hq", "lapa", "300w", "wflw", "aflw19", "celeba_attr", "lfwa"}
     assert {cls.task for cls in DATASETS.values()} == {"parsing", "alignment", "attributes"}
     assert CelebAMaskHQ.labels[0] == "background" and len(CelebAMaskHQ.labels) == 19
     assert len(LaPa.labels) == 11 and (W300.num_points, WFLW.num_points, AFLW19.num_points) == (68, 98, 19)
@@ -406,3 +407,72 @@ def test_common_image_errors(tmp_path: Path) -> None:
     (tmp_path / "afw" / "134212_1.pts").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(DatasetError, match=r"134212_1\.pts: not a text file"):
         W300(str(tmp_path), "train")
+
+
+def lfwa_release(path: Path) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """lfw_att_40.mat's names and labels and the split's 1-based rows, read with h5py alone (not the reader)."""
+    with h5py.File(path / "lfw_att_40.mat") as f:
+        names = ["".join(map(chr, f[ref][()].ravel())) for ref in f["name"][()].ravel()]
+        labels = f["label"][()].T
+    with h5py.File(path / "indices_train_test.mat") as f:
+        rows = {split: f[f"indices_img_{split}"][()].ravel().astype(int) for split in ("train", "test")}
+    return names, labels, rows
+
+
+def test_lfwa_reads_the_release_files(tmp_path: Path) -> None:
+    from train.datasets.synthetic import make_lfwa
+
+    make_lfwa(tmp_path, {"train": 7, "test": 5})
+    assert (tmp_path / "lfw_att_40.mat").read_bytes().startswith(b"MATLAB 7.3 MAT-file")
+    names, labels, rows = lfwa_release(tmp_path)
+    assert sorted([*rows["train"], *rows["test"]]) == list(range(1, 13)) and rows["train"].tolist() != list(range(1, 8))
+    for split in ("train", "test"):
+        dataset = open_dataset("lfwa", str(tmp_path), split)
+        assert dataset.task == "attributes" and len(dataset) == len(rows[split])
+        assert dataset.attribute_names[15] == "Eyeglasses" and len(dataset.attribute_names) == 40
+        for item, row in zip(dataset, rows[split]):  # 1-based rows: row r is names[r - 1]
+            assert item["path"] == str(tmp_path / "lfw" / names[row - 1].replace("\\", "/"))
+            assert np.array_equal(item["attributes"], labels[row - 1]) and item["attributes"].dtype == np.float32
+            assert item["image"].shape == (64, 64, 3)
+    # a copy saved as an older MAT version (as scipy and MATLAB's -v7 write it) reads the same
+    copy = tmp_path / "v5"
+    copy.mkdir()
+    (copy / "lfw").symlink_to(tmp_path / "lfw")
+    cells = np.empty((len(names), 1), dtype=object)
+    cells[:, 0] = names
+    scipy.io.savemat(copy / "lfw_att_40.mat", {"name": cells, "label": labels})
+    scipy.io.savemat(copy / "indices_train_test.mat", {f"indices_img_{s}": r[:, None].astype(float) for s, r in rows.items()})
+    old, new = open_dataset("lfwa", str(copy), "test"), open_dataset("lfwa", str(tmp_path), "test")
+    assert [os.path.relpath(p, copy) for p, _ in old.samples] == [os.path.relpath(p, tmp_path) for p, _ in new.samples]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(old.samples, new.samples))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_label", r"lfw_att_40.mat: no 'label' variable"),
+    ("label_of_2", r"lfw_att_40.mat: 'label' should hold 0 and 1 only, found \[2.0\]"),
+    ("short_label", r"lfw_att_40.mat: 'label' has 5 rows for 6 image names"),
+    ("zero_index", r"indices_train_test.mat: 'indices_img_train' should be 1-based rows of the 6 annotated images"),
+    ("not_a_mat", r"indices_train_test.mat: cannot be read as a MAT file"),
+    ("missing_mat", r"missing LFWA annotation file: .*lfw_att_40.mat"),
+    ("missing_image", r"missing LFWA image: .*Person_0000_0001.jpg"),
+])
+def test_lfwa_errors_name_the_file(tmp_path: Path, damage: str, message: str) -> None:
+    from train.datasets.synthetic import make_lfwa, write_mat73
+
+    make_lfwa(tmp_path, {"train": 3, "test": 3})
+    names, labels, rows = lfwa_release(tmp_path)
+    if damage == "no_label":
+        write_mat73(tmp_path / "lfw_att_40.mat", {"name": names})
+    elif damage in ("label_of_2", "short_label"):
+        labels[0, 3] = 2 if damage == "label_of_2" else labels[0, 3]
+        write_mat73(tmp_path / "lfw_att_40.mat", {"name": names, "label": labels[1:] if damage == "short_label" else labels})
+    elif damage == "zero_index":
+        write_mat73(tmp_path / "indices_train_test.mat", {"indices_img_train": rows["train"][:, None] - 1.0})
+    elif damage == "not_a_mat":
+        (tmp_path / "indices_train_test.mat").write_text("indices_img_train 1 2 3\n")
+    elif damage == "missing_mat":
+        (tmp_path / "lfw_att_40.mat").unlink()
+    else:
+        (tmp_path / "lfw" / "Person_0000" / "Person_0000_0001.jpg").unlink()
+    with pytest.raises(DatasetError, match=message):
+        DATASETS["lfwa"](str(tmp_path), "train" if damage != "missing_image" or 1 in rows["train"] else "test")

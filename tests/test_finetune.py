@@ -19,6 +19,8 @@ from train.evaluate import evaluate, main as evaluate_main
 from train.face_model import FaceModel
 from train.finetune import main
 from train.finetune_config import FinetuneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 from train.model import FaRL, model_config
 
 SMALL = ["--model", "FaRL-tiny", "--warp-size", "64", "--input-size", "64", "--head-channels", "16",
@@ -332,3 +334,16 @@ def test_celeba_files_are_checked_line_by_line(tmp_path: Path) -> None:
     (tmp_path / "img_align_celeba" / "000002.jpg").unlink()
     with pytest.raises(DatasetError, match=r"missing CelebA image: .*000002.jpg"):
         open_dataset("celeba_attr", str(tmp_path), "train")
+
+
+def test_lfwa_fine_tunes_with_its_config_and_a_validation_set_cut_from_train(tmp_path: Path) -> None:
+    from train.datasets.synthetic import make_lfwa
+
+    make_lfwa(tmp_path / "LFWA", {"train": 40, "test": 8})
+    out = tmp_path / "run"
+    assert main(["--config", str(ROOT / "configs" / "finetune_lfwa.yaml"), "--data", str(tmp_path / "LFWA"),
+                 "--output", str(out), "--epochs", "1", "--val-fraction", "0.25", *ATTRIBUTE_RUN]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"] == "lfwa" and report["task"] == "attributes"
+    chosen = report["val_chosen_test"]  # LFWA has no val split: one was cut from train, and chose the epoch
+    assert 0 <= chosen["val"]["mean_accuracy"] <= 1 and 0 <= chosen["test"]["mean_accuracy"] <= 1

@@ -63,6 +63,6 @@ def test_a_tiny_grid_runs_every_cell_once_and_tables_them(ray_address: str, buil
 
 def test_bad_arguments_are_one_line(capsys: pytest.CaptureFixture) -> None:
     assert main(["--inits", "x=y", "--tasks", "imagenet=z"]) == 2
-    assert capsys.readouterr().err.strip() == "error: unknown task 'imagenet': one of celebamask_hq, lapa, 300w, wflw, aflw19, celeba_attr"
+    assert capsys.readouterr().err.strip() == "error: unknown task 'imagenet': one of celebamask_hq, lapa, 300w, wflw, aflw19, celeba_attr, lfwa"
     assert main(["--inits", "x", "--tasks", "lapa=z"]) == 2
     assert "expected NAME=PATH, got 'x'" in capsys.readouterr().err

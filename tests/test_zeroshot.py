@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from train.datasets.celeba_attr import ATTRIBUTES
-from train.datasets.synthetic import make_celeba_attr
+from train.datasets.synthetic import make_celeba_attr, make_lfwa
 from train.model import FaRL, model_config
 from train.zeroshot import DESCRIPTIONS, TEMPLATES, description_embeddings, main, predict
 
@@ -54,3 +54,16 @@ def test_zeroshot_runs_end_to_end_and_a_random_model_is_at_chance(tmp_path: Path
     capsys.readouterr()
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path / "CelebA")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_zeroshot_on_lfwa(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_lfwa(tmp_path / "LFWA", {"train": 2, "test": 12})
+    FaRL(model_config("FaRL-tiny")).save_checkpoint(str(tmp_path / "tiny.pt"), include_mim=False)
+    assert main(["--checkpoint", str(tmp_path / "tiny.pt"), "--dataset", "lfwa", "--data", str(tmp_path / "LFWA"),
+                 "--output", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "zeroshot.json").read_text())
+    assert result["dataset"] == "lfwa" and result["images"] == 12 and len(result["accuracy"]) == 40
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tmp_path / "tiny.pt"), "--dataset", "lfwa", "--data", str(tmp_path / "LFWA"),
+                 "--split", "val"]) == 2  # LFWA has train and test only
+    assert capsys.readouterr().err.strip() == "error: LFWA: unknown split 'val'; expected one of ('train', 'test')"

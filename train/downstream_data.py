@@ -27,7 +27,7 @@ from train.geometry import (LAPA_FIVE_POINTS, align_matrix, box_matrix, similari
 
 AUGMENT_PRESETS: dict[str, AugmentConfig] = {
     "celebamask_hq": PARSING, "lapa": PARSING, "300w": ALIGNMENT_300W_WFLW, "wflw": ALIGNMENT_300W_WFLW,
-    "aflw19": ALIGNMENT_AFLW19, "celeba_attr": PARSING,  # attributes: the parsing preset's mild affine and photometry
+    "aflw19": ALIGNMENT_AFLW19, "celeba_attr": PARSING, "lfwa": PARSING,  # attributes: the parsing preset's mild affine and photometry
 }
 
 

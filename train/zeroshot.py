@@ -1,6 +1,7 @@
 """`python -m train.zeroshot`: face attributes from FaRL's text tower, with no training.
 
     python -m train.zeroshot --checkpoint FaRL-Base-Patch16-LAIONFace20M-ep16.pth --data data/CelebA --output out/zeroshot
+    python -m train.zeroshot --checkpoint ... --dataset lfwa --data data/LFWA
 
 Each CelebA attribute is a pair of descriptions ("with eyeglasses" / "without eyeglasses"), each put
 into a few templates ("a photo of a person with eyeglasses."); the normalised text embeddings of a
@@ -100,9 +101,10 @@ def predict(model: FaRL, images: torch.Tensor, descriptions: torch.Tensor) -> np
     return (similarity[..., 0] > similarity[..., 1]).numpy()
 
 
-def zeroshot(checkpoint: str, data: str, split: str = "test", batch_size: int = 64) -> dict:
+def zeroshot(checkpoint: str, data: str, split: str = "test", batch_size: int = 64,
+             dataset_name: str = "celeba_attr") -> dict:
     model = FaRL.from_checkpoint(checkpoint, with_mim=False).eval()
-    dataset = open_dataset("celeba_attr", data, split)
+    dataset = open_dataset(dataset_name, data, split)
     descriptions = description_embeddings(model, dataset.attribute_names)
     predicted, truth = [], []
     for start in range(0, len(dataset), batch_size):
@@ -111,19 +113,22 @@ def zeroshot(checkpoint: str, data: str, split: str = "test", batch_size: int = 
         predicted.append(predict(model, images, descriptions))
         truth.append(np.stack([item["attributes"] for item in items]))
     metrics = attribute_metrics(np.concatenate(predicted), np.concatenate(truth), dataset.attribute_names)
-    return {"checkpoint": checkpoint, "data": data, "split": split, "images": len(dataset), **metrics}
+    return {"checkpoint": checkpoint, "dataset": dataset_name, "data": data, "split": split, "images": len(dataset),
+            **metrics}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Zero-shot face attributes from the text tower (CelebA).")
     parser.add_argument("--checkpoint", required=True, help="ours, an official FaRL file or any OpenAI-CLIP-layout file")
-    parser.add_argument("--data", required=True, help="CelebA's root, in its official layout")
+    parser.add_argument("--data", required=True, help="the dataset's root, in its official layout")
+    parser.add_argument("--dataset", default="celeba_attr", choices=("celeba_attr", "lfwa"),
+                        help="CelebA or LFWA: the same 40 attributes")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", default="", help="folder for zeroshot.json; default: print only")
     args = parser.parse_args(argv)
     try:
-        result = zeroshot(args.checkpoint, args.data, args.split, args.batch_size)
+        result = zeroshot(args.checkpoint, args.data, args.split, args.batch_size, args.dataset)
     except (ValueError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

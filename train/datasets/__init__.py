@@ -19,6 +19,7 @@ from .celeba_attr import CelebAAttributes
 from .celebamask_hq import CelebAMaskHQ
 from .common import DatasetError, FaceDataset, MissingFileError
 from .lapa import LaPa
+from .lfwa import LFWAttributes
 from .w300 import W300
 from .wflw import WFLW
 
@@ -29,6 +30,7 @@ DATASETS: dict[str, type[FaceDataset]] = {
     "wflw": WFLW,
     "aflw19": AFLW19,
     "celeba_attr": CelebAAttributes,
+    "lfwa": LFWAttributes,
 }
 
 
@@ -42,4 +44,4 @@ def open_dataset(name: str, root: str, split: str) -> FaceDataset:
 
 
 __all__ = ["AFLW19", "CelebAAttributes", "CelebAMaskHQ", "DATASETS", "DatasetError", "FaceDataset", "LaPa",
-           "MissingFileError", "W300", "WFLW", "open_dataset"]
+           "LFWAttributes", "MissingFileError", "W300", "WFLW", "open_dataset"]

@@ -11,6 +11,7 @@ flat colours (tiny files, as the tests use).
     make_celebamask_hq(root, {"train": 256, "val": 16, "test": 16})   # 1024 px images, 512 px masks
     make_wflw(root, {"train": 256, "test": 32})                       # 1024 x 768 photos, one face each
     make_celeba_attr(root, {"train": 96, "val": 32, "test": 64})      # Eyeglasses drawn, the rest coin flips
+    make_lfwa(root, {"train": 96, "test": 64})                          # the same faces, LFWA's .mat files
 
 Builders write samples on a thread pool (`threads`; PIL and numpy release the GIL while encoding).
 """
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import h5py
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -234,21 +236,70 @@ def make_celeba_attr(root: Path, counts: dict[str, int], size: tuple[int, int] =
     attribute (that one too) is a fair coin flip, so the others cannot be learned from the pixels."""
     rng = np.random.default_rng(seed)
     (root / "img_align_celeba").mkdir(parents=True, exist_ok=True)
-    width, height = size
     rows, partition, number = [], [], 0
     for code, split in enumerate(("train", "val", "test")):
         for _ in range(counts.get(split, 0)):
             number += 1
             name = f"{number:06d}.jpg"
             values = rng.integers(0, 2, len(CELEBA_ATTRIBUTES))
-            image = Image.new("RGB", size, (40, 40, 40))
-            pen = ImageDraw.Draw(image)
-            pen.ellipse([width * 0.2, height * 0.15, width * 0.8, height * 0.9], fill=(200, 150, 120))
-            if values[CELEBA_ATTRIBUTES.index(marked)]:
-                pen.rectangle([width * 0.22, height * 0.38, width * 0.78, height * 0.48], fill=(10, 10, 10))
-            image.save(root / "img_align_celeba" / name, quality=95)
+            _attribute_face(size, values[CELEBA_ATTRIBUTES.index(marked)]).save(root / "img_align_celeba" / name,
+                                                                               quality=95)
             rows.append(f"{name} " + " ".join(" 1" if v else "-1" for v in values))
             partition.append(f"{name} {code}")
     header = f"{len(rows)}\n" + " ".join(CELEBA_ATTRIBUTES) + " \n"
     (root / "list_attr_celeba.txt").write_text(header + "\n".join(rows) + "\n")
     (root / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
+
+
+def make_lfwa(root: Path, counts: dict[str, int], size: tuple[int, int] = (64, 64), marked: str = "Eyeglasses",
+              seed: int = 0) -> None:
+    """LFWA's lfw/NAME/NAME_000K.jpg, lfw_att_40.mat and indices_train_test.mat (MATLAB v7.3 layout), the
+    images drawn as make_celeba_attr's. The split indices interleave, as the release's do not follow
+    the file order either."""
+    rng = np.random.default_rng(seed)
+    total = sum(counts.get(split, 0) for split in ("train", "test"))
+    files, labels = [], rng.integers(0, 2, (total, len(CELEBA_ATTRIBUTES)))
+    for row in range(total):
+        person = f"Person_{row // 3:04d}"
+        (root / "lfw" / person).mkdir(parents=True, exist_ok=True)
+        files.append(f"{person}\\{person}_{row % 3 + 1:04d}.jpg")
+        _attribute_face(size, labels[row, CELEBA_ATTRIBUTES.index(marked)]).save(
+            root / "lfw" / person / f"{person}_{row % 3 + 1:04d}.jpg", quality=95)
+    order = rng.permutation(total) + 1  # 1-based, as MATLAB's
+    train = np.sort(order[:counts.get("train", 0)])
+    write_mat73(root / "lfw_att_40.mat", {"name": files, "label": labels.astype(np.float64),
+                                          "AttrName": list(CELEBA_ATTRIBUTES)})
+    write_mat73(root / "indices_train_test.mat", {"indices_img_train": train[:, None].astype(np.float64),
+                                                  "indices_img_test": np.sort(order[len(train):])[:, None].astype(np.float64)})
+
+
+def write_mat73(path: Path, variables: dict[str, np.ndarray | list[str]]) -> None:
+    """A MATLAB v7.3 MAT file as MATLAB writes one: HDF5 behind a 512-byte text header, matrices stored
+    transposed (column-major), a list of str as an n x 1 cell array of char arrays (uint16 codes in
+    #refs#, referenced from the variable)."""
+    with h5py.File(path, "w", userblock_size=512) as f:
+        refs = f.create_group("#refs#")
+        for name, value in variables.items():
+            if isinstance(value, list):
+                cells = [refs.create_dataset(f"{name}_{i}", data=np.array([[ord(c) for c in text]], np.uint16).T)
+                         for i, text in enumerate(value)]
+                for cell in cells:
+                    cell.attrs["MATLAB_class"] = np.bytes_("char")
+                data = f.create_dataset(name, data=np.array([[cell.ref for cell in cells]], dtype=h5py.ref_dtype))
+                data.attrs["MATLAB_class"] = np.bytes_("cell")
+            else:
+                data = f.create_dataset(name, data=np.asarray(value).T)
+                data.attrs["MATLAB_class"] = np.bytes_("double")
+    with open(path, "r+b") as f:
+        f.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 .")
+
+
+def _attribute_face(size: tuple[int, int], marked: int) -> Image.Image:
+    """A face disk, with a dark bar across the eyes when `marked`."""
+    width, height = size
+    image = Image.new("RGB", size, (40, 40, 40))
+    pen = ImageDraw.Draw(image)
+    pen.ellipse([width * 0.2, height * 0.15, width * 0.8, height * 0.9], fill=(200, 150, 120))
+    if marked:
+        pen.rectangle([width * 0.22, height * 0.38, width * 0.78, height * 0.48], fill=(10, 10, 10))
+    return image
