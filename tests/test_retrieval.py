@@ -15,14 +15,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from outputs import metadata_table, tar_samples
 from PIL import Image
 
+from outputs import metadata_table, tar_samples
 from train.data import LoaderConfig, iter_samples, make_loader
 from train.model import FaRL, model_config
 from train.pretrain import main as pretrain_main
-from train.retrieval import embed, load_pairs, recall_at_k
-from train.retrieval import main as retrieval_main
+from train.retrieval import embed, load_pairs, recall_at_k, main as retrieval_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain_tiny.yaml")
