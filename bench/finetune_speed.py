@@ -5,7 +5,7 @@
     python -m bench.finetune_speed --device cpu --out DIR --quick      # tiny model and sizes: the script itself
 
 Per task (parsing, alignment), standalone (no Ray, no network):
- 1. writes a synthetic dataset in the benchmark's official layout (train.datasets.synthetic) into a
+ 1. writes a synthetic dataset in the benchmark's official layout (train.downstream.datasets.synthetic) into a
     temporary folder: --train-images training images and --eval-images each for validation (LaPa,
     CelebAMask-HQ) and test, at the real images' sizes (CelebAMask-HQ 1024 px with 512 px masks,
     LaPa 640 px, WFLW 1024 x 768 photos, one face each), with a noise texture so JPEG decoding
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# training-split sizes (the dataset readers' docstrings, train/datasets/): what the paper trained on
+# training-split sizes (the dataset readers' docstrings, train/downstream/datasets/): what the paper trained on
 TRAIN_IMAGES = {"celebamask_hq": 24183, "lapa": 18176, "300w": 3148, "wflw": 7500, "aflw19": 20000}
 FAMILIES = {"parsing": ("celebamask_hq", "lapa"), "alignment": ("300w", "wflw", "aflw19")}
 QUICK_MODEL = ["--model", "FaRL-tiny", "--warp-size", "64", "--input-size", "64", "--head-channels", "16",
@@ -60,7 +60,7 @@ QUICK_MODEL = ["--model", "FaRL-tiny", "--warp-size", "64", "--input-size", "64"
 
 def build(dataset: str, root: Path, train: int, evaluation: int, quick: bool) -> str:
     """The synthetic dataset; returns its source image size, as text."""
-    from train.datasets.synthetic import make_celebamask_hq, make_lapa, make_wflw
+    from train.downstream.datasets.synthetic import make_celebamask_hq, make_lapa, make_wflw
 
     if dataset == "celebamask_hq":
         size = 128 if quick else 1024
@@ -92,7 +92,7 @@ def loader_speed(train_set: Any, cfg: Any) -> float | None:
     prefetch while the first is made (a short epoch hides a slow loader behind that prefetch)."""
     import torch
 
-    from train.downstream_data import collate
+    from train.downstream.data import collate
 
     skip = max(1, 2 * cfg.workers)
     batches = skip + max(10, 2 * cfg.workers)
@@ -115,7 +115,7 @@ def finite(value: Any) -> bool:
 
 
 def gpu_hours(task: str, images_per_s: float) -> list[dict[str, Any]]:
-    from train.finetune_config import PROTOCOLS
+    from train.downstream.finetune_config import PROTOCOLS
 
     rows = []
     for dataset in FAMILIES[task]:
@@ -132,7 +132,7 @@ def run_task(task: str, dataset: str, args: argparse.Namespace, work: Path, out:
     from pipeline.config import load_config
     from train.evaluate import main as evaluate_main
     from train.finetune import main as finetune_main, make_splits
-    from train.finetune_config import FinetuneConfig
+    from train.downstream.finetune_config import FinetuneConfig
 
     cuda = args.device == "cuda"
     data, run, log = work / "data" / dataset, work / "runs" / dataset, out / f"{dataset}.log"

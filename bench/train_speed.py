@@ -6,7 +6,7 @@
   (A) open_clip   open_clip_train.train.train_one_epoch itself, with the `args` fields it reads set
                   as open_clip's main sets them for one process, open_clip.model.CLIP(output_dict=True),
                   open_clip.loss.ClipLoss, AdamW grouped as main.py groups it, cosine_lr.
-  (B) ours        train.engine.train_step (the loop body of train.engine.train) on FaRL without the
+  (B) ours        train.pretraining.engine.train_step (the loop body of train.pretraining.engine.train) on FaRL without the
                   MIM branch: FaRLLoss (targets None), engine.param_groups, AdamW, cosine_lr.
   (C) ours + MIM  the same with the MIM branch, pixel targets and BEiT block masks.
 
@@ -46,12 +46,12 @@ from open_clip_train.train import train_one_epoch
 from torch.utils import flop_counter
 
 from bench.machine_load import DISTURBED, cpu_jiffies
-from train import engine
-from train.losses import FaRLLoss
-from train.masking import BlockMaskGenerator
+from train.pretraining import engine
+from train.pretraining.losses import FaRLLoss
+from train.pretraining.masking import BlockMaskGenerator
 from train.model import MIM_KEYS, FaRL, model_config
-from train.pretrain_config import PretrainConfig
-from train.targets import PixelTargets
+from train.pretraining.pretrain_config import PretrainConfig
+from train.pretraining.targets import PixelTargets
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 TARGETS = {"ours_over_open_clip": 0.95, "mim_over_no_mim": 2.1, "mfu": 0.40}

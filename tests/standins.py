@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.targets import DALLE_VOCAB
+from train.pretraining.targets import DALLE_VOCAB
 
 
 class StandInEncoder(nn.Module):

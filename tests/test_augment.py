@@ -1,4 +1,4 @@
-"""train/augment.py: reproducible, range-preserving photometric ops and a label-exact random affine."""
+"""train/downstream/augment.py: reproducible, range-preserving photometric ops and a label-exact random affine."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.augment import (ALIGNMENT_300W_WFLW, ALIGNMENT_AFLW19, PARSING, Augment, box_blur, random_affine,
+from train.downstream.augment import (ALIGNMENT_300W_WFLW, ALIGNMENT_AFLW19, PARSING, Augment, box_blur, random_affine,
                            random_blur, random_gamma, random_gray, random_noise, random_occlusion)
-from train.geometry import align_matrix, apply_matrix, tanh_warp_grid, warp_images, warp_points
+from train.downstream.geometry import align_matrix, apply_matrix, tanh_warp_grid, warp_images, warp_points
 
 S = 128
 

@@ -1,4 +1,4 @@
-"""The pre-training loader (train.data) over real shards in the builder's format: batches and
+"""The pre-training loader (train.pretraining.data) over real shards in the builder's format: batches and
 tokens, shard patterns and fsspec URLs, bad data skipped and counted, splitting by worker and
 node, resampling, and face-biased crops."""
 
@@ -20,7 +20,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from train.data import LoaderConfig, expand_shards, face_crop_window, make_loader
+from train.pretraining.data import LoaderConfig, expand_shards, face_crop_window, make_loader
 
 PHOTOS = {"astronaut": skimage.data.astronaut(), "camera": skimage.data.camera(), "coffee": skimage.data.coffee()}
 # the astronaut's face in original pixels (the stored image is half the original size)

@@ -1,4 +1,4 @@
-"""train/datasets: tiny fixtures written in each dataset's official on-disk format, read back."""
+"""train/downstream/datasets: tiny fixtures written in each dataset's official on-disk format, read back."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from train.datasets import (DATASETS, AFLW19, CelebAMaskHQ, DatasetError, LaPa, MissingFileError, W300,
+from train.downstream.datasets import (DATASETS, AFLW19, CelebAMaskHQ, DatasetError, LaPa, MissingFileError, W300,
                             WFLW, open_dataset)
-from train.datasets.celebamask_hq import PART_FILES
+from train.downstream.datasets.celebamask_hq import PART_FILES
 
 RNG = np.random.default_rng(0)
 
@@ -420,7 +420,7 @@ def lfwa_release(path: Path) -> tuple[list[str], np.ndarray, dict[str, np.ndarra
 
 
 def test_lfwa_reads_the_release_files(tmp_path: Path) -> None:
-    from train.datasets.synthetic import make_lfwa
+    from train.downstream.datasets.synthetic import make_lfwa
 
     make_lfwa(tmp_path, {"train": 7, "test": 5})
     assert (tmp_path / "lfw_att_40.mat").read_bytes().startswith(b"MATLAB 7.3 MAT-file")
@@ -457,7 +457,7 @@ def test_lfwa_reads_the_release_files(tmp_path: Path) -> None:
     ("missing_image", r"missing LFWA image: .*Person_0000_0001.jpg"),
 ])
 def test_lfwa_errors_name_the_file(tmp_path: Path, damage: str, message: str) -> None:
-    from train.datasets.synthetic import make_lfwa, write_mat73
+    from train.downstream.datasets.synthetic import make_lfwa, write_mat73
 
     make_lfwa(tmp_path, {"train": 3, "test": 3})
     names, labels, rows = lfwa_release(tmp_path)

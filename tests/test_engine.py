@@ -1,4 +1,4 @@
-"""The optimised training step (train.engine.compiled and make_optimizer: the model and the loss
+"""The optimised training step (train.pretraining.engine.compiled and make_optimizer: the model and the loss
 compiled, AdamW fused on a GPU) against the plain eager step, loss for loss over a few steps."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 from numerics import EPS32
 
-from train.engine import build_targets, compiled, make_optimizer, param_groups, train_step
-from train.losses import FaRLLoss
+from train.pretraining.engine import build_targets, compiled, make_optimizer, param_groups, train_step
+from train.pretraining.losses import FaRLLoss
 from train.model import FaRL, model_config
-from train.pretrain_config import PretrainConfig
+from train.pretraining.pretrain_config import PretrainConfig
 
 CONFIG = PretrainConfig(data="x", model="FaRL-tiny")
 

@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from train.checkpoints import Checkpoints
+from train.pretraining.checkpoints import Checkpoints
 from train.export import main
 from train.model import MIM_KEYS, FaRL, model_config
 

@@ -1,4 +1,4 @@
-"""train/face_model.py and train/upernet.py: shapes, initialisation from OpenAI-layout files with the
+"""train/downstream/face_model.py and train/downstream/upernet.py: shapes, initialisation from OpenAI-layout files with the
 position embedding resized, the ViT-B/16 backbone at 448, heatmaps and losses."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.face_model import FaceModel, ViTBackbone, alignment_loss, gaussian_heatmaps, heatmap_points, parsing_loss
+from train.downstream.face_model import FaceModel, ViTBackbone, alignment_loss, gaussian_heatmaps, heatmap_points, parsing_loss
 from train.model import FaRL, model_config
 
 TINY = dict(input_size=64, channels=16, blocks=(0, 0, 1, 1))

@@ -1,4 +1,4 @@
-"""train/finetune.py, train/evaluate.py, train/downstream_data.py on tiny fixtures in the official
+"""train/finetune.py, train/evaluate.py, train/downstream/data.py on tiny fixtures in the official
 LaPa and 300W layouts: a small model overfits them (loss falls, metric improves), both report
 numbers, resume, evaluation with drawings, initialisation from an OpenAI-layout file."""
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from train.datasets import open_dataset
-from train.datasets.synthetic import make_lapa  # three 96 px faces per split
-from train.downstream_data import WarpedSamples, collate
+from train.downstream.datasets import open_dataset
+from train.downstream.datasets.synthetic import make_lapa  # three 96 px faces per split
+from train.downstream.data import WarpedSamples, collate
 from train.evaluate import evaluate, main as evaluate_main
-from train.face_model import FaceModel
+from train.downstream.face_model import FaceModel
 from train.finetune import main
-from train.finetune_config import FinetuneConfig
+from train.downstream.finetune_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 from train.model import FaRL, model_config
@@ -113,7 +113,7 @@ def test_evaluation_geometry_is_exact_for_a_perfect_model(tmp_path: Path) -> Non
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             batch = collate([samples[i] for i in range(len(samples))])
-            from train.geometry import tanh_warp_grid, warp_images
+            from train.downstream.geometry import tanh_warp_grid, warp_images
             labels = [warp_images(label[None], tanh_warp_grid(m[None], cfg.warp_factor, 128, tuple(label.shape)),
                                   mode="nearest")[0] for label, m in zip(batch["original_label"], batch["label_matrix"])]
             return torch.nn.functional.one_hot(torch.stack(labels), 11).permute(0, 3, 1, 2).float() * 10
@@ -201,7 +201,7 @@ def test_aflw19_auc_and_fr_use_the_box_normalisation() -> None:
 
 
 def test_validation_holds_out_whole_images() -> None:
-    from train.downstream_data import train_val_indices
+    from train.downstream.data import train_val_indices
 
     paths = ["a.jpg", "a.jpg", "b.jpg", "c.jpg", "c.jpg", "c.jpg", "d.jpg", "e.jpg"]
     kept, held = train_val_indices(paths, 0.4, seed=0)
@@ -225,7 +225,7 @@ def test_epoch_records_time_training_and_evaluation(tmp_path: Path) -> None:
 
 
 def test_low_data_subsets_are_seeded_nested_and_keep_photos_whole() -> None:
-    from train.downstream_data import subset_indices
+    from train.downstream.data import subset_indices
 
     paths = [f"{n // 2}.jpg" for n in range(40)] + [f"single{n}.jpg" for n in range(60)]  # 80 photos, 100 faces
     indices = list(range(len(paths)))
@@ -287,7 +287,7 @@ ATTRIBUTE_RUN = ["--model", "FaRL-tiny", "--warp-size", "64", "--input-size", "6
 @pytest.mark.timeout(300)
 def test_attributes_learn_the_drawn_one_and_stay_at_chance_on_coin_flips(tmp_path: Path) -> None:
     """CelebA's layout; Eyeglasses is a bar across the eyes, every other attribute a coin flip."""
-    from train.datasets.synthetic import make_celeba_attr
+    from train.downstream.datasets.synthetic import make_celeba_attr
 
     make_celeba_attr(tmp_path / "CelebA", {"train": 96, "val": 32, "test": 96})
     out = tmp_path / "run"
@@ -304,7 +304,7 @@ def test_attributes_learn_the_drawn_one_and_stay_at_chance_on_coin_flips(tmp_pat
 
 
 def test_a_linear_probe_leaves_the_backbone_as_initialised(tmp_path: Path) -> None:
-    from train.datasets.synthetic import make_celeba_attr
+    from train.downstream.datasets.synthetic import make_celeba_attr
 
     make_celeba_attr(tmp_path / "CelebA", {"train": 16, "val": 8, "test": 8})
     init = tmp_path / "clip.pt"
@@ -321,8 +321,8 @@ def test_a_linear_probe_leaves_the_backbone_as_initialised(tmp_path: Path) -> No
 
 
 def test_celeba_files_are_checked_line_by_line(tmp_path: Path) -> None:
-    from train.datasets import DatasetError
-    from train.datasets.synthetic import make_celeba_attr
+    from train.downstream.datasets import DatasetError
+    from train.downstream.datasets.synthetic import make_celeba_attr
 
     make_celeba_attr(tmp_path, {"train": 2, "val": 1, "test": 1})
     attributes = tmp_path / "list_attr_celeba.txt"
@@ -337,7 +337,7 @@ def test_celeba_files_are_checked_line_by_line(tmp_path: Path) -> None:
 
 
 def test_lfwa_fine_tunes_with_its_config_and_a_validation_set_cut_from_train(tmp_path: Path) -> None:
-    from train.datasets.synthetic import make_lfwa
+    from train.downstream.datasets.synthetic import make_lfwa
 
     make_lfwa(tmp_path / "LFWA", {"train": 40, "test": 8})
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""train/geometry.py: alignment and box matrices, tanh-warp of points/images and their inverses."""
+"""train/downstream/geometry.py: alignment and box matrices, tanh-warp of points/images and their inverses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.geometry import (FIVE_POINT_TEMPLATE, align_matrix, apply_matrix, box_matrix, inverse_tanh_warp_grid,
+from train.downstream.geometry import (FIVE_POINT_TEMPLATE, align_matrix, apply_matrix, box_matrix, inverse_tanh_warp_grid,
                             similarity_about_center, tanh_warp_grid, unwarp_points, warp_images, warp_points)
 
 H, W, S = 240, 320, 192  # original image (h, w) and the warped output size

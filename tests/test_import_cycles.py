@@ -110,3 +110,17 @@ def test_graph_sees_function_level_and_relative_imports(tmp_path: Path):
     assert set(find_cycle(import_graph(tmp_path))) == {"demo.build", "pipeline.cli"}
     (tmp_path / "demo" / "build.py").write_text("")
     assert find_cycle(import_graph(tmp_path)) is None
+
+
+def test_the_two_halves_of_train_stay_apart():
+    """train.pretraining and train.downstream never import each other, and neither imports a
+    program (a module at train/'s top other than train.model, which both use)."""
+    graph = import_graph()
+    programs = {m for m in graph if m.count(".") == 1 and m.startswith("train.") and m != "train.model"}
+    assert {"train.pretrain", "train.finetune", "train.transfer"} <= programs
+    for half, other in (("train.pretraining", "train.downstream"), ("train.downstream", "train.pretraining")):
+        modules = [m for m in graph if m == half or m.startswith(half + ".")]
+        assert modules
+        for module in modules:
+            crossing = {t for t in graph[module] if t == other or t.startswith(other + ".") or t in programs}
+            assert not crossing, f"{module} imports {sorted(crossing)}"

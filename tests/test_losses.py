@@ -1,4 +1,4 @@
-"""train/losses.py: the loss over 2 ranks (gloo on loopback, real torch.distributed) equals the loss of
+"""train/pretraining/losses.py: the loss over 2 ranks (gloo on loopback, real torch.distributed) equals the loss of
 one process over the same global batch, and DDP's averaged gradients equal that process's gradients."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from numerics import assert_close
-from train.losses import FaRLLoss
-from train.masking import BlockMaskGenerator
+from train.pretraining.losses import FaRLLoss
+from train.pretraining.masking import BlockMaskGenerator
 from train.model import FaRL, model_config
-from train.targets import PixelTargets
+from train.pretraining.targets import PixelTargets
 
 GLOBAL_BATCH = 8
 

@@ -1,4 +1,4 @@
-"""train/masking.py: BEiT's blockwise masks: counts, block shapes, the generator's randomness."""
+"""train/pretraining/masking.py: BEiT's blockwise masks: counts, block shapes, the generator's randomness."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from train.masking import BlockMaskGenerator
+from train.pretraining.masking import BlockMaskGenerator
 
 
 def test_defaults_mask_75_of_196_in_blocks() -> None:

@@ -1,4 +1,4 @@
-"""train/metrics.py against hand-computed values (the arithmetic is in the comments)."""
+"""train/downstream/metrics.py against hand-computed values (the arithmetic is in the comments)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.metrics import ConfusionAccumulator, auc_fr, landmark_nme, parsing_f1
+from train.downstream.metrics import ConfusionAccumulator, auc_fr, landmark_nme, parsing_f1
 
 
 def random_gt(num_points: int, num_samples: int = 1, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""train.metrics_log: rank 0's metrics through a MetricsFiles actor, as a Ray run sends them to the
+"""train.pretraining.metrics_log: rank 0's metrics through a MetricsFiles actor, as a Ray run sends them to the
 driver's node; the one-process path is covered by tests/test_pretrain.py's runs."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train.metrics_log import MetricsFiles, MetricsLog
-from train.pretrain_config import PretrainConfig
+from train.pretraining.metrics_log import MetricsFiles, MetricsLog
+from train.pretraining.pretrain_config import PretrainConfig
 
 
 def test_rank_zero_writes_through_an_actor_in_order(ray_address: str, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""train/pretrain.py and train/engine.py on the real demo build's shards: overfitting a fixed batch,
+"""train/pretrain.py and train/pretraining/engine.py on the real demo build's shards: overfitting a fixed batch,
 one-process and 2-worker Ray Train runs (features gathered across ranks), resume after kill -9,
 corrupt shards, checkpoints into open_clip, weight-decay groups, the temperature cap, the
 learning-rate schedule, DALL-E targets, and the error lines."""
@@ -20,13 +20,13 @@ import pytest
 import torch
 
 from standins import StandInEncoder
-from train.data import LoaderConfig, make_loader
-from train.engine import Worker, build_model, build_targets, param_groups, train_step
-from train.losses import FaRLLoss
-from train.masking import BlockMaskGenerator
+from train.pretraining.data import LoaderConfig, make_loader
+from train.pretraining.engine import Worker, build_model, build_targets, param_groups, train_step
+from train.pretraining.losses import FaRLLoss
+from train.pretraining.masking import BlockMaskGenerator
 from train.model import FaRL, model_config
 from train.pretrain import main
-from train.pretrain_config import PretrainConfig
+from train.pretraining.pretrain_config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain_tiny.yaml")
@@ -158,7 +158,7 @@ def test_resume_after_kill(built_output: Path, tmp_path: Path) -> None:
 
 def test_one_pass_resume_goes_on_with_its_epoch(built_output: Path, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    """--no-resampled: a resumed run passes over the samples its epoch already gave (train.data's
+    """--no-resampled: a resumed run passes over the samples its epoch already gave (train.pretraining.data's
     test checks which samples), so its epochs turn over at the same steps as an unbroken run's."""
     def run(out: Path, steps: int) -> int:
         return main(["--config", TINY, "--data", str(built_output), "--output", str(out), "--no-progress",
@@ -276,7 +276,7 @@ def test_fsspec_output(built_output: Path, tmp_path: Path) -> None:
 
 
 def test_pruning_keeps_the_new_checkpoint_and_leaves_later_ones(tmp_path: Path) -> None:
-    from train.checkpoints import Checkpoints
+    from train.pretraining.checkpoints import Checkpoints
 
     model = FaRL(model_config("FaRL-tiny"))
     optimizer = torch.optim.AdamW(model.parameters())

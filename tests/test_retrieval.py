@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from outputs import metadata_table, tar_samples
-from train.data import LoaderConfig, iter_samples, make_loader
+from train.pretraining.data import LoaderConfig, iter_samples, make_loader
 from train.model import FaRL, model_config
 from train.pretrain import main as pretrain_main
-from train.retrieval import embed, load_pairs, recall_at_k, main as retrieval_main
+from train.pretraining.heldout import embed, load_pairs, recall_at_k
+from train.retrieval import main as retrieval_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain_tiny.yaml")

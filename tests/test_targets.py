@@ -1,4 +1,4 @@
-"""train/targets.py: MAE's normalised-pixel targets, and the DALL-E path with a stand-in encoder.
+"""train/pretraining/targets.py: MAE's normalised-pixel targets, and the DALL-E path with a stand-in encoder.
 
 The real DALL-E dVAE encoder cannot be downloaded here; `standins.StandInEncoder` is a small TorchScript
 module with the same interface (pixels mapped to [0.1, 0.9] in, 8192 code logits per 8x8 cell out),
@@ -15,8 +15,8 @@ from torch import nn
 
 from numerics import EPS32
 from standins import StandInEncoder
-from train.losses import FaRLLoss
-from train.targets import DALLE_VOCAB, DalleTargets, PixelTargets, make_targets, unnormalize
+from train.pretraining.losses import FaRLLoss
+from train.pretraining.targets import DALLE_VOCAB, DalleTargets, PixelTargets, make_targets, unnormalize
 
 
 def normalised(pixels: torch.Tensor) -> torch.Tensor:

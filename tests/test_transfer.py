@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.subset import holdout_keys, write_subset
-from train.datasets.synthetic import make_celeba_attr, make_lapa
+from train.downstream.datasets.synthetic import make_celeba_attr, make_lapa
 from train.model import FaRL, model_config
 from train.transfer import main
 

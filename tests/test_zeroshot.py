@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.datasets.celeba_attr import ATTRIBUTES
-from train.datasets.synthetic import make_celeba_attr, make_lfwa
+from train.downstream.datasets.celeba_attr import ATTRIBUTES
+from train.downstream.datasets.synthetic import make_celeba_attr, make_lfwa
 from train.model import FaRL, model_config
 from train.zeroshot import DESCRIPTIONS, TEMPLATES, description_embeddings, main, predict
 

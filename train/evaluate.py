@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from train.datasets import DatasetError, open_dataset
-from train.downstream_data import WarpedSamples, collate
-from train.draw import draw_prediction
-from train.face_model import FaceModel, heatmap_points
-from train.finetune_config import FinetuneConfig
-from train.geometry import inverse_tanh_warp_grid, unwarp_points, warp_images
-from train.metrics import ConfusionAccumulator, attribute_metrics, auc_fr, landmark_nme
+from train.downstream.datasets import DatasetError, open_dataset
+from train.downstream.data import WarpedSamples, collate
+from train.downstream.draw import draw_prediction
+from train.downstream.face_model import FaceModel, heatmap_points
+from train.downstream.finetune_config import FinetuneConfig
+from train.downstream.geometry import inverse_tanh_warp_grid, unwarp_points, warp_images
+from train.downstream.metrics import ConfusionAccumulator, attribute_metrics, auc_fr, landmark_nme
 
 
 @torch.no_grad()

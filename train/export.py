@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pipeline.config import ConfigError, load_config, option
 from pipeline.storage import Output
-from train.checkpoints import Checkpoints
+from train.pretraining.checkpoints import Checkpoints
 from train.model import FaRL
 
 

@@ -36,11 +36,11 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, load_config
 from pipeline.storage import Output
-from train.datasets import DatasetError, open_dataset
-from train.downstream_data import WarpedSamples, collate, listed_indices, subset_indices, train_val_indices
+from train.downstream.datasets import DatasetError, open_dataset
+from train.downstream.data import WarpedSamples, collate, listed_indices, subset_indices, train_val_indices
 from train.evaluate import evaluate, score
-from train.face_model import FaceModel, alignment_loss, attribute_loss, parsing_loss
-from train.finetune_config import FinetuneConfig
+from train.downstream.face_model import FaceModel, alignment_loss, attribute_loss, parsing_loss
+from train.downstream.finetune_config import FinetuneConfig
 
 
 # what a rerun into the same output may change: where the data and output are, how long the run

@@ -20,13 +20,13 @@ import sys
 import torch
 
 from pipeline.config import ConfigError, load_config
-from train.data import expand_shards
-from train.engine import Worker, build_model, build_targets, train
-from train.masking import BlockMaskGenerator
-from train.metrics_log import MetricsFiles, log_folder
+from train.pretraining.data import expand_shards
+from train.pretraining.engine import Worker, build_model, build_targets, train
+from train.pretraining.masking import BlockMaskGenerator
+from train.pretraining.metrics_log import MetricsFiles, log_folder
 from train.model import model_config
-from train.pretrain_config import PretrainConfig
-from train.retrieval import held_out_keys
+from train.pretraining.pretrain_config import PretrainConfig
+from train.pretraining.heldout import held_out_keys
 
 log = logging.getLogger("train")
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import ray
 
 from pipeline.config import ConfigError, load_config, option
-from train.finetune_config import PROTOCOLS
-from train.transfer_plot import draw_transfer
+from train.downstream.finetune_config import PROTOCOLS
+from train.downstream.transfer_plot import draw_transfer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # a task's headline number in report.json's test metrics, and whether higher is better

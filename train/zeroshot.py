@@ -8,7 +8,7 @@ into a few templates ("a photo of a person with eyeglasses."); the normalised te
 description's templates are averaged, and an image has the attribute when its embedding is closer
 to the positive description than to the negative one. Images are the aligned crops stretched to the
 model's input size, as the fine-tuned attribute models take them. Reports the same numbers as
-fine-tuning (train.metrics.attribute_metrics: mean accuracy, balanced accuracy, the majority
+fine-tuning (train.downstream.metrics.attribute_metrics: mean accuracy, balanced accuracy, the majority
 predictor's accuracy), printed and written to OUTPUT/zeroshot.json.
 """
 
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from train.datasets import DatasetError, open_dataset
-from train.metrics import attribute_metrics
+from train.downstream.datasets import DatasetError, open_dataset
+from train.downstream.metrics import attribute_metrics
 from train.model import FaRL
 
 TEMPLATES = ("a photo of a person {}.", "a close-up photo of a face {}.", "a cropped photo of someone {}.")

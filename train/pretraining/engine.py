@@ -18,15 +18,15 @@ import torch.distributed as dist
 from open_clip_train.scheduler import cosine_lr
 from torch import nn
 
-from train.checkpoints import Checkpoints, Resumed, init_weights
-from train.data import LoaderConfig, make_loader
-from train.losses import FaRLLoss
-from train.masking import BlockMaskGenerator
-from train.metrics_log import MetricsLog
+from train.pretraining.checkpoints import Checkpoints, Resumed, init_weights
+from train.pretraining.data import LoaderConfig, make_loader
+from train.pretraining.losses import FaRLLoss
+from train.pretraining.masking import BlockMaskGenerator
+from train.pretraining.metrics_log import MetricsLog
 from train.model import FaRL, model_config
-from train.pretrain_config import PretrainConfig
-from train.retrieval import evaluate, held_out_keys, load_pairs
-from train.targets import Targets, make_targets
+from train.pretraining.pretrain_config import PretrainConfig
+from train.pretraining.heldout import evaluate, held_out_keys, load_pairs
+from train.pretraining.targets import Targets, make_targets
 
 log = logging.getLogger("train")
 MAX_LOGIT_SCALE = math.log(100)
@@ -35,7 +35,7 @@ MAX_LOGIT_SCALE = math.log(100)
 @dataclass
 class Worker:
     """Where this copy of the loop runs: rank, world size, device, how to wrap the model (DDP), and
-    where rank 0's metrics go (train.metrics_log.MetricsFiles, an actor in Ray runs; None: LOG_DIR here)."""
+    where rank 0's metrics go (train.pretraining.metrics_log.MetricsFiles, an actor in Ray runs; None: LOG_DIR here)."""
 
     rank: int = 0
     world_size: int = 1
@@ -74,7 +74,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 @dataclass
 class DataPosition:
     """Where the data stream stands after the batches trained on: the epoch, and the samples each
-    loader worker has drawn in it (see train.data.make_loader). Saved with every checkpoint, so a
+    loader worker has drawn in it (see train.pretraining.data.make_loader). Saved with every checkpoint, so a
     resumed one-pass run goes on with the epoch where it stopped, each sample seen once per epoch."""
 
     epoch: int = 0

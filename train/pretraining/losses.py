@@ -16,7 +16,7 @@ import torch.distributed as dist
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from train.targets import Targets
+from train.pretraining.targets import Targets
 
 
 class FaRLLoss(nn.Module):

@@ -18,7 +18,7 @@ from open_clip.model import CLIP, resize_pos_embed
 from torch import nn
 
 from train.model import MIM_KEYS, load_state_dict, model_config
-from train.upernet import UPerHead, ViTPyramid
+from train.downstream.upernet import UPerHead, ViTPyramid
 
 FEATURE_BLOCKS = (3, 5, 7, 11)
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.augment import ALIGNMENT_300W_WFLW, ALIGNMENT_AFLW19, PARSING, Augment, AugmentConfig
-from train.datasets.common import FaceDataset
-from train.finetune_config import FinetuneConfig
-from train.geometry import (LAPA_FIVE_POINTS, align_matrix, box_matrix, similarity_about_center, tanh_warp_grid,
+from train.downstream.augment import ALIGNMENT_300W_WFLW, ALIGNMENT_AFLW19, PARSING, Augment, AugmentConfig
+from train.downstream.datasets.common import FaceDataset
+from train.downstream.finetune_config import FinetuneConfig
+from train.downstream.geometry import (LAPA_FIVE_POINTS, align_matrix, box_matrix, similarity_about_center, tanh_warp_grid,
                             warp_images, warp_points)
 
 AUGMENT_PRESETS: dict[str, AugmentConfig] = {

@@ -29,7 +29,7 @@ class Resumed:
     path: str
     state_dict: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    data: dict[str, Any] | None  # where the data stream stood (train.engine.DataPosition); None in older files
+    data: dict[str, Any] | None  # where the data stream stood (train.pretraining.engine.DataPosition); None in older files
 
 
 class Checkpoints:

@@ -1,4 +1,4 @@
-"""Shared pieces of the downstream face datasets (``train/datasets/``).
+"""Shared pieces of the downstream face datasets (``train/downstream/datasets/``).
 
 Conventions every loader follows:
 

@@ -18,7 +18,7 @@ import fsspec
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from train.pretrain_config import PretrainConfig
+from train.pretraining.pretrain_config import PretrainConfig
 
 log = logging.getLogger("train")
 

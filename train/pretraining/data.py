@@ -54,7 +54,7 @@ from webdataset.utils import make_seed, pytorch_worker_info
 log = logging.getLogger(__name__)
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
-MaskFn = Callable[[np.random.Generator], np.ndarray]  # e.g. train.masking.BlockMaskGenerator
+MaskFn = Callable[[np.random.Generator], np.ndarray]  # e.g. train.pretraining.masking.BlockMaskGenerator
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Geometric: `random_affine` left-multiplies the crop/align matrix with a random similarity about the
 output centre, *before* the warp, so image, label map and landmarks all go through one matrix
-(train.geometry) and stay aligned exactly. Photometric ops act on the warped images (B, 3, H, W) in
+(train.downstream.geometry) and stay aligned exactly. Photometric ops act on the warped images (B, 3, H, W) in
 [0, 1], after the warp, one independent draw per sample; none of them moves pixels, so labels
 and landmarks are untouched (occlusion included: an occluded pixel keeps its label, as in FaRL,
 where only alignment uses occlusion and the points stay the targets).
@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from train.geometry import Size, hw, similarity_about_center
+from train.downstream.geometry import Size, hw, similarity_about_center
 
 
 def _rand(shape: Sequence[int], generator: torch.Generator | None, like: torch.Tensor,
