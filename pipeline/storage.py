@@ -149,3 +149,11 @@ class Output:
                     self.fs.rm(path)
                     removed += 1
         return removed
+
+
+def save_json(folder: str, name: str, value: Any) -> None:
+    """FOLDER/NAME as indented JSON, written atomically; FOLDER (a local path or an fsspec URL) is made
+    when missing. What the evaluation programs write their results with."""
+    out = Output(folder)
+    out.makedirs(out.root)
+    out.write_json(name, value)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.storage import save_json
 from train.downstream.datasets import DatasetError, open_dataset
 from train.downstream.data import WarpedSamples, collate
 from train.downstream.draw import draw_prediction
@@ -145,11 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     draw_to = str(Path(args.output) / "draw") if args.output and args.draw else ""
     metrics = evaluate(model, WarpedSamples(dataset, cfg, train=False), cfg, device, dataset.subsets(),
                        draw_to, args.draw if draw_to else 0)
-    text = json.dumps({"dataset": cfg.dataset, "split": args.split, "checkpoint": args.checkpoint, **metrics}, indent=2)
-    print(text)
+    result = {"dataset": cfg.dataset, "split": args.split, "checkpoint": args.checkpoint, **metrics}
+    print(json.dumps(result, indent=2))
     if args.output:
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / "metrics.json").write_text(text + "\n")
+        save_json(args.output, "metrics.json", result)
     return 0
 
 

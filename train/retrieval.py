@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
+from pipeline.storage import save_json
 from train.model import FaRL
 from train.pretraining.heldout import evaluate, load_pairs
 
@@ -51,11 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.output:
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / "retrieval.json").write_text(text + "\n")
+        save_json(args.output, "retrieval.json", result)
     return 0
 
 

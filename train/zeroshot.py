@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from pipeline.storage import save_json
 from train.downstream.datasets import DatasetError, open_dataset
 from train.downstream.metrics import attribute_metrics
 from train.model import FaRL
@@ -132,11 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.output:
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / "zeroshot.json").write_text(text + "\n")
+        save_json(args.output, "zeroshot.json", result)
     return 0
 
 
