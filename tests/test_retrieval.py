@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from outputs import metadata_table, tar_samples
+from pipeline.subset import SubsetError, holdout_keys
 from train.pretraining.data import LoaderConfig, iter_samples, make_loader
 from train.model import FaRL, model_config
 from train.pretrain import main as pretrain_main
@@ -48,16 +49,18 @@ def held_out(built_output: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return new
 
 
-def test_holdout_draws_by_key(built_output: Path, held_out: Path, tmp_path: Path) -> None:
+def test_holdout_draws_by_key(built_output: Path, held_out: Path) -> None:
     keys = sorted(metadata_table(built_output)["key"].to_pylist())
     held = sorted((held_out / "keys.txt").read_text().split())
     assert held == drawn_by_md5(keys, 0.4, 0) and 0 < len(held) < len(keys)
     copied, original = tar_samples(held_out), tar_samples(built_output)
     assert sorted(copied) == held and all(copied[k] == original[k] for k in held)  # byte for byte
-    smaller = hold_out(built_output, tmp_path / "small", 0.2)
+    smaller = holdout_keys(str(built_output), 0.2)
     assert set(smaller) <= set(held)  # a smaller share is inside a larger one
-    other_seed = hold_out(built_output, tmp_path / "seed1", 0.4, seed=1)
-    assert sorted(other_seed) == drawn_by_md5(keys, 0.4, 1) and other_seed != held
+    other_seed = holdout_keys(str(built_output), 0.4, seed=1)
+    assert other_seed == drawn_by_md5(keys, 0.4, 1) and other_seed != held
+    with pytest.raises(SubsetError, match=r"--holdout must be a fraction in \(0, 1\), got 1.5"):
+        holdout_keys(str(built_output), 1.5)
 
 
 def test_recall_tells_the_directions_apart() -> None:

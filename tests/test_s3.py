@@ -454,7 +454,8 @@ def test_a_bucket_that_does_not_exist_is_refused_not_created(s3: S3, tmp_path: P
 
 # --- a store that throttles and drops connections ------------------------------------------------------
 # A reverse proxy on loopback in front of the moto server that answers some object writes (PUT) with
-# S3's 503 SlowDown or cuts the connection half-way through the upload: what a busy bucket does.
+# S3's 503 SlowDown or cuts the connection half-way through the upload, or refuses the reads (GET) of
+# some objects with 503 SlowDown: what a busy bucket does.
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
@@ -465,7 +466,10 @@ class Faults:
     slow_down: int = 0  # the next this many PUTs get 503 SlowDown
     drop: int = 0  # the next this many PUTs lose their connection half-way
     fail_after: int | None = None  # every PUT after this many get 503 SlowDown
+    refuse_reads: str = ""  # every GET of an object whose path holds this gets 503 SlowDown ...
+    refuse_reads_after: int = 0  # ... once this many such GETs went through
     puts: int = 0
+    reads: int = 0
     injected: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -482,6 +486,16 @@ class Faults:
                 return "slow_down"
             return "pass"
 
+    def decide_read(self, path: str) -> str:
+        if not self.refuse_reads or self.refuse_reads not in path:
+            return "pass"
+        with self.lock:
+            self.reads += 1
+            if self.reads <= self.refuse_reads_after:
+                return "pass"
+            self.injected["read_refused"] += 1
+            return "slow_down"
+
 
 def faulty_proxy(upstream: str, faults: Faults) -> ThreadingHTTPServer:
     host, port = upstream.rsplit("/", 1)[1].split(":")
@@ -494,7 +508,8 @@ def faulty_proxy(upstream: str, faults: Faults) -> ThreadingHTTPServer:
 
         def relay(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            fault = faults.decide() if self.command == "PUT" else "pass"
+            fault = (faults.decide() if self.command == "PUT" else faults.decide_read(self.path) if self.command == "GET"
+                     else "pass")
             if fault == "drop":
                 self.connection.shutdown(socket.SHUT_RDWR)  # mid-upload, as far as the client can tell
                 self.close_connection = True
@@ -613,3 +628,24 @@ def test_a_gzipped_tsv_in_s3_is_converted_into_an_s3_output_once(s3: S3) -> None
     assert staged_parquet(source, output, config) == staged and len(s3.find("staged/inputs")) == 1
     with output.fs.open(staged, "rb") as f:
         assert read_parquet(f)["caption"].to_pylist() == ["one", "two"]
+
+
+
+def test_an_input_the_store_keeps_refusing_gives_one_error_line(s3: S3, built: Built, server: ImageServer) -> None:
+    """The input's first reads (the driver's checks and plan) go through, then the store throttles every
+    read of it past its retries: a fetch task cannot read its unit's rows. One line names the input, the
+    rows and the store's reason; no traceback, no temporary object, no stats.json."""
+    faults = Faults(refuse_reads="/in/", refuse_reads_after=3)  # of 7 reads of the input in a whole build
+    proxy = faulty_proxy(s3.endpoint, faults)
+    try:
+        result = build_through(proxy, server, built, f"s3://{BUCKET}/input-refused", AWS_MAX_ATTEMPTS="2")
+    finally:
+        proxy.shutdown()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert faults.injected["read_refused"] >= 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        rf"error: input s3://{BUCKET}/in/part-00000\.parquet: rows \d+-\d+ cannot be read: .*Please reduce your "
+        r"request rate\.; finished units are kept: rerun the same command to go on", lines[0]), lines
+    objects = s3.find("input-refused")
+    assert not [n for n in objects if ".tmp-" in n] and "stats.json" not in objects
