@@ -278,6 +278,12 @@ def test_a_cut_run_lists_its_photos_and_a_listed_subset_is_reused(tmp_path: Path
     capsys.readouterr()
     assert main([*common, "--output", str(tmp_path / "bad"), "--train-subset", str(tmp_path / "bad.txt")]) == 2
     assert "bad.txt: 1 image(s) not in the training split, e.g. 'nowhere/img_9.png'" in capsys.readouterr().err
+    # a cut to one photo would train on batches of one, which the heads' batch norm refuses mid-run
+    assert main([*common, "--output", str(tmp_path / "one"), "--train-count", "1"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: 1 training sample(s) left after the validation hold-out and the "
+                                               "low-data cut: training needs at least 2 (raise --train-fraction or "
+                                               "--train-count)")
+    assert not (tmp_path / "one").exists()
 
 
 ATTRIBUTE_RUN = ["--model", "FaRL-tiny", "--warp-size", "64", "--input-size", "64", "--batch-size", "16",

@@ -68,6 +68,9 @@ def make_splits(cfg: FinetuneConfig) -> tuple[WarpedSamples, WarpedSamples | Non
         cut = subset_indices(paths, indices, cfg.train_fraction, cfg.train_count, cfg.subset_seed)
     else:
         cut = indices
+    if len(cut) < 2:  # a batch of one cannot train the heads' batch norm
+        raise ValueError(f"{len(cut)} training sample(s) left after the validation hold-out and the low-data cut: "
+                         "training needs at least 2 (raise --train-fraction or --train-count)")
     share = len({paths[i] for i in cut}) / len({paths[i] for i in indices})
     return WarpedSamples(train, cfg, True, cut), val, test, share
 
