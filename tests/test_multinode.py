@@ -1,5 +1,6 @@
-"""The builder and the pre-training on a Ray cluster of several nodes (ray.cluster_utils.Cluster:
-real raylets on one machine), joined with --address as on a real cluster."""
+"""The builder on a Ray cluster of several nodes (ray.cluster_utils.Cluster: real raylets on one
+machine), joined with --address as on a real cluster. Pre-training on a cluster, its two ranks on two
+nodes, is tests/test_pretrain_node_loss.py's (which also loses one of them)."""
 
 from __future__ import annotations
 
@@ -37,23 +38,6 @@ CLUSTER_BUILD = textwrap.dedent("""
     cluster.shutdown()
     sys.exit(code)
 """)
-
-# Two nodes of one CPU each and one CPU per training worker: the two ranks can only run on different nodes.
-CLUSTER_PRETRAIN = textwrap.dedent("""
-    import sys
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1, wait=False)
-    cluster.wait_for_nodes(timeout=120)
-    from train.pretrain import main
-    code = main(sys.argv[1:] + ["--address", cluster.address, "--workers", "2", "--cpus-per-worker", "1"])
-    ray.shutdown()
-    cluster.shutdown()
-    sys.exit(code)
-""")
-
 
 @pytest.mark.timeout(600)
 def test_build_on_a_two_node_cluster(tmp_path: Path) -> None:
@@ -212,19 +196,3 @@ def test_a_build_that_loses_a_worker_node_finishes_as_if_uninterrupted(
     assert {"duplicate_image", "near_duplicate"} <= set(status["status"].to_pylist())
     assert not (out / "plan" / "removals").exists(), "every removal the dedupe decided is applied"
     assert_same_output(out, reference)
-
-
-@pytest.mark.timeout(300)
-def test_pretrain_on_a_two_node_cluster(built_output: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-c", CLUSTER_PRETRAIN, "--config", str(ROOT / "configs" / "pretrain_tiny.yaml"),
-         "--data", str(built_output), "--output", str(out), "--steps", "6", "--log-every", "3",
-         "--checkpoint-every", "6", "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=280)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [3, 6] and all(r["skipped_samples"] == 0 for r in records)
-    # near chance level after 3 steps (ln 16 = 2.8 for the global batch); the gather itself: tests/test_losses.py
-    assert 2.0 < records[0]["contrastive"] < 3.5
-    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 6
