@@ -22,7 +22,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.machine_load import MemorySampler
 from pipeline.schema import METADATA_SCHEMA, make_key
 
 ROWS_PER_FILE = 100_000  # one metadata Parquet file per ~100k rows
@@ -171,35 +171,6 @@ def generate(folder: Path, rows: int) -> None:
             tmp.rename(target)
 
 
-def sample_workers(stop: threading.Event, peak: dict[str, int]) -> None:
-    """Peaks of this driver's own Ray workers ("ray::..." processes descending from it: another
-    user's Ray on the machine is not ours), every 0.2 s: the largest VmRSS (which counts the
-    object-store pages a worker maps, shared between them), the largest RssAnon (its private
-    memory), and the sum of RssAnon over the workers, in bytes."""
-    while not stop.wait(0.2):
-        parents, mine, total = {}, {os.getpid()}, 0
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-        while new := {pid for pid, parent in parents.items() if parent in mine} - mine:
-            mine |= new
-        for pid in mine:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if not f.read(5).startswith(b"ray::"):
-                        continue
-                with open(f"/proc/{pid}/status") as f:
-                    status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if "RSS" in line.upper()}
-            except (OSError, ValueError):
-                continue
-            peak["rss"], peak["anon"] = max(peak["rss"], status["VmRSS"]), max(peak["anon"], status["RssAnon"])
-            total += status["RssAnon"]
-        peak["anon_total"] = max(peak["anon_total"], total)
-
-
 def start_ray() -> None:
     """Ray as the builder sets it up (pipeline.build.start_ray and build()'s DataContext), all CPUs,
     and warm: a build's workers are long started when its dedupes run."""
@@ -230,9 +201,8 @@ def run_once(folder: Path, rows: int, stage: str) -> dict:
     partitions = -(-rows // ROWS_PER_UNIT)  # the builder passes the number of shards (metadata files)
     written = ray.data.read_parquet(str(folder / "metadata"), file_extensions=["parquet"]).select_columns(
         STAGE_COLUMNS[stage])  # as dedupe.written_samples reads them past LOCAL_ROWS
-    stop, worker = threading.Event(), {"rss": 0, "anon": 0, "anon_total": 0}
-    sampler = threading.Thread(target=sample_workers, args=(stop, worker), daemon=True)
-    sampler.start()
+    workers = MemorySampler()
+    workers.start()
     started = time.time()
     if stage == "exact":
         losers = dedupe.find_duplicates(dedupe.map_tables(written, dedupe.with_unit), "sha256", partitions)
@@ -241,13 +211,12 @@ def run_once(folder: Path, rows: int, stage: str) -> dict:
         losers = near_dedupe.find_near_duplicates(items, K, partitions)
     losers = dedupe.materialize(losers)
     seconds = time.time() - started
-    stop.set()
-    sampler.join()
+    worker_peaks = workers.finish().ray_worker_peaks()
     driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before scoring adds its own
     found = pa.concat_tables(ray.get(losers.to_arrow_refs())).to_pandas()
     truth = pq.read_table(folder / "truth").to_pandas()
     return {"wall_s": round(seconds, 1), "driver_peak_rss_mb": round(driver_peak),
-            **{f"worker_peak_{name}_mb": round(value / 2 ** 20) for name, value in worker.items()},
+            **worker_peaks,
             "partitions": partitions, **score(stage, found, truth)}
 
 

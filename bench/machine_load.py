@@ -123,3 +123,58 @@ class Phase:
                           "machine_busy_fraction": round(busy / (seconds * (os.cpu_count() or 1)), 3),
                           **foreign,
                           "foreign_fraction_of_machine": round(foreign["foreign_cpu_s"] / (seconds * (os.cpu_count() or 1)), 3)})
+
+
+class MemorySampler(threading.Thread):
+    """Peak memory of every process below this one, sampled every `interval` s: VmRSS (which
+    counts the shared pages a process maps, such as Ray's object store) and RssAnon (its private
+    memory, the firmer figure), in bytes per pid, with whether the pid is a direct child (the
+    command a benchmark started) and whether it is a Ray worker ("ray::...")."""
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval, self.stop_event = interval, threading.Event()
+        self.peaks: dict[int, dict[str, int]] = {}
+        self.direct: set[int] = set()
+        self.ray_workers: set[int] = set()
+        self.ray_anon_total = 0  # the largest sum of the Ray workers' RssAnon at one sample
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        parents = {pid: ppid for pid, (ppid, _) in _proc_table().items()}
+        mine, ray_anon = {os.getpid()}, 0
+        while new := {pid for pid, parent in parents.items() if parent in mine} - mine:
+            mine |= new
+        for pid in mine - {os.getpid()}:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    ray_worker = f.read(5).startswith(b"ray::")
+                with open(f"/proc/{pid}/status") as f:
+                    status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if "RSS" in line.upper()}
+            except (OSError, ValueError):
+                continue
+            peak = self.peaks.setdefault(pid, {"VmRSS": 0, "RssAnon": 0})
+            for name in peak:
+                peak[name] = max(peak[name], status.get(name, 0))
+            self.direct |= {pid} if parents[pid] == os.getpid() else set()
+            self.ray_workers |= {pid} if ray_worker else set()
+            ray_anon += status.get("RssAnon", 0) if ray_worker else 0
+        self.ray_anon_total = max(self.ray_anon_total, ray_anon)
+
+    def finish(self) -> "MemorySampler":
+        self.stop_event.set()
+        self.join()
+        return self
+
+    def largest_mb(self, pids: set[int], field: str) -> int:
+        """The largest peak of `field` (VmRSS or RssAnon) among `pids`, in MB."""
+        return round(max((self.peaks[pid][field] for pid in pids & self.peaks.keys()), default=0) / 2 ** 20)
+
+    def ray_worker_peaks(self) -> dict[str, int]:
+        """The Ray workers' largest VmRSS and RssAnon, and their largest RssAnon together, in MB."""
+        return {"worker_peak_rss_mb": self.largest_mb(self.ray_workers, "VmRSS"),
+                "worker_peak_anon_mb": self.largest_mb(self.ray_workers, "RssAnon"),
+                "worker_peak_anon_total_mb": round(self.ray_anon_total / 2 ** 20)}

@@ -4,7 +4,8 @@ Generates LAION-400M-schema metadata (one part file per 1M rows, as LAION ships 
 repeated now and then, as in LAION, so the URL dedupe has work), then runs the builder's own CLI
 with `--plan-only` on 1M and 10M rows: input checks, registration of the inputs, unit planning and
 the URL dedupe, everything but the downloads. Each size runs in a fresh process, which reports its
-own peak RSS (the driver's) and, sampled from /proc every 0.2 s, the largest Ray worker's.
+own peak RSS (the driver's) and, sampled from /proc every 0.2 s, the largest Ray worker's (VmRSS,
+which counts the object-store pages it maps, and its private RssAnon).
 
     python -m bench.plan_scale --sizes 1000000,10000000 --data /tmp/laion-meta --out out/bench/plan_scale.json
 """
@@ -13,18 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bench.machine_load import MemorySampler
 
 ROWS_PER_FILE = 1_000_000
 HOSTS = 5_000  # LAION's URLs come from a long tail of hosts
@@ -71,37 +72,18 @@ def generate(folder: Path, rows: int) -> list[Path]:
     return paths
 
 
-def largest_ray_worker(stop: threading.Event, peak: list[int]) -> None:
-    """Peak RSS (bytes) of any Ray worker process ("ray::..."), sampled until stop is set."""
-    while not stop.wait(0.2):
-        for pid in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if not f.read(5).startswith(b"ray::"):
-                        continue
-                with open(f"/proc/{pid}/status") as f:
-                    rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-                peak[0] = max(peak[0], rss)
-            except (OSError, ValueError, StopIteration):
-                continue
-
-
 def run_once(inputs: list[str], output: str) -> dict:
     """One --plan-only run in this process (started fresh by `measure`)."""
     from pipeline.build import build
     from pipeline.build_config import BuildConfig
 
-    stop, worker_peak = threading.Event(), [0]
-    sampler = threading.Thread(target=largest_ray_worker, args=(stop, worker_peak), daemon=True)
-    sampler.start()
+    workers = MemorySampler()
+    workers.start()
     started = time.time()
     plan = build(BuildConfig(input=inputs, output=output, plan_only=True, progress=False))
     seconds = time.time() - started
-    stop.set()
-    sampler.join()
-    return {**plan, "wall_s": round(seconds, 1),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "worker_peak_rss_mb": round(worker_peak[0] / 2 ** 20)}
+    return {**plan, "wall_s": round(seconds, 1), **workers.finish().ray_worker_peaks(),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
 def measure(rows: int, data: Path) -> dict:

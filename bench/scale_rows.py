@@ -3,12 +3,14 @@
 Per size, the builder (`--detector none --image-max-side 0`, 1,000 rows per unit) and
 img2dataset (no resize, 1,000 rows per shard), equal work: download, decode, write webdataset
 shards. The input is bench.speed_input's (48 real photos, each row distinct bytes) on a loopback
-server in this process. Runs are interleaved, smallest size first. Reported per run:
+server in this process. Runs are interleaved, smallest size first, after one unmeasured run of
+each tool (the first run after boot reads its libraries from disk). Reported per run:
 - time per row after start-up (the builder's stage seconds; img2dataset's first-to-last shard);
 - CPU-seconds per image: the machine's CPU time during the run, less other processes' and this
   process's (the image server), over the images decoded; what decides a cluster's bill;
-- peak RSS of the largest worker process (Ray workers; img2dataset's processes) and of the
-  command's own process (the driver).
+- peak RSS of the largest worker process (Ray workers; img2dataset's processes), and its private
+  memory (RssAnon: VmRSS also counts the object-store pages a Ray worker maps), and the peak RSS
+  of the command's own process (the driver).
 
     .venv/bin/python -m bench.scale_rows --sizes 1000,4000,16000 --out out/bench/scale_rows.json
 """
@@ -17,71 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import threading
 from pathlib import Path
 
 from bench.build_speed import run_builder, run_img2dataset
-from bench.machine_load import Phase
+from bench.machine_load import MemorySampler, Phase
 from bench.speed_input import make_rows, start_server, write_input
 
 ROWS_PER_UNIT = 1000
 
 
-def descendants_rss() -> dict[int, int]:
-    """pid -> RSS in bytes of every process below this one."""
-    parents, rss = {}, {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry.name}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        parents[int(entry.name)] = int(fields["PPid"])
-        rss[int(entry.name)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    ours, changed = {os.getpid()}, True
-    while changed:
-        changed = False
-        for pid, parent in parents.items():
-            if parent in ours and pid not in ours:
-                ours.add(pid)
-                changed = True
-    return {pid: rss[pid] for pid in ours if pid != os.getpid()}
-
-
-class RssSampler(threading.Thread):
-    """Peak RSS per process below this one, sampled every 0.3 s."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.stop_event, self.peaks = threading.Event(), {}
-        self.direct_children: set[int] = set()
-
-    def run(self) -> None:
-        while not self.stop_event.wait(0.3):
-            for pid, value in descendants_rss().items():
-                self.peaks[pid] = max(self.peaks.get(pid, 0), value)
-                try:
-                    if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
-                        self.direct_children.add(pid)
-                except OSError:
-                    pass
-
-    def finish(self) -> dict:
-        self.stop_event.set()
-        self.join()
-        command = max((self.peaks[p] for p in self.direct_children), default=0)
-        workers = max((v for p, v in self.peaks.items() if p not in self.direct_children), default=0)
-        return {"command_peak_rss_mb": round(command / 2**20), "largest_worker_peak_rss_mb": round(workers / 2**20)}
-
-
 def measured(fn) -> dict:
     """fn() with the machine's CPU use and the processes' peak RSS recorded."""
-    sampler = RssSampler()
-    sampler.start()
+    memory = MemorySampler(interval=0.3)
+    memory.start()
     own_before = resource.getrusage(resource.RUSAGE_SELF)
     with Phase(max_wait=60) as phase:
         result = fn()
@@ -89,7 +40,16 @@ def measured(fn) -> dict:
     server_cpu = (own_after.ru_utime + own_after.ru_stime) - (own_before.ru_utime + own_before.ru_stime)
     tool_cpu = phase.info["machine_cpu_s"] - phase.info["foreign_cpu_s"] - server_cpu
     return {**result, "machine": phase.info, "server_cpu_s": round(server_cpu, 1), "tool_cpu_s": round(tool_cpu, 1),
-            **sampler.finish()}
+            **memory_peaks(memory.finish())}
+
+
+def memory_peaks(memory: MemorySampler) -> dict:
+    """The command's process (the driver) and the largest process below it (Ray workers,
+    img2dataset's processes): VmRSS, and for the workers also their private RssAnon."""
+    workers = memory.peaks.keys() - memory.direct
+    return {"command_peak_rss_mb": memory.largest_mb(memory.direct, "VmRSS"),
+            "largest_worker_peak_rss_mb": memory.largest_mb(workers, "VmRSS"),
+            "largest_worker_peak_anon_mb": memory.largest_mb(workers, "RssAnon")}
 
 
 def builder_run(work: Path, parquet: Path, port: int, name: str) -> dict:
@@ -117,15 +77,20 @@ def main() -> None:
     work = Path(args.out).parent / "scale_work"
     work.mkdir(parents=True, exist_ok=True)
     results = []
-    for size in map(int, args.sizes.split(",")):
+    sizes = [int(size) for size in args.sizes.split(",")]
+    for size in sizes:
         rows = make_rows(size)
         server, _ = start_server(rows, seconds=3600)
         try:
             parquet = work / f"input-{size}.parquet"
             write_input(parquet, rows, server)
-            for tool, fn in (("img2dataset", lambda: img2dataset_run(work, parquet, f"i2d-{size}")),
-                             ("builder", lambda: builder_run(work, parquet, server.port, f"ours-{size}"))):
-                result = {"tool": tool, "rows": size, **summarise(measured(fn), size)}
+            runs = {"img2dataset": lambda name: img2dataset_run(work, parquet, name),
+                    "builder": lambda name: builder_run(work, parquet, server.port, name)}
+            if size == sizes[0]:  # unmeasured: the first run after boot reads its libraries from disk
+                for tool, run in runs.items():
+                    run(f"warm-up-{tool}")
+            for tool, run in runs.items():
+                result = {"tool": tool, "rows": size, **summarise(measured(lambda: run(f"{tool}-{size}")), size)}
                 print(json.dumps(result), flush=True)
                 results.append(result)
         finally:
