@@ -49,6 +49,14 @@ def _proc_table() -> dict[int, tuple[int, int]]:
     return table
 
 
+def descendants(parents: dict[int, int], roots: set[int]) -> set[int]:
+    """`roots` and every process below them, from a pid -> parent pid table."""
+    ours = set(roots)
+    while new := {pid for pid, parent in parents.items() if parent in ours} - ours:
+        ours |= new
+    return ours
+
+
 class CpuSampler(threading.Thread):
     """Samples /proc twice a second: CPU used by processes that are not ours (not descendants of
     this process at any sample, which also covers Ray daemons orphaned when a build exits).
@@ -65,13 +73,7 @@ class CpuSampler(threading.Thread):
 
     def _sample(self, initial: bool = False) -> None:
         table = _proc_table()
-        changed = True
-        while changed:  # descendants of ours are ours
-            changed = False
-            for pid, (ppid, _) in table.items():
-                if pid not in self.ours and ppid in self.ours:
-                    self.ours.add(pid)
-                    changed = True
+        self.ours = descendants({pid: ppid for pid, (ppid, _) in table.items()}, self.ours)
         for pid, (_, cpu) in table.items():
             if pid not in self.first and pid not in self.ours:
                 self.foreign_names[pid] = _cmdline(pid)
@@ -145,10 +147,8 @@ class MemorySampler(threading.Thread):
 
     def _sample(self) -> None:
         parents = {pid: ppid for pid, (ppid, _) in _proc_table().items()}
-        mine, ray_anon = {os.getpid()}, 0
-        while new := {pid for pid, parent in parents.items() if parent in mine} - mine:
-            mine |= new
-        for pid in mine - {os.getpid()}:
+        ray_anon = 0
+        for pid in descendants(parents, {os.getpid()}) - {os.getpid()}:
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     ray_worker = f.read(5).startswith(b"ray::")
