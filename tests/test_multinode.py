@@ -62,8 +62,10 @@ def test_build_on_a_two_node_cluster(tmp_path: Path) -> None:
 # worker processes and raylet SIGKILLed at once. The moment is made certain rather than left to
 # timing: every worker process of the job pauses in the function the first argument names
 # (worker_process_setup_hook), the first call on a worker node leaves its node's id in
-# SIGNALS/calls, and that node is killed while the call sleeps. To pause in the dedupe, it runs on
-# the workers whatever the build's size (below dedupe.LOCAL_ROWS rows it runs in the driver).
+# SIGNALS/calls, and that node is killed while the call sleeps. To pause in the dedupe, its removal
+# plan is applied on the workers whatever the build's size (below dedupe.LOCAL_ROWS rows it is
+# applied in the driver); the decisions before it stay in the driver, as nothing of theirs is left
+# on a node once the plan is written.
 # argv: MODULE.FUNCTION SIGNALS BUILD_ARGS...; the NODE_LOSS line of stdout says what was killed when.
 NODE_LOSS_BUILD = textwrap.dedent("""
     import importlib
@@ -133,7 +135,16 @@ NODE_LOSS_BUILD = textwrap.dedent("""
     from pipeline.build_laion_face import main
 
     if target.startswith("pipeline.dedupe."):
-        dedupe.LOCAL_ROWS = 0
+        apply_in_the_driver, local_rows = dedupe.apply_removal_plan, dedupe.LOCAL_ROWS
+
+        def apply_removal_plan(*args, **kwargs):
+            dedupe.LOCAL_ROWS = 0  # the plan goes to the workers
+            try:
+                return apply_in_the_driver(*args, **kwargs)
+            finally:
+                dedupe.LOCAL_ROWS = local_rows
+
+        dedupe.apply_removal_plan = apply_removal_plan
     killer = threading.Thread(target=kill_the_first_node_called, daemon=True)
     killer.start()
     code = main(build_args + ["--address", cluster.address])
