@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import time
-import tracemalloc
 from math import comb
 
 import imagehash
@@ -16,8 +15,8 @@ from PIL import Image
 from bench.dedupe_images import jpeg
 from pipeline.build_config import BuildConfig
 from pipeline.decode import CROPS, decode_image, phashes
-from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, band_rows, bucket_pairs, with_ids,
-                                  with_partition)
+from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, band_rows, band_rows_per_item,
+                                  bucket_pairs, with_ids, with_partition)
 
 
 def per_second(fn, seconds: float = 3.0, minimum: int = 20) -> float:
@@ -76,11 +75,6 @@ def neighbours(k: int) -> int:
     return sum(comb(BAND_BITS, r) for r in range(k // BANDS + 1))
 
 
-def rows_per_item(k: int) -> int:
-    """band_rows per item: per band, filed under its pHash's neighbours, looking with its 15 crop hashes."""
-    return BANDS * (neighbours(k) + len(CROPS) - 1)
-
-
 def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k: int, ks: list[int]) -> dict:
     """Arrow sizes and comparison counts of the near-dedupe stage at distance k (band rows also for each of ks)."""
     rng = np.random.default_rng(seed)
@@ -90,11 +84,11 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
     start = time.process_time()
     bands = band_rows(with_ids(sample), k)
     band_seconds = time.process_time() - start
-    assert bands.num_rows == band_n * rows_per_item(k)
+    assert bands.num_rows == band_n * band_rows_per_item(k)
     with_part = with_partition(bands, "bucket", 200)
     out = {"k": k, "items_measured": items_n, "band_items_measured": band_n,
            "items_bytes_per_item": per_item_items, "items_GB_per_million": per_item_items * 1e6 / 1e9,
-           "band_rows_per_item": {k: rows_per_item(k) for k in ks},
+           "band_rows_per_item": {k: band_rows_per_item(k) for k in ks},
            "band_rows_bytes_per_row": bands.nbytes / bands.num_rows,
            "band_rows_bytes_per_item": bands.nbytes / band_n,
            "band_rows_GB_per_million": bands.nbytes / band_n * 1e6 / 1e9,
@@ -121,10 +115,6 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
         start = time.process_time()
         bucket_pairs(bucket, k)
         timings.append(time.process_time() - start)
-    tracemalloc.start()  # numpy reports its buffers to tracemalloc
-    bucket_pairs(bucket, k)
-    peak_bytes = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
     ns_per_comparison = min(timings) / comparisons * 1e9
     per_item = {k: BANDS * len(CROPS) * neighbours(k) * occupancy for k in ks}  # 64 looks x filed per bucket
     total = per_item[k] * n_images
@@ -134,13 +124,11 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
         "images": n_images, "bucket_occupancy_filed": occupancy, "probes_per_band": probes,
         "candidate_comparisons_per_item": per_item, "total_comparisons": total,
         "ns_per_comparison_measured": ns_per_comparison,
-        "measured_bucket": {"filed": filed_n, "rows": bucket.num_rows, "seconds": min(timings),
-                            "peak_python_bytes": peak_bytes, "bytes_per_matrix_entry": peak_bytes / comparisons},
+        "measured_bucket": {"filed": filed_n, "rows": bucket.num_rows, "seconds": min(timings)},
         "core_hours": total * ns_per_comparison / 1e9 / 3600,
         "rows_in_one_bucket": filed_at_50m + looking_at_50m,
-        "distance_matrix_entries_per_bucket": filed_at_50m * looking_at_50m,
-        "GB_peak_per_bucket": filed_at_50m * looking_at_50m * peak_bytes / comparisons / 1e9,
-        "band_rows_total": n_images * rows_per_item(k),
+        "comparisons_per_bucket": filed_at_50m * looking_at_50m,
+        "band_rows_total": n_images * band_rows_per_item(k),
         "shuffled_TB": shuffled_gb / 1e3,
         "GB_per_groupby_partition_at_200_partitions": shuffled_gb / 200,
     }

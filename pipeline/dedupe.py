@@ -40,14 +40,17 @@ def map_tables(rows: Rows, fn: TableFn) -> Rows:
     return fn(rows) if isinstance(rows, pa.Table) else rows.map_batches(fn, batch_format="pyarrow")
 
 
-def by_group(rows: Rows, column: str, fn: TableFn, partitions: int) -> Rows:
-    """fn over each group of rows sharing `column`: a Ray Data groupby, or the same in this process.
+def unit_partitions(shards: int) -> int:
+    """A shuffle's partitions for a build of `shards` shards: about one per work unit, as Ray's
+    default of 200 costs seconds of set-up on a laptop-sized build, and at most 200."""
+    return max(1, min(shards, 200))
 
-    `partitions` sizes the shuffle: about one per work unit, as Ray's default of 200 costs
-    seconds of set-up on a laptop-sized build.
-    """
+
+def by_group(rows: Rows, column: str, fn: TableFn, partitions: int) -> Rows:
+    """fn over each group of rows sharing `column`: a Ray Data groupby in `partitions` shuffle
+    partitions, or the same in this process."""
     if not isinstance(rows, pa.Table):
-        return rows.groupby(column, num_partitions=max(1, min(partitions, 200))).map_groups(fn, batch_format="pyarrow")
+        return rows.groupby(column, num_partitions=max(1, partitions)).map_groups(fn, batch_format="pyarrow")
     rows = rows.sort_by(column)
     values = rows[column].to_pylist()
     starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]] + [len(values)]
@@ -88,14 +91,14 @@ def _losers(table: pa.Table, column: str) -> pa.Table:
 def find_duplicates(rows: Rows, column: str, partitions: int) -> Rows:
     """Rows (key, duplicate_of, unit, shard) whose `column` value a smaller key also has. Grouped by
     a hash of the value into a few parts per shuffle partition, each part's values at once."""
-    parts = 4 * max(1, min(partitions, 200))
+    parts = 4 * unit_partitions(partitions)
 
     def with_part(table: pa.Table) -> pa.Table:  # pandas' siphash: the same in every process
         hashes = pd.util.hash_array(table[column].to_numpy(zero_copy_only=False))
         return table.append_column("part", pa.array((hashes % parts).astype(np.int64)))
 
     return by_group(map_tables(rows, with_part), "part", lambda t: _losers(t.drop_columns(["part"]), column),
-                    partitions)
+                    unit_partitions(partitions))
 
 
 def url_duplicates_dir(output: Output) -> str:
@@ -218,7 +221,8 @@ def apply_removal_plan(output: Output, partitions: int) -> int:
     applied = 0
     if output.read_json(REMOVALS_COMPLETE) is not None:
         plan = _read_rows(output, REMOVALS)
-        done = by_group(map_tables(plan, with_unit), "unit", lambda group: _rewrite_unit(output, group), partitions)
+        done = by_group(map_tables(plan, with_unit), "unit", lambda group: _rewrite_unit(output, group),
+                        unit_partitions(partitions))
         applied = int(pc.sum(done["removed"]).as_py()) if isinstance(done, pa.Table) else int(done.sum("removed") or 0)
     output.fs.rm(folder, recursive=True)
     return applied
@@ -270,7 +274,7 @@ def duplicate_image_removals(output: Output) -> Rows | None:
 def first_removal_per_key(removals: list[Rows], partitions: int) -> Rows:
     """One REMOVED_SCHEMA row per key: where several dedupes remove a sample, the first in `removals`
     says why (the exact dedupe before the near one), so its shard is rewritten once for both."""
-    parts = max(1, min(partitions, 200))
+    parts = unit_partitions(partitions)
 
     def ranked(rank: int) -> TableFn:
         def add(t: pa.Table) -> pa.Table:
@@ -290,4 +294,4 @@ def first_removal_per_key(removals: list[Rows], partitions: int) -> Rows:
     if all(isinstance(t, pa.Table) for t in tables):
         return first_per_key(pa.concat_tables(tables))
     datasets = [t if isinstance(t, ray.data.Dataset) else ray.data.from_arrow(t) for t in tables]
-    return materialize(by_group(datasets[0].union(*datasets[1:]), "part", first_per_key, partitions))
+    return materialize(by_group(datasets[0].union(*datasets[1:]), "part", first_per_key, parts))

@@ -8,9 +8,12 @@ comparing all pairs, each hash is cut into 4 bands of 16 bits: two hashes within
 within r = k // 4 bits on at least one band (pigeonhole). Every image is filed under the band
 values within r bits of its pHash's and looks under the exact band values of each of its 16
 hashes; a Ray Data groupby on (band, value) brings candidates together, where the full distance
-is checked. No process ever holds every hash. Images with the same 16 hashes (a photo served at
-many URLs) are found first, by a groupby on the pHash: only the best of them is compared, and the
-others lose to it or inherit its winner, so copies cost rows, not pairs of rows.
+is checked. No process ever holds every hash, and no shuffle every band row: the bands go through
+in as many passes (1, 2 or 4) as the object store needs, each in partitions of at most ~2M rows, so
+a reducer's rows and a pass's share of the object store stay bounded as the images grow (the
+comparisons do not: a bucket's occupancy grows with the images). Images with the same 16 hashes
+(a photo served at many URLs) are found first, by a groupby on the pHash: only the best of them is
+compared, and the others lose to it or inherit its winner, so copies cost rows, not pairs of rows.
 
 The kept copy is deterministic: the larger image (original pixels), then the smaller key. An
 image is removed when any image of higher priority is within k bits of it. Images of the
@@ -24,20 +27,24 @@ from __future__ import annotations
 from hashlib import blake2b
 from itertools import combinations
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
 from pipeline.decode import CROPS
-from pipeline.dedupe import REMOVED_SCHEMA, Rows, by_group, map_tables, materialize, written_samples
+from pipeline.dedupe import (REMOVED_SCHEMA, Rows, by_group, count, map_tables, materialize, unit_partitions,
+                             written_samples)
 from pipeline.exclusions import exclusion_rows
 from pipeline.storage import Output
 
 BANDS, BAND_BITS = 4, 16
 REFERENCE_AREA = np.iinfo(np.int64).max  # excluded images outrank every dataset image
 CROP_HASHES = len(CROPS) - 1
-MAX_MATRIX = 1 << 24  # distances computed at once in a bucket (~150 MB): a hot bucket goes in pieces
+BAND_ROWS_PER_PARTITION = 2_000_000  # a reducer's band rows (~75 MB), whatever the number of images
+BAND_ROW_BYTES = 37  # id, area, query, bucket (8 bytes each), part (4), filed and probes
+faiss.omp_set_num_threads(1)  # Ray runs a task per CPU: a bucket's search in one thread
 
 ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("crops", pa.list_(pa.int64())),
                           ("area", pa.int64()), ("shard", pa.string()), ("overlap_set", pa.string())])
@@ -80,8 +87,21 @@ def with_ids(items: pa.Table) -> pa.Table:
     return items.append_column("id", pa.array(ids, pa.int64()))
 
 
-def band_rows(items: pa.Table, k: int) -> pa.Table:
-    """One row per (item, band, value). An item is filed (`filed`) under the band values within
+def band_rows_per_item(k: int) -> int:
+    return BANDS * (len(_probe_masks(k // BANDS)) + CROP_HASHES)
+
+
+def band_passes(items: int, k: int, budget_bytes: float) -> list[list[int]]:
+    """The bands in groups, one shuffle each: the fewest groups (1, 2 or 4) whose band rows fit in
+    `budget_bytes`, else one band at a time. Bands meet no other band's rows, so a pass is a whole
+    decision over its bands; what it finds is a few pairs, not rows to keep."""
+    need = items * band_rows_per_item(k) * BAND_ROW_BYTES
+    passes = next((p for p in (1, 2) if need / p <= budget_bytes), BANDS)
+    return [list(range(BANDS))[first::passes] for first in range(passes)]
+
+
+def band_rows(items: pa.Table, k: int, bands: list[int] | range = range(BANDS)) -> pa.Table:
+    """One row per (item, band, value) of `bands`. An item is filed (`filed`) under the band values within
     k // 4 bits of its pHash's, and looks (`probes`, with `query`) under the exact band values of
     each of its 16 hashes: a query within k bits of a pHash then meets it in some band. Filing the
     neighbours rather than probing them costs 4 x (17 + 15) rows per item at k = 6 instead of
@@ -98,7 +118,7 @@ def band_rows(items: pa.Table, k: int) -> pa.Table:
     part = items.select(["id", "area"]).take(pa.array(owner)).append_column("query", pa.array(query, pa.int64()))
     part = part.append_column("filed", pa.array(filed)).append_column("probes", pa.array(probes))
     parts = []
-    for band in range(BANDS):
+    for band in bands:
         plain_values = (plain.view(np.uint64) >> np.uint64(band * BAND_BITS)) & np.uint64(0xFFFF)
         crop_values = (crops.view(np.uint64) >> np.uint64(band * BAND_BITS)) & np.uint64(0xFFFF)
         values = np.r_[(plain_values.astype(np.int64)[:, None] ^ masks[None, :]).ravel(),
@@ -110,9 +130,11 @@ def band_rows(items: pa.Table, k: int) -> pa.Table:
 def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(looking item, filed item, smallest distance) of every pair where a query of one is within
     k bits of the other's pHash filed in the same bucket; `rows` sorted by bucket, `item` their
-    images numbered from 0. A filed row's query is its pHash."""
+    images numbered from 0. A filed row's query is its pHash. The distances are faiss's binary range
+    search: its popcount kernel costs ~0.5 ns a pair, numpy's broadcast 8-12 ns, and a bucket's
+    pairs grow with the square of the images."""
     buckets, filed, looks = rows["bucket"].to_numpy(), rows["filed"].to_numpy(False), rows["probes"].to_numpy(False)
-    query = phash = rows["query"].to_numpy().view(np.uint64)
+    codes = rows["query"].to_numpy().view(np.uint8).reshape(-1, 8)  # a hash as faiss's 8-byte binary code
     starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
     stops = np.r_[starts[1:], len(buckets)]
     # only buckets where something is filed, something looks and two images meet, found at once:
@@ -122,22 +144,14 @@ def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, 
     found = []
     for start, stop in zip(starts[meet], stops[meet]):
         f, q = start + np.flatnonzero(filed[start:stop]), start + np.flatnonzero(looks[start:stop])
-        q = q[np.argsort(item[q], kind="stable")]
-        looking_item = item[q]  # np.r_ would cost more than the comparisons in a small bucket
-        first_look = np.flatnonzero(np.concatenate(([True], looking_item[1:] != looking_item[:-1])))  # several hashes look
-        bounds = np.append(first_look, len(q))
-        lo = 0
-        while lo < len(first_look):  # whole looking images at a time, at most MAX_MATRIX distances
-            hi = max(lo + 1, int(np.searchsorted(bounds, bounds[lo] + max(1, MAX_MATRIX // len(f)), "right")) - 1)
-            rows = q[bounds[lo]:bounds[hi]]
-            distance = np.minimum.reduceat(np.bitwise_count(query[rows][:, None] ^ phash[f][None, :]),
-                                           first_look[lo:hi] - bounds[lo], axis=0)
-            looking = item[q[first_look[lo:hi]]]
-            i, j = np.nonzero((distance <= k) & (looking[:, None] != item[f][None, :]))
-            found.append((looking[i], item[f][j], distance[i, j]))
-            lo = hi
+        index = faiss.IndexBinaryFlat(64)
+        index.add(codes[f])
+        limits, distance, nearest = index.range_search(codes[q], k + 1)  # distances below k + 1
+        looking, filed_item = np.repeat(item[q], np.diff(limits).astype(np.int64)), item[f][nearest]
+        other = looking != filed_item
+        found.append((looking[other], filed_item[other], distance[other]))
     looking, filed_item, distance = (np.concatenate(column) for column in zip(*found)) if found else \
-        (np.array([], np.int64), np.array([], np.int64), np.array([], np.uint8))
+        (np.array([], np.int64), np.array([], np.int64), np.array([], np.int32))
     if not looking.size:
         return looking, filed_item, distance
     pair = looking * (item.max() + 1) + filed_item  # a pair meets in many buckets: keep it once, closest
@@ -271,17 +285,17 @@ def _union(first: Rows, second: Rows) -> Rows:
 def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
     """Losers among `items` (ITEMS_SCHEMA rows; excluded images have area REFERENCE_AREA).
 
-    Buckets are shuffled in `partitions` groups, not one group each: most buckets hold a single
-    hash, and a Ray task per bucket would cost far more than the comparisons. Items with the same
+    Buckets are shuffled in groups (`partitions`, or more when the band rows need them), not one
+    group each: most buckets hold a single hash, and a Ray task per bucket would cost far more than
+    the comparisons. Items with the same
     16 hashes meet first, in groups by pHash: only the best of them is compared (mark_copies).
     """
-    partitions = max(1, min(partitions, 200))
+    partitions = unit_partitions(partitions)
     marked = materialize(by_group(map_tables(items, lambda t: with_partition(t, "phash", partitions)), "part",
                                   lambda t: mark_copies(t.drop_columns(["part"])), partitions))
     compared = materialize(map_tables(marked, lambda t: with_ids(t.filter(pc.is_null(t["representative"])).drop_columns(
         ["representative", "representative_area"]))))
-    bands = map_tables(compared, lambda t: with_partition(band_rows(t, k), "bucket", partitions))
-    pairs = by_group(bands, "part", lambda t: bucket_pairs(t, k), partitions)
+    pairs = _bucket_pairs_in_passes(compared, k, partitions)
     names = map_tables(compared, lambda t: link_rows(t, "id", partitions))
     losers = by_group(_union(map_tables(pairs, lambda t: link_rows(t, "loser", partitions)), names), "part",
                       name_losers, partitions)
@@ -290,6 +304,27 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
     copies = map_tables(marked, lambda t: by_representative(copy_pairs(t), True, partitions))
     losers = map_tables(losers, lambda t: by_representative(t, False, partitions))
     return by_group(_union(losers, copies), "part", inherit_winners, partitions)
+
+
+def pass_budget_bytes() -> float:
+    """Half the cluster's object store: a shuffle holds its map outputs and its reducers' inputs at once."""
+    return ray.cluster_resources().get("object_store_memory", 0) / 2
+
+
+def _bucket_pairs_in_passes(compared: Rows, k: int, partitions: int) -> Rows:
+    """bucket_pairs over every bucket, a pass per group of bands (band_passes), each pass's pairs
+    materialized before the next pass's band rows are made."""
+    images = count(compared)
+    local = isinstance(compared, pa.Table)
+    budget = float("inf") if local else pass_budget_bytes()
+    found = []
+    for bands in band_passes(images, k, budget):
+        rows = images * len(bands) * band_rows_per_item(k) // BANDS
+        parts = max(partitions, -(-rows // BAND_ROWS_PER_PARTITION))
+        found.append(materialize(by_group(
+            map_tables(compared, lambda t, bands=bands, parts=parts: with_partition(band_rows(t, k, bands), "bucket", parts)),
+            "part", lambda t: bucket_pairs(t, k), parts)))
+    return found[0] if len(found) == 1 else (pa.concat_tables(found) if local else found[0].union(*found[1:]))
 
 
 def by_representative(pairs: pa.Table, copies: bool, partitions: int) -> pa.Table:

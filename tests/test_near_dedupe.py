@@ -73,11 +73,8 @@ def brute_force_losers(items: pa.Table, k: int) -> set[str]:
     return set(brute_force_winners(items, k))
 
 
-@pytest.mark.parametrize("k, max_matrix", [(0, 1 << 24), (3, 1 << 24), (5, 1 << 24), (8, 1 << 24), (6, 1), (6, 40)])
-def test_band_buckets_find_exactly_the_brute_force_pairs(k: int, max_matrix: int,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """max_matrix: hot buckets done in pieces (1: one looking image at a time) give the same pairs."""
-    monkeypatch.setattr(near_dedupe, "MAX_MATRIX", max_matrix)
+@pytest.mark.parametrize("k", [0, 3, 5, 6, 8])
+def test_band_buckets_find_exactly_the_brute_force_pairs(k: int) -> None:
     items = random_items(120, k, seed=k)
     pairs = bucket_pairs(band_rows(with_ids(items), k), k)
     found = {f"{loser:05d}" for loser in pairs["loser"].to_pylist()}  # random_items' keys are their ids
@@ -90,16 +87,32 @@ def test_band_buckets_find_exactly_the_brute_force_pairs(k: int, max_matrix: int
     assert any(np.sort(plain_only[int(key)])[1] > k for key in found)  # some only through a crop hash
 
 
-def test_ray_result_does_not_depend_on_partitioning(ray_address: str) -> None:
+def test_passes_over_the_bands_follow_the_budget() -> None:
+    need = 1000 * near_dedupe.band_rows_per_item(6) * near_dedupe.BAND_ROW_BYTES
+    assert near_dedupe.band_rows_per_item(6) == 4 * (17 + 15)
+    assert near_dedupe.band_passes(1000, 6, need) == [[0, 1, 2, 3]]
+    assert near_dedupe.band_passes(1000, 6, need - 1) == near_dedupe.band_passes(1000, 6, need / 2) == [[0, 2], [1, 3]]
+    assert near_dedupe.band_passes(1000, 6, need / 2 - 1) == near_dedupe.band_passes(1000, 6, 0) == [[0], [1], [2], [3]]
+
+
+def test_ray_result_does_not_depend_on_partitioning(ray_address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also a band at a time, in more partitions than the units (a budget and partition size made tiny)."""
     items = random_items(200, 8, seed=3)
+    passes = []
     results = []
-    for blocks, partitions in ((1, 1), (5, 7)):
+    for blocks, partitions, budget, rows_per_partition in ((1, 1, 1e12, 2e6), (5, 7, 1e12, 2e6), (3, 2, 1, 700)):
+        monkeypatch.setattr(near_dedupe, "pass_budget_bytes", lambda budget=budget: budget)
+        monkeypatch.setattr(near_dedupe, "BAND_ROWS_PER_PARTITION", rows_per_partition)
+        record = near_dedupe.band_passes
+        monkeypatch.setattr(near_dedupe, "band_passes", lambda *args: passes.append(record(*args)) or passes[-1])
         ds = ray.data.from_arrow(items).repartition(blocks)
         losers = find_near_duplicates(ds, 8, partitions).to_pandas().sort_values("key")
         results.append(list(zip(losers["key"], losers["winner"], losers["distance"])))
+        monkeypatch.undo()
+    assert passes == [[[0, 1, 2, 3]], [[0, 1, 2, 3]], [[0], [1], [2], [3]]]
     local = find_near_duplicates(items, 8, 7).to_pandas().sort_values("key")  # a table: the driver's path
     results.append(list(zip(local["key"], local["winner"], local["distance"])))
-    assert results[0] == results[1] == results[2]
+    assert results[0] == results[1] == results[2] == results[3]
     assert {key for key, _, _ in results[0]} == brute_force_losers(items, 8)
     area = dict(zip(items["key"].to_pylist(), items["area"].to_pylist()))
     for key, winner, _ in results[0]:  # the kept copy: larger image, then smaller key
