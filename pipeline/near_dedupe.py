@@ -8,8 +8,8 @@ comparing all pairs, each hash is cut into 4 bands of 16 bits: two hashes within
 within r = k // 4 bits on at least one band (pigeonhole). Every image is filed under the band
 values within r bits of its pHash's and looks under the exact band values of each of its 16
 hashes; a Ray Data groupby on (band, value) brings candidates together, where the full distance
-is checked. No process ever holds every hash, and no shuffle every band row: the bands go through
-in as many passes (1, 2 or 4) as the object store needs, each in partitions of at most ~2M rows, so
+is checked. No process ever holds every hash, and no shuffle every band row: the buckets go
+through in as many passes as the object store needs, each in partitions of at most ~2M rows, so
 a reducer's rows and a pass's share of the object store stay bounded as the images grow (the
 comparisons do not: a bucket's occupancy grows with the images). Images with the same 16 hashes
 (a photo served at many URLs) are found first, by a groupby on the pHash: only the best of them is
@@ -24,6 +24,7 @@ on faces.
 
 from __future__ import annotations
 
+import math
 from hashlib import blake2b
 from itertools import combinations
 
@@ -91,22 +92,27 @@ def band_rows_per_item(k: int) -> int:
     return BANDS * (len(_probe_masks(k // BANDS)) + CROP_HASHES)
 
 
-def band_passes(items: int, k: int, budget_bytes: float) -> list[list[int]]:
-    """The bands in groups, one shuffle each: the fewest groups (1, 2 or 4) whose band rows fit in
-    `budget_bytes`, else one band at a time. Bands meet no other band's rows, so a pass is a whole
-    decision over its bands; what it finds is a few pairs, not rows to keep."""
+def band_passes(items: int, k: int, budget_bytes: float) -> int:
+    """How many passes the band rows of `items` images take: the fewest whose share fits in
+    `budget_bytes`. A pass takes whole buckets, so it is a whole decision over them; what it finds is
+    a few pairs, not rows to keep."""
     need = items * band_rows_per_item(k) * BAND_ROW_BYTES
-    passes = next((p for p in (1, 2) if need / p <= budget_bytes), BANDS)
-    return [list(range(BANDS))[first::passes] for first in range(passes)]
+    return max(1, math.ceil(need / max(budget_bytes, 1.0)))
 
 
-def band_rows(items: pa.Table, k: int, bands: list[int] | range = range(BANDS)) -> pa.Table:
-    """One row per (item, band, value) of `bands`. An item is filed (`filed`) under the band values within
-    k // 4 bits of its pHash's, and looks (`probes`, with `query`) under the exact band values of
-    each of its 16 hashes: a query within k bits of a pHash then meets it in some band. Filing the
-    neighbours rather than probing them costs 4 x (17 + 15) rows per item at k = 6 instead of
-    4 x 17 x 16, for the same comparisons. A row carries the image's id and area, nothing else of it:
-    a filed row's `query` is the pHash itself."""
+def bucket_pass(buckets: np.ndarray, passes: int) -> np.ndarray:
+    """The pass of each bucket: a multiplicative hash of it, not `bucket % passes`, which would leave
+    a pass's rows in a few of with_partition's `bucket % partitions` partitions."""
+    return (buckets.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15) >> np.uint64(40)) % np.uint64(passes)
+
+
+def band_rows(items: pa.Table, k: int, passes: int = 1, which: int = 0) -> pa.Table:
+    """One row per (item, band, value) of the buckets of pass `which` of `passes`. An item is filed
+    (`filed`) under the band values within k // 4 bits of its pHash's, and looks (`probes`, with
+    `query`) under the exact band values of each of its 16 hashes: a query within k bits of a pHash
+    then meets it in some band. Filing the neighbours rather than probing them costs 4 x (17 + 15)
+    rows per item at k = 6 instead of 4 x 17 x 16, for the same comparisons. A row carries the image's
+    id and area, nothing else of it: a filed row's `query` is the pHash itself."""
     n = items.num_rows
     masks = _probe_masks(k // BANDS)
     crops = pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES)
@@ -115,16 +121,18 @@ def band_rows(items: pa.Table, k: int, bands: list[int] | range = range(BANDS)) 
     query = np.r_[np.repeat(plain, len(masks)), crops.ravel()]
     filed = np.r_[np.ones(n * len(masks), bool), np.zeros(n * CROP_HASHES, bool)]
     probes = np.r_[np.tile(masks == 0, n), np.ones(n * CROP_HASHES, bool)]  # the pHash's exact value probes too
-    part = items.select(["id", "area"]).take(pa.array(owner)).append_column("query", pa.array(query, pa.int64()))
-    part = part.append_column("filed", pa.array(filed)).append_column("probes", pa.array(probes))
-    parts = []
-    for band in bands:
+    buckets = []
+    for band in range(BANDS):
         plain_values = (plain.view(np.uint64) >> np.uint64(band * BAND_BITS)) & np.uint64(0xFFFF)
         crop_values = (crops.view(np.uint64) >> np.uint64(band * BAND_BITS)) & np.uint64(0xFFFF)
-        values = np.r_[(plain_values.astype(np.int64)[:, None] ^ masks[None, :]).ravel(),
-                       crop_values.astype(np.int64).ravel()]
-        parts.append(part.append_column("bucket", pa.array(band << BAND_BITS | values, pa.int64())))
-    return pa.concat_tables(parts)
+        buckets.append(band << BAND_BITS | np.r_[(plain_values.astype(np.int64)[:, None] ^ masks[None, :]).ravel(),
+                                                 crop_values.astype(np.int64).ravel()])
+    bucket = np.concatenate(buckets)
+    taken = np.flatnonzero(bucket_pass(bucket, passes) == which) if passes > 1 else np.arange(len(bucket))
+    row = taken % len(owner)  # the same item, hash and role in every band
+    return items.select(["id", "area"]).take(pa.array(owner[row])).append_column(
+        "query", pa.array(query[row], pa.int64())).append_column("filed", pa.array(filed[row])).append_column(
+        "probes", pa.array(probes[row])).append_column("bucket", pa.array(bucket[taken], pa.int64()))
 
 
 def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -312,17 +320,16 @@ def pass_budget_bytes() -> float:
 
 
 def _bucket_pairs_in_passes(compared: Rows, k: int, partitions: int) -> Rows:
-    """bucket_pairs over every bucket, a pass per group of bands (band_passes), each pass's pairs
-    materialized before the next pass's band rows are made."""
+    """bucket_pairs over every bucket, in band_passes passes, each pass's pairs materialized before
+    the next pass's band rows are made."""
     images = count(compared)
     local = isinstance(compared, pa.Table)
-    budget = float("inf") if local else pass_budget_bytes()
+    passes = band_passes(images, k, float("inf") if local else pass_budget_bytes())
+    parts = max(partitions, -(-images * band_rows_per_item(k) // passes // BAND_ROWS_PER_PARTITION))
     found = []
-    for bands in band_passes(images, k, budget):
-        rows = images * len(bands) * band_rows_per_item(k) // BANDS
-        parts = max(partitions, -(-rows // BAND_ROWS_PER_PARTITION))
+    for which in range(passes):
         found.append(materialize(by_group(
-            map_tables(compared, lambda t, bands=bands, parts=parts: with_partition(band_rows(t, k, bands), "bucket", parts)),
+            map_tables(compared, lambda t, which=which: with_partition(band_rows(t, k, passes, which), "bucket", parts)),
             "part", lambda t: bucket_pairs(t, k), parts)))
     return found[0] if len(found) == 1 else (pa.concat_tables(found) if local else found[0].union(*found[1:]))
 

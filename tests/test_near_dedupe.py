@@ -87,20 +87,31 @@ def test_band_buckets_find_exactly_the_brute_force_pairs(k: int) -> None:
     assert any(np.sort(plain_only[int(key)])[1] > k for key in found)  # some only through a crop hash
 
 
-def test_passes_over_the_bands_follow_the_budget() -> None:
+def test_passes_follow_the_budget_and_take_every_band_row_once() -> None:
     need = 1000 * near_dedupe.band_rows_per_item(6) * near_dedupe.BAND_ROW_BYTES
     assert near_dedupe.band_rows_per_item(6) == 4 * (17 + 15)
-    assert near_dedupe.band_passes(1000, 6, need) == [[0, 1, 2, 3]]
-    assert near_dedupe.band_passes(1000, 6, need - 1) == near_dedupe.band_passes(1000, 6, need / 2) == [[0, 2], [1, 3]]
-    assert near_dedupe.band_passes(1000, 6, need / 2 - 1) == near_dedupe.band_passes(1000, 6, 0) == [[0], [1], [2], [3]]
+    assert near_dedupe.band_passes(1000, 6, float("inf")) == near_dedupe.band_passes(1000, 6, need) == 1
+    assert near_dedupe.band_passes(1000, 6, need - 1) == near_dedupe.band_passes(1000, 6, need / 2) == 2
+    assert near_dedupe.band_passes(1000, 6, need / 2 - 1) == 3
+    items = with_ids(random_items(300, 6, seed=5))
+    whole = band_rows(items, 6).sort_by([(name, "ascending") for name in ("bucket", "id", "query", "filed", "probes")])
+    passes = [band_rows(items, 6, 3, which) for which in range(3)]
+    assert all(p.num_rows > whole.num_rows / 6 for p in passes)  # the hash spreads the buckets
+    assert {b for p in passes for b in p["bucket"].to_pylist()} == set(whole["bucket"].to_pylist())
+    assert not set(passes[0]["bucket"].to_pylist()) & set(passes[1]["bucket"].to_pylist())  # whole buckets
+    assert pa.concat_tables(passes).sort_by(
+        [(name, "ascending") for name in ("bucket", "id", "query", "filed", "probes")]).equals(whole)
+    parts = near_dedupe.with_partition(passes[0], "bucket", 200)["part"].to_numpy()
+    assert len(np.unique(parts)) > 150  # a pass's rows still spread over the partitions
 
 
 def test_ray_result_does_not_depend_on_partitioning(ray_address: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Also a band at a time, in more partitions than the units (a budget and partition size made tiny)."""
+    """Also in three passes, in more partitions than the units (a budget and a partition size made small)."""
     items = random_items(200, 8, seed=3)
+    need = 200 * near_dedupe.band_rows_per_item(8) * near_dedupe.BAND_ROW_BYTES
     passes = []
     results = []
-    for blocks, partitions, budget, rows_per_partition in ((1, 1, 1e12, 2e6), (5, 7, 1e12, 2e6), (3, 2, 1, 700)):
+    for blocks, partitions, budget, rows_per_partition in ((1, 1, 1e12, 2e6), (5, 7, need / 2.5, 5000)):
         monkeypatch.setattr(near_dedupe, "pass_budget_bytes", lambda budget=budget: budget)
         monkeypatch.setattr(near_dedupe, "BAND_ROWS_PER_PARTITION", rows_per_partition)
         record = near_dedupe.band_passes
@@ -109,10 +120,10 @@ def test_ray_result_does_not_depend_on_partitioning(ray_address: str, monkeypatc
         losers = find_near_duplicates(ds, 8, partitions).to_pandas().sort_values("key")
         results.append(list(zip(losers["key"], losers["winner"], losers["distance"])))
         monkeypatch.undo()
-    assert passes == [[[0, 1, 2, 3]], [[0, 1, 2, 3]], [[0], [1], [2], [3]]]
+    assert passes == [1, 3]
     local = find_near_duplicates(items, 8, 7).to_pandas().sort_values("key")  # a table: the driver's path
     results.append(list(zip(local["key"], local["winner"], local["distance"])))
-    assert results[0] == results[1] == results[2] == results[3]
+    assert results[0] == results[1] == results[2]
     assert {key for key, _, _ in results[0]} == brute_force_losers(items, 8)
     area = dict(zip(items["key"].to_pylist(), items["area"].to_pylist()))
     for key, winner, _ in results[0]:  # the kept copy: larger image, then smaller key
