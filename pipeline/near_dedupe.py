@@ -303,7 +303,8 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
                                   lambda t: mark_copies(t.drop_columns(["part"])), partitions))
     compared = materialize(map_tables(marked, lambda t: with_ids(t.filter(pc.is_null(t["representative"])).drop_columns(
         ["representative", "representative_area"]))))
-    pairs = _bucket_pairs_in_passes(compared, k, partitions)
+    held = 0 if isinstance(compared, pa.Table) else marked.size_bytes() + compared.size_bytes()
+    pairs = _bucket_pairs_in_passes(compared, k, partitions, held)
     names = map_tables(compared, lambda t: link_rows(t, "id", partitions))
     losers = by_group(_union(map_tables(pairs, lambda t: link_rows(t, "loser", partitions)), names), "part",
                       name_losers, partitions)
@@ -314,17 +315,20 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
     return by_group(_union(losers, copies), "part", inherit_winners, partitions)
 
 
-def pass_budget_bytes() -> float:
-    """Half the cluster's object store: a shuffle holds its map outputs and its reducers' inputs at once."""
-    return ray.cluster_resources().get("object_store_memory", 0) / 2
+def pass_budget_bytes(held: int) -> float:
+    """Half of what the object store has beside `held` bytes of materialized rows (at least an
+    eighth of it): a shuffle holds its map outputs and its reducers' inputs at once, and what spills
+    stays on disk until every object of its spill file is freed."""
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    return max(store / 8, (store - held) / 2)
 
 
-def _bucket_pairs_in_passes(compared: Rows, k: int, partitions: int) -> Rows:
+def _bucket_pairs_in_passes(compared: Rows, k: int, partitions: int, held: int) -> Rows:
     """bucket_pairs over every bucket, in band_passes passes, each pass's pairs materialized before
     the next pass's band rows are made."""
     images = count(compared)
     local = isinstance(compared, pa.Table)
-    passes = band_passes(images, k, float("inf") if local else pass_budget_bytes())
+    passes = band_passes(images, k, float("inf") if local else pass_budget_bytes(held))
     parts = max(partitions, -(-images * band_rows_per_item(k) // passes // BAND_ROWS_PER_PARTITION))
     found = []
     for which in range(passes):

@@ -112,7 +112,7 @@ def test_ray_result_does_not_depend_on_partitioning(ray_address: str, monkeypatc
     passes = []
     results = []
     for blocks, partitions, budget, rows_per_partition in ((1, 1, 1e12, 2e6), (5, 7, need / 2.5, 5000)):
-        monkeypatch.setattr(near_dedupe, "pass_budget_bytes", lambda budget=budget: budget)
+        monkeypatch.setattr(near_dedupe, "pass_budget_bytes", lambda held, budget=budget: budget)
         monkeypatch.setattr(near_dedupe, "BAND_ROWS_PER_PARTITION", rows_per_partition)
         record = near_dedupe.band_passes
         monkeypatch.setattr(near_dedupe, "band_passes", lambda *args: passes.append(record(*args)) or passes[-1])
