@@ -295,16 +295,17 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
 
     Buckets are shuffled in groups (`partitions`, or more when the band rows need them), not one
     group each: most buckets hold a single hash, and a Ray task per bucket would cost far more than
-    the comparisons. Items with the same
-    16 hashes meet first, in groups by pHash: only the best of them is compared (mark_copies).
+    the comparisons. Items with the same 16 hashes meet first, in groups by pHash: only the best of
+    them is compared (mark_copies).
     """
     partitions = unit_partitions(partitions)
     marked = materialize(by_group(map_tables(items, lambda t: with_partition(t, "phash", partitions)), "part",
                                   lambda t: mark_copies(t.drop_columns(["part"])), partitions))
     compared = materialize(map_tables(marked, lambda t: with_ids(t.filter(pc.is_null(t["representative"])).drop_columns(
         ["representative", "representative_area"]))))
-    held = 0 if isinstance(compared, pa.Table) else marked.size_bytes() + compared.size_bytes()
-    pairs = _bucket_pairs_in_passes(compared, k, partitions, held)
+    budget = float("inf") if isinstance(compared, pa.Table) else pass_budget_bytes(
+        marked.size_bytes() + compared.size_bytes())
+    pairs = _bucket_pairs_in_passes(compared, k, partitions, budget)
     names = map_tables(compared, lambda t: link_rows(t, "id", partitions))
     losers = by_group(_union(map_tables(pairs, lambda t: link_rows(t, "loser", partitions)), names), "part",
                       name_losers, partitions)
@@ -323,19 +324,20 @@ def pass_budget_bytes(held: int) -> float:
     return max(store / 8, (store - held) / 2)
 
 
-def _bucket_pairs_in_passes(compared: Rows, k: int, partitions: int, held: int) -> Rows:
+def _bucket_pairs_in_passes(compared: Rows, k: int, partitions: int, budget_bytes: float) -> Rows:
     """bucket_pairs over every bucket, in band_passes passes, each pass's pairs materialized before
     the next pass's band rows are made."""
     images = count(compared)
-    local = isinstance(compared, pa.Table)
-    passes = band_passes(images, k, float("inf") if local else pass_budget_bytes(held))
+    passes = band_passes(images, k, budget_bytes)
     parts = max(partitions, -(-images * band_rows_per_item(k) // passes // BAND_ROWS_PER_PARTITION))
     found = []
     for which in range(passes):
         found.append(materialize(by_group(
             map_tables(compared, lambda t, which=which: with_partition(band_rows(t, k, passes, which), "bucket", parts)),
             "part", lambda t: bucket_pairs(t, k), parts)))
-    return found[0] if len(found) == 1 else (pa.concat_tables(found) if local else found[0].union(*found[1:]))
+    if len(found) == 1:
+        return found[0]
+    return pa.concat_tables(found) if isinstance(compared, pa.Table) else found[0].union(*found[1:])
 
 
 def by_representative(pairs: pa.Table, copies: bool, partitions: int) -> pa.Table:
