@@ -45,6 +45,10 @@ REFERENCE_AREA = np.iinfo(np.int64).max  # excluded images outrank every dataset
 CROP_HASHES = len(CROPS) - 1
 BAND_ROWS_PER_PARTITION = 2_000_000  # a reducer's band rows (~75 MB), whatever the number of images
 BAND_ROW_BYTES = 37  # id, area, query, bucket (8 bytes each), part (4), filed and probes
+# Ray's pull-based sort shuffle keeps a reference in the driver per (input block, partition), a few
+# KB each, and pieces under 100 KB in full: the naming shuffles, after passes that leave many small
+# blocks, held 6.8 GB in a 10M-image driver. So their inputs and partitions are ~64 MB each.
+NAMING_BYTES = 64 << 20
 faiss.omp_set_num_threads(1)  # Ray runs a task per CPU: a bucket's search in one thread
 
 ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("crops", pa.list_(pa.int64())),
@@ -305,7 +309,10 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
         ["representative", "representative_area"]))))
     budget = float("inf") if isinstance(compared, pa.Table) else pass_budget_bytes(
         marked.size_bytes() + compared.size_bytes())
-    pairs = _bucket_pairs_in_passes(compared, k, partitions, budget)
+    pairs, pair_bytes = _bucket_pairs_in_passes(compared, k, partitions, budget)
+    if not isinstance(compared, pa.Table):
+        partitions = max(1, min(partitions, math.ceil((pair_bytes + compared.size_bytes()) / NAMING_BYTES)))
+        pairs = pairs.repartition(max(1, math.ceil(pair_bytes / NAMING_BYTES)))  # no shuffle: blocks joined
     names = map_tables(compared, lambda t: link_rows(t, "id", partitions))
     losers = by_group(_union(map_tables(pairs, lambda t: link_rows(t, "loser", partitions)), names), "part",
                       name_losers, partitions)
@@ -335,9 +342,9 @@ def _bucket_pairs_in_passes(compared: Rows, k: int, partitions: int, budget_byte
         found.append(materialize(by_group(
             map_tables(compared, lambda t, which=which: with_partition(band_rows(t, k, passes, which), "bucket", parts)),
             "part", lambda t: bucket_pairs(t, k), parts)))
-    if len(found) == 1:
-        return found[0]
-    return pa.concat_tables(found) if isinstance(compared, pa.Table) else found[0].union(*found[1:])
+    if isinstance(compared, pa.Table):
+        return pa.concat_tables(found), 0
+    return found[0].union(*found[1:]) if len(found) > 1 else found[0], sum(done.size_bytes() for done in found)
 
 
 def by_representative(pairs: pa.Table, copies: bool, partitions: int) -> pa.Table:
