@@ -309,10 +309,9 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
         ["representative", "representative_area"]))))
     budget = float("inf") if isinstance(compared, pa.Table) else pass_budget_bytes(
         marked.size_bytes() + compared.size_bytes())
-    pairs, pair_bytes = _bucket_pairs_in_passes(compared, k, partitions, budget)
-    if not isinstance(compared, pa.Table):
-        partitions = max(1, min(partitions, math.ceil((pair_bytes + compared.size_bytes()) / NAMING_BYTES)))
-        pairs = pairs.repartition(max(1, math.ceil(pair_bytes / NAMING_BYTES)))  # no shuffle: blocks joined
+    pairs = _bucket_pairs_in_passes(compared, k, partitions, budget)
+    if not isinstance(compared, pa.Table):  # the names outweigh the pairs: a few of them per loser
+        partitions = max(1, min(partitions, math.ceil(compared.size_bytes() / NAMING_BYTES)))
     names = map_tables(compared, lambda t: link_rows(t, "id", partitions))
     losers = by_group(_union(map_tables(pairs, lambda t: link_rows(t, "loser", partitions)), names), "part",
                       name_losers, partitions)
@@ -333,7 +332,7 @@ def pass_budget_bytes(held: int) -> float:
 
 def _bucket_pairs_in_passes(compared: Rows, k: int, partitions: int, budget_bytes: float) -> Rows:
     """bucket_pairs over every bucket, in band_passes passes, each pass's pairs materialized before
-    the next pass's band rows are made."""
+    the next pass's band rows are made; on Ray, their many small blocks joined into ~NAMING_BYTES ones."""
     images = count(compared)
     passes = band_passes(images, k, budget_bytes)
     parts = max(partitions, -(-images * band_rows_per_item(k) // passes // BAND_ROWS_PER_PARTITION))
@@ -343,8 +342,9 @@ def _bucket_pairs_in_passes(compared: Rows, k: int, partitions: int, budget_byte
             map_tables(compared, lambda t, which=which: with_partition(band_rows(t, k, passes, which), "bucket", parts)),
             "part", lambda t: bucket_pairs(t, k), parts)))
     if isinstance(compared, pa.Table):
-        return pa.concat_tables(found), 0
-    return found[0].union(*found[1:]) if len(found) > 1 else found[0], sum(done.size_bytes() for done in found)
+        return pa.concat_tables(found)
+    blocks = max(1, math.ceil(sum(done.size_bytes() for done in found) / NAMING_BYTES))
+    return (found[0].union(*found[1:]) if len(found) > 1 else found[0]).repartition(blocks)  # no shuffle
 
 
 def by_representative(pairs: pa.Table, copies: bool, partitions: int) -> pa.Table:
