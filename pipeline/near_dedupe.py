@@ -49,6 +49,10 @@ BAND_ROW_BYTES = 37  # id, area, query, bucket (8 bytes each), part (4), filed a
 # KB each, and pieces under 100 KB in full: the naming shuffles, after passes that leave many small
 # blocks, held 6.8 GB in a 10M-image driver. So their inputs and partitions are ~64 MB each.
 NAMING_BYTES = 64 << 20
+# A bucket with at most this many (filed, looking) pairs is compared with the other small ones in
+# numpy, in batches of SMALL_BATCH_PAIRS pairs (~100 MB of temporaries); a larger one by faiss.
+# At 4,096 pairs a bucket both cost ~23 ns a pair (faiss's set-up; numpy's gathers).
+SMALL_BUCKET_PAIRS, SMALL_BATCH_PAIRS = 4096, 2_000_000
 faiss.omp_set_num_threads(1)  # Ray runs a task per CPU: a bucket's search in one thread
 
 ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("crops", pa.list_(pa.int64())),
@@ -139,33 +143,72 @@ def band_rows(items: pa.Table, k: int, passes: int = 1, which: int = 0) -> pa.Ta
         "probes", pa.array(probes[row])).append_column("bucket", pa.array(bucket[taken], pa.int64()))
 
 
+def _small_bucket_pairs(bucket_of: np.ndarray, filed_rows: np.ndarray, look_rows: np.ndarray, codes: np.ndarray,
+                        k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(looking row, filed row, distance) of every pair within k bits in small buckets, all buckets
+    at once: `filed_rows` and `look_rows` ascending (so grouped by bucket), `bucket_of` each row's
+    bucket. A faiss index per bucket costs ~100 us of set-up, which on web input (thousands of
+    buckets holding a few similar photos each) was most of the near dedupe's time."""
+    first_filed = np.searchsorted(bucket_of[filed_rows], bucket_of[look_rows])  # each look's bucket's first filed row
+    partners = np.searchsorted(bucket_of[filed_rows], bucket_of[look_rows], side="right") - first_filed
+    found = []
+    ends = np.cumsum(partners)
+    for lo, hi in _chunks(ends, SMALL_BATCH_PAIRS):
+        rep = partners[lo:hi]
+        looking = np.repeat(look_rows[lo:hi], rep)
+        offset = np.arange(len(looking)) - np.repeat(np.cumsum(rep) - rep, rep)
+        filed = filed_rows[np.repeat(first_filed[lo:hi], rep) + offset]
+        distance = np.bitwise_count(codes[looking] ^ codes[filed])
+        close = distance <= k
+        found.append((looking[close], filed[close], distance[close].astype(np.int32)))
+    return tuple(np.concatenate(column) for column in zip(*found)) if found else _no_pairs()
+
+
+def _chunks(ends: np.ndarray, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) slices of the items whose cumulative counts are `ends`, about `size` counts each."""
+    if not len(ends):
+        return []
+    cuts = np.searchsorted(ends, np.arange(size, ends[-1], size), side="left") + 1
+    bounds = np.unique(np.r_[0, cuts, len(ends)])
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def _no_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.array([], np.int64), np.array([], np.int64), np.array([], np.int32)
+
+
 def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(looking item, filed item, smallest distance) of every pair where a query of one is within
     k bits of the other's pHash filed in the same bucket; `rows` sorted by bucket, `item` their
-    images numbered from 0. A filed row's query is its pHash. The distances are faiss's binary range
-    search: its popcount kernel costs ~0.5 ns a pair, numpy's broadcast 8-12 ns, and a bucket's
-    pairs grow with the square of the images."""
+    images numbered from 0. A filed row's query is its pHash. Small buckets are compared together
+    in numpy (_small_bucket_pairs); a large one by faiss's binary range search: its popcount kernel
+    costs ~0.5 ns a pair, numpy's 8-12 ns, and a bucket's pairs grow with the square of the images."""
     buckets, filed, looks = rows["bucket"].to_numpy(), rows["filed"].to_numpy(False), rows["probes"].to_numpy(False)
-    codes = rows["query"].to_numpy().view(np.uint8).reshape(-1, 8)  # a hash as faiss's 8-byte binary code
+    query = rows["query"].to_numpy()
+    codes = query.view(np.uint8).reshape(-1, 8)  # a hash as faiss's 8-byte binary code
     starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
     stops = np.r_[starts[1:], len(buckets)]
     # only buckets where something is filed, something looks and two images meet, found at once:
     # most buckets hold one image's rows, and a Python turn each cost more than their comparisons
-    meet = (np.add.reduceat(filed, starts) > 0) & (np.add.reduceat(looks, starts) > 0) & (
-        np.minimum.reduceat(item, starts) != np.maximum.reduceat(item, starts))
-    found = []
-    for start, stop in zip(starts[meet], stops[meet]):
+    filed_count, look_count = np.add.reduceat(filed, starts).astype(np.int64), np.add.reduceat(looks, starts)
+    meet = (filed_count > 0) & (look_count > 0) & (np.minimum.reduceat(item, starts) != np.maximum.reduceat(item, starts))
+    small = meet & (filed_count * look_count <= SMALL_BUCKET_PAIRS)
+    bucket_of = np.repeat(np.arange(len(starts)), stops - starts)
+    in_small = small[bucket_of]
+    rows_found = [_small_bucket_pairs(bucket_of, np.flatnonzero(filed & in_small), np.flatnonzero(looks & in_small),
+                                      query.view(np.uint64), k)]
+    for start, stop in zip(starts[meet & ~small], stops[meet & ~small]):
         f, q = start + np.flatnonzero(filed[start:stop]), start + np.flatnonzero(looks[start:stop])
         index = faiss.IndexBinaryFlat(64)
         index.add(codes[f])
         limits, distance, nearest = index.range_search(codes[q], k + 1)  # distances below k + 1
-        looking, filed_item = np.repeat(item[q], np.diff(limits).astype(np.int64)), item[f][nearest]
-        other = looking != filed_item
-        found.append((looking[other], filed_item[other], distance[other]))
-    looking, filed_item, distance = (np.concatenate(column) for column in zip(*found)) if found else \
-        (np.array([], np.int64), np.array([], np.int64), np.array([], np.int32))
+        rows_found.append((np.repeat(q, np.diff(limits).astype(np.int64)), f[nearest], distance))
+    looking, filed_item, distance = (np.concatenate(column) for column in zip(*rows_found))
+    looking, filed_item = item[looking], item[filed_item]
+    other = looking != filed_item
+    looking, filed_item, distance = looking[other], filed_item[other], distance[other]
     if not looking.size:
-        return looking, filed_item, distance
+        return _no_pairs()
     pair = looking * (item.max() + 1) + filed_item  # a pair meets in many buckets: keep it once, closest
     order = np.argsort(pair, kind="stable")
     first = np.flatnonzero(np.r_[True, pair[order][1:] != pair[order][:-1]])

@@ -74,7 +74,14 @@ def brute_force_losers(items: pa.Table, k: int) -> set[str]:
 
 
 @pytest.mark.parametrize("k", [0, 3, 5, 6, 8])
-def test_band_buckets_find_exactly_the_brute_force_pairs(k: int) -> None:
+@pytest.mark.parametrize("small_pairs, batch_pairs", [(4096, 2_000_000), (0, 1), (3, 5)],
+                         ids=["numpy", "faiss", "both-in-small-batches"])
+def test_band_buckets_find_exactly_the_brute_force_pairs(k: int, small_pairs: int, batch_pairs: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small buckets compared together in numpy, large ones by faiss, and the mix, with numpy's
+    batches split mid-way: every case gives brute force's winners."""
+    monkeypatch.setattr(near_dedupe, "SMALL_BUCKET_PAIRS", small_pairs)
+    monkeypatch.setattr(near_dedupe, "SMALL_BATCH_PAIRS", batch_pairs)
     items = random_items(120, k, seed=k)
     pairs = bucket_pairs(band_rows(with_ids(items), k), k)
     found = {f"{loser:05d}" for loser in pairs["loser"].to_pylist()}  # random_items' keys are their ids
