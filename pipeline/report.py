@@ -168,9 +168,12 @@ def read_images(output: Output, rows: Sequence[dict[str, Any]]) -> dict[str, byt
     for shard in sorted({r["shard"] for r in rows}):
         wanted = {f"{r['key']}.jpg" for r in rows if r["shard"] == shard}
         with output.fs.open(output.shard_path(shard), "rb") as f, tarfile.open(fileobj=f) as tar:
-            for member in tar:
+            for member in tar:  # tarfile parses every header it passes (~70 us each): stop when done
                 if member.name in wanted:
                     found[member.name[:-4]] = tar.extractfile(member).read()
+                    wanted.discard(member.name)
+                    if not wanted:
+                        break
     return found
 
 
