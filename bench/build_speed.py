@@ -76,13 +76,23 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], log: Path, timeout: float) -> tuple[float, float]:
-    """Run cmd (output to log); returns (wall seconds, start epoch). Raises on failure."""
+def _run(cmd: list[str], log: Path, timeout: float, temp_dir: Path | None = None) -> tuple[float, float]:
+    """Run cmd (output to log); returns (wall seconds, start epoch). Raises on failure. temp_dir:
+    the process's TMPDIR, deleted after it (img2dataset imports wandb, whose temporary folders its
+    worker processes leave in /tmp, two a process)."""
     started = time.time()
+    env = _env()
+    if temp_dir is not None:
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(temp_dir)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), timeout=timeout)
-    wall = time.perf_counter() - t0
+    try:
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        wall = time.perf_counter() - t0
+    finally:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}; see {log}")
     return wall, started
@@ -110,7 +120,7 @@ def run_img2dataset(work: Path, parquet: Path, shard_size: int, processes: int, 
     (work / f"{name}.settings.json").write_text(json.dumps(settings))
     result = work / f"{name}.result.json"
     wall, _ = _run([sys.executable, "-m", "bench.img2dataset_run", str(work / f"{name}.settings.json"),
-                          str(result)], work / f"{name}.log", timeout=900)
+                          str(result)], work / f"{name}.log", timeout=900, temp_dir=work / f"{name}.tmp")
     inner = json.loads(result.read_text())
     stats = [json.loads(Path(p).read_text()) for p in sorted(glob.glob(str(folder / "*_stats.json")))]
     successes = sum(s["successes"] for s in stats)
