@@ -202,8 +202,8 @@ def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, 
         f, q = start + np.flatnonzero(filed[start:stop]), start + np.flatnonzero(looks[start:stop])
         index = faiss.IndexBinaryFlat(64)
         index.add(codes[f])
-        limits, distance, nearest = index.range_search(codes[q], k + 1)  # distances below k + 1
-        rows_found.append((np.repeat(q, np.diff(limits).astype(np.int64)), f[nearest], distance))
+        limits, distance, nearest = index.range_search(codes[q], k + 1)  # below k + 1, as float32
+        rows_found.append((np.repeat(q, np.diff(limits).astype(np.int64)), f[nearest], distance.astype(np.int32)))
     looking, filed_item, distance = (np.concatenate(column) for column in zip(*rows_found))
     looking, filed_item = item[looking], item[filed_item]
     other = looking != filed_item
