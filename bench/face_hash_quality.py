@@ -11,14 +11,15 @@ makes --per-kind copies of each. Every original and copy is stored as the builde
 
   pipeline   its 16 pHashes, compared as near_dedupe does (one's pHash against any of the other's 16)
   face       pipeline.face_hash of each face it shows (score >= 0.9; a copy is caught when any of
-             its faces is near any of its original's): the copy's plain hash against the
-             original's 7 jittered ones, as --exclude-images compares a written face with a
-             reference image's
+             its faces is near any of its original's): the copy's plain hashes, one per view,
+             against the original's 7 jittered ones per view, every view with every view, as
+             --exclude-images compares a written face with a reference image's; and each view
+             alone against the same view (what each adds)
 
 Recall: a copy counts as caught at k when its distance to its original is <= k; "either" when
-one of the two is (what a dedupe using both hashes would catch). Distinct faces:
-every face the detector finds at >= 0.9 in the photos (group photos give several people), all
-pairs, face hash against face hash; the closest pairs are listed. Few distinct faces ship with the
+whole image or face is (what --exclude-images decides). Distinct faces: every face the detector
+finds at >= 0.9 in the photos (group photos give several people), all pairs, every view of one
+against every view of the other, as the build compares them; the closest pairs are listed. Few distinct faces ship with the
 installed packages (about a dozen), so this bounds nothing at LAION size: it measures recall, not
 what the face hash would merge among 50M faces (which is why the build uses it for --exclude-images
 only, where a false match costs one training sample).
@@ -41,7 +42,7 @@ from bench.dedupe_images import KINDS, load_photos, transform
 from pipeline.build_config import BuildConfig
 from pipeline.decode import decode_image
 from pipeline.detect import RetinaFaceDetector
-from pipeline.face_hash import JITTERS, shared_face_hasher
+from pipeline.face_hash import JITTERS, VIEWS, shared_face_hasher
 
 WEB_KINDS = KINDS[KINDS.index("crop10"):]
 KS = (4, 6, 8, 10, 12)
@@ -63,23 +64,35 @@ def pipeline_distance(a: list[int], b: list[int]) -> int:
     return min(min(bits(a[0], h) for h in b), min(bits(b[0], h) for h in a))
 
 
+def face_distance(copy_faces: list[list[int]], reference_faces: list[list[list[int]]], same_view: int | None) -> int:
+    """The smallest distance between a copy's faces (a plain hash per view) and its original's (7
+    jittered hashes per view): every view against every view, or only view `same_view` against itself."""
+    pairs = [(c[v], h) for c in copy_faces for r in reference_faces for v in range(len(VIEWS)) for w in range(len(VIEWS))
+             if same_view is None or v == w == same_view for h in r[w]]
+    return min((bits(a, b) for a, b in pairs), default=65)  # 65: no face found
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     detector = RetinaFaceDetector(CONFIG.detect_size, use_gpu=False)
     hasher = shared_face_hasher()
+
+    def face_hashes(rgb: np.ndarray, faces: list, jitters=JITTERS[:1]) -> list[list[list[int]]]:
+        return [[[int(h, 16) for h in view] for view in hasher.hashes(rgb, f.landmarks, jitters)] for f in faces]
+
     sources, distinct = {}, []
     for name, photo in load_photos().items():
         rgb, hashes = stored(_jpeg(photo))
         faces = [f for f in detector([rgb])[0] if f.score >= MIN_SCORE]
         if faces:
-            face_hashes = [int(h, 16) for f in faces for h in hasher.hashes(rgb, f.landmarks, JITTERS)]
-            sources[name] = (photo, hashes, face_hashes)
-            distinct += [(f"{name}#{i}", int(hasher.hashes(rgb, f.landmarks)[0], 16)) for i, f in enumerate(faces)]
+            sources[name] = (photo, hashes, face_hashes(rgb, faces, JITTERS))  # JITTERS[0]: the plain alignment
+            distinct += [(f"{name}#{i}", [view[0] for view in face]) for i, face in enumerate(sources[name][2])]
     print(f"{len(sources)} photos with a face, {len(distinct)} distinct faces", flush=True)
-    distances: dict[str, dict[str, list]] = {kind: {"pipeline": [], "face": []} for kind in WEB_KINDS}
+    methods = ["pipeline", "face", *VIEWS]
+    distances: dict[str, dict[str, list]] = {kind: {method: [] for method in methods} for kind in WEB_KINDS}
     missed_face = {kind: 0 for kind in WEB_KINDS}
     face_seconds: list[tuple[float, int]] = []  # (seconds, faces) of hashing a copy's faces
-    for name, (photo, hashes, face_hashes) in sources.items():
+    for name, (photo, hashes, reference_faces) in sources.items():
         for kind in WEB_KINDS:
             for i in range(args.per_kind):
                 rng = np.random.default_rng([args.seed, zlib.crc32(name.encode()), KINDS.index(kind), i])
@@ -88,15 +101,17 @@ def run(args: argparse.Namespace) -> dict:
                 copy_faces = [f for f in detector([rgb])[0] if f.score >= MIN_SCORE]
                 missed_face[kind] += not copy_faces
                 started_faces = time.perf_counter()
-                copy_face_hashes = [int(hasher.hashes(rgb, f.landmarks)[0], 16) for f in copy_faces]
+                copy_views = [[view[0] for view in face] for face in face_hashes(rgb, copy_faces)]
                 face_seconds.append((time.perf_counter() - started_faces, len(copy_faces)))
-                distances[kind]["face"].append(min((bits(c, h) for c in copy_face_hashes for h in face_hashes),
-                                                   default=65))  # 65: no face found
-    for by in distances.values():  # what a dedupe using both would catch: either within k
+                distances[kind]["face"].append(face_distance(copy_views, reference_faces, None))
+                for v, view in enumerate(VIEWS):
+                    distances[kind][view].append(face_distance(copy_views, reference_faces, v))
+    for by in distances.values():  # what --exclude-images decides: either within k
         by["either"] = np.minimum(by["pipeline"], by["face"]).tolist()
     recall = {kind: {method: {k: float(np.mean(np.array(d) <= k)) for k in KS} for method, d in by.items()}
               for kind, by in distances.items()}
-    pairs = sorted((bits(a, b), x, y) for (x, a), (y, b) in combinations(distinct, 2))
+    pairs = sorted((min(bits(a, b) for a in views_a for b in views_b), x, y)
+                   for (x, views_a), (y, views_b) in combinations(distinct, 2))
     return {"command": "python -m bench.face_hash_quality " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                                           for k, v in vars(args).items() if k != "out"),
             "photos": sorted(sources), "copies_per_kind": args.per_kind * len(sources), "recall": recall,
@@ -115,10 +130,10 @@ def _jpeg(image: Image.Image) -> bytes:
 
 def summary(result: dict) -> str:
     lines = [f"{result['copies_per_kind']} copies per family of {len(result['photos'])} photos: "
-             f"{', '.join(result['photos'])}", f"{'family':28} {'method':9} " + " ".join(f"k={k:<4}" for k in KS)]
+             f"{', '.join(result['photos'])}", f"{'family':28} {'method':20} " + " ".join(f"k={k:<4}" for k in KS)]
     for kind, by in result["recall"].items():
         for method, values in by.items():
-            lines.append(f"{kind:28} {method:9} " + " ".join(f"{values[k]:.3f} " for k in KS))
+            lines.append(f"{kind:28} {method:20} " + " ".join(f"{values[k]:.3f} " for k in KS))
     lines.append(f"copies without a face found: {result['copies_without_a_face_found']}")
     lines.append(f"{result['distinct_faces']} distinct faces, {result['distinct_pairs']} pairs; within k: "
                  f"{result['distinct_pairs_within']}; closest: {result['closest_distinct_pairs'][:3]}")

@@ -99,7 +99,7 @@ def filter_and_commit(batch: dict, config: BuildConfig, output_url: str) -> dict
     done: dict[str, list] = {"unit": [], "counts": [], "error": []}
     for unit, shard, samples in iter_units(batch):
         if config.detector != "none":
-            shared_face_hasher().hash_samples(filter_samples(samples, config))  # ~14 ms a kept face
+            shared_face_hasher().hash_samples(filter_samples(samples, config))  # ~25 ms a kept face (PERFORMANCE.md)
         previous = output.read_table(output.status_path(unit)) if "_" in shard else None
         try:
             counts, error = commit_unit(output, unit, shard, samples, previous), ""

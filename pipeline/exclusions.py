@@ -46,7 +46,8 @@ def exclusion_sets(patterns: list[str]) -> dict[str, list[str]]:
 
 def hash_files(batch: dict) -> dict:
     """EXCLUSIONS_SCHEMA columns for a batch of image paths: the 16 pHashes of each image and of its
-    mirror, and the jittered face hashes (face_hash.JITTERS, 7 a face) of every face in either, found
+    mirror, and the jittered face hashes of every face in either (face by face, each face's
+    face_hash.VIEWS one after the other, 7 alignments each: face_hash.JITTERS), found
     by RetinaFace with the build's default size and score (the cache holds one answer per file)."""
     defaults = BuildConfig()
     detector = RetinaFaceDetector(defaults.detect_size, use_gpu=False)
@@ -59,11 +60,12 @@ def hash_files(batch: dict) -> dict:
             upright = ImageOps.exif_transpose(image).convert("RGB")
         out["path"].append(path), out["size"].append(int(info.get("size", 0)))
         out["mtime"].append(float(info.get("mtime", 0) or 0))
-        for suffix, view in (("", upright), ("_mirror", ImageOps.mirror(upright))):
-            rgb = np.asarray(view)
+        for suffix, picture in (("", upright), ("_mirror", ImageOps.mirror(upright))):
+            rgb = np.asarray(picture)
             faces = [face for face in detector([rgb])[0] if face.score >= defaults.min_face_score]
-            out[f"phashes{suffix}"].append(phashes(view))
-            out[f"face_phashes{suffix}"].append([h for face in faces for h in hasher.hashes(rgb, face.landmarks, JITTERS)])
+            out[f"phashes{suffix}"].append(phashes(picture))
+            views = [view for face in faces for view in hasher.hashes(rgb, face.landmarks, JITTERS)]
+            out[f"face_phashes{suffix}"].append([h for view in views for h in view])
     return out
 
 

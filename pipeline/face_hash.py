@@ -1,4 +1,4 @@
-"""The aligned-face pHash: a face warped by its five landmarks onto ArcFace's template and pHashed.
+"""Aligned-face pHashes: a face warped by its five landmarks onto ArcFace's template and pHashed.
 Crops, bars, greyscale, recompression and small turns around a face leave it where the template
 puts it, so copies that the whole-image pHashes miss keep their face hash (docs/PERFORMANCE.md,
 'Near-copies as the web makes them'); --exclude-images compares it (pipeline.face_overlaps).
@@ -8,6 +8,12 @@ by 10+ bits. So before hashing, the landmarks are looked at again (FaceHasher.re
 already aligned by them (upright, the face at one scale whatever the photo's size) and in its
 mirror, averaged, twice. A reference image is also hashed with its alignment moved a little
 (JITTERS), as a copy's refined landmarks still wander by a pixel or two.
+
+Each face is hashed in three VIEWS, since no one alignment survives every copy (measured per view
+by bench.face_hash_quality): aligned by the refined landmarks (what crops, bars and turns leave in
+place); aligned by the detector's own, which a bar over the face does not move while it pulls the
+zoomed-in second looks; and the upper part of the latter, down to halfway between the nose tip
+and the mouth, which a caption bar, a mask or a hand over the mouth leaves as it was.
 """
 
 from __future__ import annotations
@@ -35,11 +41,21 @@ REFINE_SIDE = 192  # the second look's crop; the face (ArcFace's 112-px crop) fi
 REFINE_CONTEXT = 1.5  # measured: 2 and 3 let the background move the landmarks (bench.face_hash_quality)
 REFINE_ROUNDS = 2
 MIRRORED = [1, 0, 2, 4, 3]  # landmarks of a mirrored face: left and right eyes and mouth corners swap
+VIEWS = ("aligned", "as found", "upper part as found")
+UPPER_ROWS = int((ARCFACE[2, 1] + ARCFACE[3:, 1].mean()) / 2)  # 46 of FACE_SIDE: halfway from nose tip to mouth
 
 
 def _similarity(points: np.ndarray, target: np.ndarray) -> np.ndarray | None:
     matrix, _ = cv2.estimateAffinePartial2D(points.astype(np.float32), target.astype(np.float32), method=cv2.LMEDS)
     return matrix
+
+
+def _aligned(rgb: np.ndarray, points: np.ndarray, target: np.ndarray) -> np.ndarray | None:
+    """The FACE_SIDE-pixel face with `points` moved onto `target`; None where they are all on one point."""
+    matrix = _similarity(points, target)
+    if matrix is None:
+        return None
+    return cv2.warpAffine(rgb, matrix, (FACE_SIDE, FACE_SIDE), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
 
 
 class FaceHasher:
@@ -75,22 +91,24 @@ class FaceHasher:
             points = (np.mean(seen, axis=0) @ inverse[:, :2].T + inverse[:, 2]).astype(np.float32)
         return points
 
-    def hashes(self, rgb: np.ndarray, landmarks: list[list[float]], jitters=JITTERS[:1]) -> list[str]:
-        """16 hex digits per alignment in `jitters`: the pHash of the face, aligned by its refined landmarks."""
-        points, out = self.refined(rgb, landmarks), []
+    def hashes(self, rgb: np.ndarray, landmarks: list[list[float]], jitters=JITTERS[:1]) -> list[list[str]]:
+        """For each of VIEWS, 16 hex digits per alignment in `jitters`; [] where the landmarks align
+        nothing (all on one point)."""
+        found = np.asarray(landmarks, np.float32)
+        refined = self.refined(rgb, found)
+        views: list[list[str]] = [[] for _ in VIEWS]
         for dx, dy, scale in jitters:
             target = (ARCFACE - FACE_SIDE / 2) * scale + FACE_SIDE / 2 + np.array([dx, dy], np.float32) * JITTER_PX
-            matrix = _similarity(points, target)
-            if matrix is None:
-                continue
-            aligned = cv2.warpAffine(rgb, matrix, (FACE_SIDE, FACE_SIDE), flags=cv2.INTER_AREA,
-                                     borderMode=cv2.BORDER_REPLICATE)
-            out.append(phashes(Image.fromarray(aligned))[0])
-        return out
+            by_refined, by_found = _aligned(rgb, refined, target), _aligned(rgb, found, target)
+            if by_refined is None or by_found is None:
+                return []
+            for view, pixels in zip(views, (by_refined, by_found, by_found[:UPPER_ROWS])):
+                view.append(phashes(Image.fromarray(pixels))[0])
+        return views
 
     def hash_samples(self, samples: list[Sample]) -> list[Sample]:
-        """Set `phash` on every face of every pending sample (the faces the filter kept), from its
-        stored image (the landmarks are in original pixels)."""
+        """Set `phashes` (one a view) on every face of every pending sample (the faces the filter
+        kept), from its stored image (the landmarks are in original pixels)."""
         for sample in samples:
             if not sample.pending or not sample.faces:
                 continue
@@ -98,8 +116,8 @@ class FaceHasher:
                 rgb = np.asarray(image.convert("RGB"))
             sx, sy = sample.width / sample.original_width, sample.height / sample.original_height
             for face in sample.faces:
-                found = self.hashes(rgb, [[x * sx, y * sy] for x, y in face.landmarks])
-                face.phash = found[0] if found else None
+                views = self.hashes(rgb, [[x * sx, y * sy] for x, y in face.landmarks])
+                face.phashes = [view[0] for view in views] or None
         return samples
 
 

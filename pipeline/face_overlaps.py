@@ -1,10 +1,13 @@
 """Benchmark decontamination by faces: a written sample is removed when one of its faces' aligned
-pHash (pipeline.face_hash) lies within the near-duplicate distance of one of the 7 jittered hashes
-of a face in an --exclude-images image or its mirror. Faces go through the near dedupe's own
-machinery (near_dedupe.find_near_duplicates) as items of their own, keyed by the sample's key and
-3 digits of face, so that a face is only compared with faces. Only what an excluded face catches is removed: the dedupe of the
-dataset itself stays with the whole-image hashes, since what merging distinct people's faces would
-cost among 50M faces has not been measured."""
+pHashes (pipeline.face_hash, one per view) lies within the near-duplicate distance of one of the 7
+jittered hashes of a view of a face in an --exclude-images image or its mirror. Each view of a face
+goes through the near dedupe's own machinery (near_dedupe.find_near_duplicates) as an item of its
+own, keyed by the sample's key, 3 digits of face and 1 of view, so that faces are only compared
+with faces (every view with every view, whatever its kind: bench.face_hash_quality counts distinct
+faces' pairs the same way).
+Only what an excluded face catches is removed: the dedupe of the dataset itself stays with the
+whole-image hashes, since what merging distinct people's faces would cost among 50M faces has not
+been measured."""
 
 from __future__ import annotations
 
@@ -13,23 +16,22 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.dedupe import REMOVED_SCHEMA, Rows, map_tables, materialize, written_samples
-from pipeline.face_hash import JITTERS
+from pipeline.face_hash import JITTERS, VIEWS
 from pipeline.near_dedupe import (CROP_HASHES, ITEMS_SCHEMA, REFERENCE_AREA, exclusion_rows, find_near_duplicates,
                                   hex_to_int64)
 from pipeline.storage import Output
 
-FACE_DIGITS = 3  # a face item's key: the sample's key, then the face's index in this many digits (keys are digits)
+FACE_DIGITS = 4  # a face item's key: the sample's key, the face's index in 3 digits, its view's in 1 (keys are digits)
 
 
 def written_face_items(t: pa.Table) -> pa.Table:
-    """One item per kept face with a hash, from the metadata columns key, shard, faces and original size."""
+    """One item per view of a kept face with hashes, from the metadata columns key, shard, faces and original size."""
     rows: dict[str, list] = {name: [] for name in ITEMS_SCHEMA.names}
     for key, shard, faces, width, height in zip(t["key"].to_pylist(), t["shard"].to_pylist(), t["faces"].to_pylist(),
                                                t["original_width"].to_pylist(), t["original_height"].to_pylist()):
         for index, face in enumerate(faces or []):
-            if face.get("phash"):
-                [value] = hex_to_int64([face["phash"]]).tolist()
-                rows["key"].append(f"{key}{index:0{FACE_DIGITS}d}")
+            for view, value in enumerate(hex_to_int64(face["phashes"]).tolist() if face.get("phashes") else []):
+                rows["key"].append(f"{key}{index:03d}{view}")
                 rows["phash"].append(value)
                 rows["crops"].append([value] * CROP_HASHES)  # nothing else to compare: the pHash itself
                 rows["area"].append(int(width) * int(height))
@@ -39,14 +41,15 @@ def written_face_items(t: pa.Table) -> pa.Table:
 
 
 def reference_face_items(name: str, rows: list[dict]) -> pa.Table:
-    """One item per face of each excluded image and of its mirror: its plain hash, then its jittered ones."""
+    """One item per view of a face of each excluded image and of its mirror: its plain hash, then its jittered ones."""
     out: dict[str, list] = {column: [] for column in ITEMS_SCHEMA.names}
     for row in rows:
         for column, which in (("face_phashes", "face"), ("face_phashes_mirror", "mirrored face")):
             hashes = hex_to_int64(row[column]).tolist() if row[column] else []
             for start in range(0, len(hashes), len(JITTERS)):
                 face = hashes[start:start + len(JITTERS)]
-                out["key"].append(f"{row['path']} ({which} {start // len(JITTERS)})")
+                index, view = divmod(start // len(JITTERS), len(VIEWS))
+                out["key"].append(f"{row['path']} ({which} {index}, {VIEWS[view]})")
                 out["phash"].append(face[0])
                 out["crops"].append(((face[1:] or face) * CROP_HASHES)[:CROP_HASHES])
                 out["area"].append(REFERENCE_AREA)
@@ -57,13 +60,15 @@ def reference_face_items(name: str, rows: list[dict]) -> pa.Table:
 
 def _as_removed(t: pa.Table) -> pa.Table:
     t = t.filter(pc.is_valid(t["overlap_set"]))  # caught by an excluded face, not by another written one
-    images = [winner.rsplit(" (", 1)[0] for winner in t["winner"].to_pylist()]
+    winners = [winner[:-1].rsplit(" (", 1) for winner in t["winner"].to_pylist()]  # [image, which face and view]
+    keys = t["key"].to_pylist()
+    reasons = [f"face {int(key[-FACE_DIGITS:-1])} ({VIEWS[int(key[-1])]}) within {distance} bits of {face} of {name} "
+               f"image {image} (aligned-face pHashes)" for key, distance, name, (image, face) in
+               zip(keys, t["distance"].to_pylist(), t["overlap_set"].to_pylist(), winners)]
     return pa.table({
-        "key": [key[:-FACE_DIGITS] for key in t["key"].to_pylist()], "shard": t["shard"],
-        "status": ["benchmark_overlap"] * t.num_rows,
-        "reason": [f"a face within {distance} bits of a face of {name} image {image} (aligned-face pHash)"
-                   for distance, name, image in zip(t["distance"].to_pylist(), t["overlap_set"].to_pylist(), images)],
-        "duplicate_of": images, "distance": t["distance"], "overlap_set": t["overlap_set"]}, schema=REMOVED_SCHEMA)
+        "key": [key[:-FACE_DIGITS] for key in keys], "shard": t["shard"], "status": ["benchmark_overlap"] * t.num_rows,
+        "reason": reasons, "duplicate_of": [image for image, _ in winners], "distance": t["distance"],
+        "overlap_set": t["overlap_set"]}, schema=REMOVED_SCHEMA)
 
 
 def face_overlap_removals(output: Output, k: int, exclude: list[str]) -> Rows | None:

@@ -47,13 +47,13 @@ FACE_TYPE = pa.struct([
     ("box", pa.list_(pa.float32())),  # x1, y1, x2, y2 in original-image pixels
     ("landmarks", pa.list_(pa.list_(pa.float32()))),  # 5 x [x, y]: eyes, nose, mouth corners
     ("score", pa.float32()),
-    ("phash", pa.string()),  # pHash of the face aligned by its landmarks, 16 hex digits (pipeline.face_hash)
+    ("phashes", pa.list_(pa.string())),  # pHashes of the face aligned by its landmarks, one per face_hash.VIEWS
 ])
 
-# Which decode.phashes made `phash` and `phash_crops`, and face_hash the faces' `phash`: bump it when
+# Which decode.phashes made `phash` and `phash_crops`, and face_hash the faces' `phashes`: bump it when
 # their output changes, so that hashes of two versions are never compared (a build checks it against
-# what it finds). 2: faces have a phash.
-PHASH_VERSION = "2"
+# what it finds). 2: faces have a phash. 3: three, one per face_hash.VIEWS.
+PHASH_VERSION = "3"
 PHASH_VERSION_KEY = b"phash_version"  # where METADATA_SCHEMA and the exclusion caches record it
 
 
@@ -125,10 +125,10 @@ class Face:
     box: list[float]
     landmarks: list[list[float]]
     score: float
-    phash: str | None = None  # set for the faces kept (face_hash.FaceHasher.hash_samples)
+    phashes: list[str] | None = None  # set for the faces kept (face_hash.FaceHasher.hash_samples)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"box": self.box, "landmarks": self.landmarks, "score": self.score, "phash": self.phash}
+        return {"box": self.box, "landmarks": self.landmarks, "score": self.score, "phashes": self.phashes}
 
 
 @dataclass
