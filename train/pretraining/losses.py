@@ -25,7 +25,9 @@ class FaRLLoss(nn.Module):
         super().__init__()
         self.targets, self.world_size = targets, world_size
         self.contrastive_weight, self.mim_weight = contrastive_weight, mim_weight
-        self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
+        # cache_labels=False: the cache is a dict that torch.compile guards on, so filling it on step 1
+        # recompiled the loss on step 2 (5 s on 2 CPUs); the labels are one arange, folded into the graph
+        self.clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=False,
                                   rank=rank, world_size=world_size)
 
     def forward(self, outputs: dict[str, torch.Tensor | None], images: torch.Tensor,
