@@ -1,0 +1,81 @@
+"""Decontamination by face views (pipeline.face_overlaps) in this process: real Parquet files of an
+output and of an exclusion cache, the near dedupe's own machinery on tables. Which face and which
+view matched, on both sides, must reach the status table's reason; faces without hashes and faces
+far from every excluded one stay. tests/test_build_laion_face.py runs the same through a real build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.exclusions import EXCLUSIONS_SCHEMA
+from pipeline.face_hash import JITTERS, VIEWS
+from pipeline.face_overlaps import face_overlap_removals
+from pipeline.schema import METADATA_SCHEMA
+from pipeline.storage import Output
+
+K = 6
+RNG = np.random.default_rng(0)
+
+
+def random_hashes(n: int) -> list[int]:
+    """Unrelated 64-bit hashes: ~32 bits apart, none within K of another (checked below)."""
+    return [int(h) for h in RNG.integers(0, 2 ** 63, n, dtype=np.int64)]
+
+
+def hex16(value: int) -> str:
+    return f"{value:016x}"
+
+
+def flip(value: int, bits: int) -> int:
+    return value ^ ((1 << bits) - 1) << 20
+
+
+def face(phashes: list[int] | None) -> dict:
+    return {"box": [0.0, 0.0, 10.0, 10.0], "landmarks": [[1.0, 1.0]] * 5, "score": 0.99,
+            "phashes": [hex16(h) for h in phashes] if phashes is not None else None}
+
+
+def write_metadata(out: Path, faces_by_key: dict[str, list[dict]]) -> None:
+    rows = [{"key": key, "shard": "00000", "original_width": 100, "original_height": 100, "faces": faces}
+            for key, faces in faces_by_key.items()]
+    table = pa.Table.from_pylist(rows).cast(pa.schema([METADATA_SCHEMA.field(name) for name in rows[0]]))
+    (out / "metadata").mkdir(parents=True)
+    pq.write_table(table, out / "metadata" / "00000.parquet")
+
+
+def test_a_face_caught_by_one_view_names_both_faces_and_views(tmp_path: Path) -> None:
+    excluded = tmp_path / "wflw_test"
+    excluded.mkdir()
+    image = excluded / "0001.png"
+    Image.new("RGB", (8, 8)).save(image)
+    reference = random_hashes(len(VIEWS) * len(JITTERS))  # one face: each view's 7 alignments in a row
+    upper = VIEWS.index("upper part as found")
+    caught = reference[upper * len(JITTERS) + 3]  # near one jittered alignment of the upper view
+    kept_faces, caught_face = random_hashes(2 * len(VIEWS)), random_hashes(len(VIEWS))
+    caught_face[upper] = flip(caught, 3)
+    everything = reference + kept_faces + caught_face
+    assert min((a ^ b).bit_count() for i, a in enumerate(everything) for b in everything[i + 1:]
+               if {a, b} != {caught, caught_face[upper]}) > 2 * K
+    out = tmp_path / "out"
+    write_metadata(out, {
+        "00000000000000": [face(kept_faces[:3]), face(caught_face)],  # its face 1 is a copy's
+        "00000000000001": [face(kept_faces[3:]), face(None)],  # a face without hashes: nothing to compare
+    })
+    (out / "exclusions").mkdir()
+    pq.write_table(pa.Table.from_pylist([{
+        "path": str(image), "size": image.stat().st_size, "mtime": image.stat().st_mtime,
+        "phashes": [hex16(h) for h in random_hashes(16)], "phashes_mirror": [hex16(h) for h in random_hashes(16)],
+        "face_phashes": [hex16(h) for h in reference], "face_phashes_mirror": []}], schema=EXCLUSIONS_SCHEMA),
+        out / "exclusions" / "wflw_test.parquet")  # the cache a build keeps: nothing is hashed again
+
+    removed = face_overlap_removals(Output(str(out)), K, [str(excluded)]).to_pylist()
+
+    assert [(r["key"], r["status"], r["duplicate_of"], r["distance"], r["overlap_set"]) for r in removed] == [
+        ("00000000000000", "benchmark_overlap", str(image), 3, "wflw_test")]
+    assert removed[0]["reason"] == (f"face 1 (upper part as found) within 3 bits of face 0, upper part as found "
+                                    f"of wflw_test image {image} (aligned-face pHashes)")
