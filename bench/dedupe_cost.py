@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import time
+import tracemalloc
 from math import comb
 
 import imagehash
@@ -17,6 +18,8 @@ from pipeline.build_config import BuildConfig
 from pipeline.decode import CROPS, decode_image, phashes
 from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, band_rows, band_rows_per_item,
                                   bucket_pairs, with_ids, with_partition)
+
+PASSES = 25  # a 10M-image build's band passes on a 2-core box (docs/PERFORMANCE.md, global dedupe at scale)
 
 
 def per_second(fn, seconds: float = 3.0, minimum: int = 20) -> float:
@@ -86,6 +89,14 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
     band_seconds = time.process_time() - start
     assert bands.num_rows == band_n * band_rows_per_item(k)
     with_part = with_partition(bands, "bucket", 200)
+    numbered = with_ids(sample)
+    tracemalloc.start()
+    start = time.process_time()
+    for which in range(PASSES):  # each pass makes its share of the rows from every item
+        band_rows(numbered, k, PASSES, which)
+    pass_seconds = (time.process_time() - start) / PASSES
+    pass_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     out = {"k": k, "items_measured": items_n, "band_items_measured": band_n,
            "items_bytes_per_item": per_item_items, "items_GB_per_million": per_item_items * 1e6 / 1e9,
            "band_rows_per_item": {k: band_rows_per_item(k) for k in ks},
@@ -93,7 +104,9 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
            "band_rows_bytes_per_item": bands.nbytes / band_n,
            "band_rows_GB_per_million": bands.nbytes / band_n * 1e6 / 1e9,
            "shuffled_GB_per_million": with_part.nbytes / band_n * 1e6 / 1e9,
-           "band_rows_seconds_per_million_items": band_seconds / band_n * 1e6}
+           "band_rows_seconds_per_million_items": band_seconds / band_n * 1e6,
+           f"band_rows_seconds_per_million_items_a_pass_of_{PASSES}": pass_seconds / band_n * 1e6,
+           f"band_rows_peak_GB_per_million_items_a_pass_of_{PASSES}": pass_peak / band_n * 1e6 / 1e9}
     del bands, with_part
 
     # One bucket as it would be at 50M images, scaled down: an image is filed under `probes` values

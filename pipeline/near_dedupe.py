@@ -120,27 +120,36 @@ def band_rows(items: pa.Table, k: int, passes: int = 1, which: int = 0) -> pa.Ta
     `query`) under the exact band values of each of its 16 hashes: a query within k bits of a pHash
     then meets it in some band. Filing the neighbours rather than probing them costs 4 x (17 + 15)
     rows per item at k = 6 instead of 4 x 17 x 16, for the same comparisons. A row carries the image's
-    id and area, nothing else of it: a filed row's `query` is the pHash itself."""
+    id and area, nothing else of it: a filed row's `query` is the pHash itself.
+
+    Every pass looks at every item's band values again, so a bucket's pass is looked up in a table
+    of all 4 x 2^16 (band, value) buckets, made once a call, and only the pass's rows are built, a
+    band at a time. Measured at 200k items in 25 passes, against hashing and keeping all 128 values
+    of an item in every pass: 0.30 s and 147 MB a pass instead of 0.62 s and 960 MB."""
     n = items.num_rows
     masks = _probe_masks(k // BANDS)
-    crops = pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES)
     plain = items["phash"].to_numpy()
-    owner = np.r_[np.repeat(np.arange(n), len(masks)), np.repeat(np.arange(n), CROP_HASHES)]
-    query = np.r_[np.repeat(plain, len(masks)), crops.ravel()]
-    filed = np.r_[np.ones(n * len(masks), bool), np.zeros(n * CROP_HASHES, bool)]
-    probes = np.r_[np.tile(masks == 0, n), np.ones(n * CROP_HASHES, bool)]  # the pHash's exact value probes too
-    buckets = []
+    crops = pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES)
+    # an item's hashes as its rows use them: its pHash once per filed neighbour, then its crop hashes
+    queries = np.concatenate([np.repeat(plain[:, None], len(masks), axis=1), crops], axis=1).ravel()
+    width = len(masks) + CROP_HASHES
+    filed = np.arange(width) < len(masks)
+    probes = ~filed | np.r_[masks == 0, np.zeros(CROP_HASHES, bool)]  # the pHash's exact value probes too
+    pass_of = bucket_pass(np.arange(BANDS << BAND_BITS, dtype=np.int64), passes).astype(np.int32) if passes > 1 else None
+    flat, bucket = [], []
+    values = np.empty((n, width), np.int64)
     for band in range(BANDS):
-        plain_values = (plain.view(np.uint64) >> np.uint64(band * BAND_BITS)) & np.uint64(0xFFFF)
-        crop_values = (crops.view(np.uint64) >> np.uint64(band * BAND_BITS)) & np.uint64(0xFFFF)
-        buckets.append(band << BAND_BITS | np.r_[(plain_values.astype(np.int64)[:, None] ^ masks[None, :]).ravel(),
-                                                 crop_values.astype(np.int64).ravel()])
-    bucket = np.concatenate(buckets)
-    taken = np.flatnonzero(bucket_pass(bucket, passes) == which) if passes > 1 else np.arange(len(bucket))
-    row = taken % len(owner)  # the same item, hash and role in every band
-    return items.select(["id", "area"]).take(pa.array(owner[row])).append_column(
-        "query", pa.array(query[row], pa.int64())).append_column("filed", pa.array(filed[row])).append_column(
-        "probes", pa.array(probes[row])).append_column("bucket", pa.array(bucket[taken], pa.int64()))
+        shift = np.uint64(band * BAND_BITS)
+        values[:, :len(masks)] = ((plain.view(np.uint64) >> shift) & np.uint64(0xFFFF)).astype(np.int64)[:, None] ^ masks
+        values[:, len(masks):] = (crops.view(np.uint64) >> shift) & np.uint64(0xFFFF)
+        taken = np.flatnonzero(pass_of[band << BAND_BITS:][values] == which) if pass_of is not None else np.arange(n * width)
+        flat.append(taken), bucket.append(band << BAND_BITS | values.ravel()[taken])
+    flat = np.concatenate(flat)
+    column = flat % width
+    return items.select(["id", "area"]).take(pa.array(flat // width)).append_column(
+        "query", pa.array(queries[flat], pa.int64())).append_column(
+        "filed", pa.array(filed[column])).append_column("probes", pa.array(probes[column])).append_column(
+        "bucket", pa.array(np.concatenate(bucket), pa.int64()))
 
 
 def _small_bucket_pairs(bucket_of: np.ndarray, filed_rows: np.ndarray, look_rows: np.ndarray, codes: np.ndarray,
