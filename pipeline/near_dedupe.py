@@ -130,9 +130,7 @@ def band_rows(items: pa.Table, k: int, passes: int = 1, which: int = 0) -> pa.Ta
     masks = _probe_masks(k // BANDS)
     plain = items["phash"].to_numpy()
     crops = pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES)
-    # an item's hashes as its rows use them: its pHash once per filed neighbour, then its crop hashes
-    queries = np.concatenate([np.repeat(plain[:, None], len(masks), axis=1), crops], axis=1).ravel()
-    width = len(masks) + CROP_HASHES
+    width = len(masks) + CROP_HASHES  # an item's rows a band: filed under each neighbour, then looking by each crop
     filed = np.arange(width) < len(masks)
     probes = ~filed | np.r_[masks == 0, np.zeros(CROP_HASHES, bool)]  # the pHash's exact value probes too
     pass_of = bucket_pass(np.arange(BANDS << BAND_BITS, dtype=np.int64), passes).astype(np.int32) if passes > 1 else None
@@ -145,9 +143,10 @@ def band_rows(items: pa.Table, k: int, passes: int = 1, which: int = 0) -> pa.Ta
         taken = np.flatnonzero(pass_of[band << BAND_BITS:][values] == which) if pass_of is not None else np.arange(n * width)
         flat.append(taken), bucket.append(band << BAND_BITS | values.ravel()[taken])
     flat = np.concatenate(flat)
-    column = flat % width
-    return items.select(["id", "area"]).take(pa.array(flat // width)).append_column(
-        "query", pa.array(queries[flat], pa.int64())).append_column(
+    owner, column = np.divmod(flat, width)
+    query = np.where(filed[column], plain[owner], crops[owner, np.maximum(column - len(masks), 0)])
+    return items.select(["id", "area"]).take(pa.array(owner)).append_column(
+        "query", pa.array(query, pa.int64())).append_column(
         "filed", pa.array(filed[column])).append_column("probes", pa.array(probes[column])).append_column(
         "bucket", pa.array(np.concatenate(bucket), pa.int64()))
 
