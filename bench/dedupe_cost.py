@@ -16,8 +16,8 @@ from PIL import Image
 from bench.dedupe_images import jpeg
 from pipeline.build_config import BuildConfig
 from pipeline.decode import CROPS, decode_image, phashes
-from pipeline.near_dedupe import (BANDS, BAND_BITS, CROP_HASHES, ITEMS_SCHEMA, band_rows, band_rows_per_item,
-                                  bucket_pairs, with_ids, with_partition)
+from pipeline.near_buckets import BANDS, BAND_BITS, CROP_HASHES, band_rows, band_rows_per_item, bucket_pairs
+from pipeline.near_dedupe import ITEMS_SCHEMA, with_ids, with_partition
 
 PASSES = 25  # a 10M-image build's band passes on a 2-core box (docs/PERFORMANCE.md, global dedupe at scale)
 

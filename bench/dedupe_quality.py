@@ -58,7 +58,7 @@ Cost
   (ITEMS_SCHEMA rows, band_rows at the default k with and without the shuffle's partition column),
   the candidate comparisons per item at 50M images (its 64 looks x the pHashes filed per bucket,
   N / 65536 x the 17 band values each is filed under at k = 6)
-  and the measured cost of one comparison in pipeline.near_dedupe.bucket_pairs (one bucket).
+  and the measured cost of one comparison in pipeline.near_buckets.bucket_pairs (one bucket).
 
 The photos and their near-copies are made in bench.dedupe_images, the cost measured in
 bench.dedupe_cost; this module hashes, pairs, counts and reports.

@@ -16,9 +16,10 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.dedupe import REMOVED_SCHEMA, Rows, map_tables, materialize, written_samples
+from pipeline.exclusions import exclusion_rows
 from pipeline.face_hash import JITTERS, VIEWS
-from pipeline.near_dedupe import (CROP_HASHES, ITEMS_SCHEMA, REFERENCE_AREA, exclusion_rows, find_near_duplicates,
-                                  hex_to_int64)
+from pipeline.near_buckets import CROP_HASHES, REFERENCE_AREA
+from pipeline.near_dedupe import ITEMS_SCHEMA, find_near_duplicates, hex_to_int64
 from pipeline.storage import Output
 
 FACE_DIGITS = 4  # a face item's key: the sample's key, the face's index in 3 digits, its view's in 1 (keys are digits)

@@ -15,11 +15,12 @@ import ray
 import skimage.data
 from PIL import Image
 
-from pipeline import near_dedupe
+from pipeline import near_buckets, near_dedupe
 from pipeline.config import ConfigError
 from pipeline.exclusions import EXCLUSIONS_SCHEMA, exclusion_sets
-from pipeline.near_dedupe import (ITEMS_SCHEMA, REFERENCE_AREA, band_rows, bucket_pairs, exclusion_items,
-                                  find_near_duplicates, hex_to_int64, mark_copies, with_ids)
+from pipeline.near_buckets import REFERENCE_AREA, band_rows, bucket_pairs
+from pipeline.near_dedupe import (ITEMS_SCHEMA, exclusion_items, find_near_duplicates, hex_to_int64, mark_copies,
+                                  with_ids)
 from pipeline.storage import Output
 
 
@@ -80,8 +81,8 @@ def test_band_buckets_find_exactly_the_brute_force_pairs(k: int, small_pairs: in
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Small buckets compared together in numpy, large ones by faiss, and the mix, with numpy's
     batches split mid-way: every case gives brute force's winners."""
-    monkeypatch.setattr(near_dedupe, "SMALL_BUCKET_PAIRS", small_pairs)
-    monkeypatch.setattr(near_dedupe, "SMALL_BATCH_PAIRS", batch_pairs)
+    monkeypatch.setattr(near_buckets, "SMALL_BUCKET_PAIRS", small_pairs)
+    monkeypatch.setattr(near_buckets, "SMALL_BATCH_PAIRS", batch_pairs)
     items = random_items(120, k, seed=k)
     pairs = bucket_pairs(band_rows(with_ids(items), k), k)
     found = {f"{loser:05d}" for loser in pairs["loser"].to_pylist()}  # random_items' keys are their ids
@@ -95,11 +96,11 @@ def test_band_buckets_find_exactly_the_brute_force_pairs(k: int, small_pairs: in
 
 
 def test_passes_follow_the_budget_and_take_every_band_row_once() -> None:
-    need = 1000 * near_dedupe.band_rows_per_item(6) * near_dedupe.BAND_ROW_BYTES
-    assert near_dedupe.band_rows_per_item(6) == 4 * (17 + 15)
-    assert near_dedupe.band_passes(1000, 6, float("inf")) == near_dedupe.band_passes(1000, 6, need) == 1
-    assert near_dedupe.band_passes(1000, 6, need - 1) == near_dedupe.band_passes(1000, 6, need / 2) == 2
-    assert near_dedupe.band_passes(1000, 6, need / 2 - 1) == 3
+    need = 1000 * near_buckets.band_rows_per_item(6) * near_buckets.BAND_ROW_BYTES
+    assert near_buckets.band_rows_per_item(6) == 4 * (17 + 15)
+    assert near_buckets.band_passes(1000, 6, float("inf")) == near_buckets.band_passes(1000, 6, need) == 1
+    assert near_buckets.band_passes(1000, 6, need - 1) == near_buckets.band_passes(1000, 6, need / 2) == 2
+    assert near_buckets.band_passes(1000, 6, need / 2 - 1) == 3
     items = with_ids(random_items(300, 6, seed=5))
     whole = band_rows(items, 6).sort_by([(name, "ascending") for name in ("bucket", "id", "query", "filed", "probes")])
     passes = [band_rows(items, 6, 4, which) for which in range(4)]
@@ -117,7 +118,7 @@ def test_ray_result_does_not_depend_on_partitioning(ray_address: str, monkeypatc
     several partitions and pair blocks (a budget and the sizes of a partition made small) decides
     as the driver's path does in one. (One pass on Ray: the copies test below.)"""
     items = random_items(200, 8, seed=3)
-    need = 200 * near_dedupe.band_rows_per_item(8) * near_dedupe.BAND_ROW_BYTES
+    need = 200 * near_buckets.band_rows_per_item(8) * near_buckets.BAND_ROW_BYTES
     local = find_near_duplicates(items, 8, 7).to_pandas().sort_values("key")  # a table: the driver's path
     passes = []
     monkeypatch.setattr(near_dedupe, "pass_budget_bytes", lambda held: need / 2.5)
