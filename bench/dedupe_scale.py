@@ -172,18 +172,15 @@ def generate(folder: Path, rows: int) -> None:
 
 
 def start_ray() -> None:
-    """Ray as the builder sets it up (pipeline.build.start_ray and build()'s DataContext), all CPUs,
+    """Ray as the builder sets it up (pipeline.build.start_ray and configure_ray_data), all CPUs,
     and warm: a build's workers are long started when its dedupes run."""
     import ray
 
+    from pipeline.build import configure_ray_data
+
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False, configure_logging=True)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.op_resource_reservation_enabled = False
-    context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    configure_ray_data(progress_bars=False)
 
     def imports(batch: dict) -> dict:
         import pipeline.near_dedupe  # noqa: F401  (what build's _warm_up has each worker import)

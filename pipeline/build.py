@@ -277,6 +277,22 @@ def start_ray(address: str | None) -> None:
                  log_to_driver=False, configure_logging=True)
 
 
+def configure_ray_data(progress_bars: bool) -> None:
+    """The driver's Ray Data settings for a build's stages and dedupes (the tests and bench.dedupe_scale
+    use them too: the default hash shuffle took 37 s instead of 4 for one small near dedupe)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress_bars
+    context.print_on_execution_start = False
+    # Ray Data reserves CPU per operator by default; with the commit stage's share reserved, a
+    # 2-CPU machine fetched one unit at a time (docs/PERFORMANCE.md). The detector actors are
+    # sized to leave CPU for fetching (actor_cpus), so the reservation is not needed to avoid starvation.
+    context.op_resource_reservation_enabled = False
+    # the dedupe groupbys shuffle a few small columns: the pull-based sort shuffle starts no
+    # aggregator actors, which saves seconds per groupby on small builds
+    context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own bar and summary say what matters
+
+
 @ray.remote(num_cpus=1)
 def _warm_up() -> None:
     """Makes a worker import every stage module while the driver plans, instead of when the first
@@ -342,17 +358,7 @@ def build_locked(config: BuildConfig, output: Output, lock: OutputLock, rows: di
     lock.confirm()  # on object storage, after a settling time that starting Ray has mostly spent
     inputs, shard_size = register_inputs(output, rows, config, allowlist, ray.cluster_resources().get("CPU", 1.0))
     config = replace(config, shard_size=shard_size)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = config.progress and sys.stderr.isatty()
-    context.print_on_execution_start = False
-    # Ray Data reserves CPU per operator by default; with the commit stage's share reserved, a
-    # 2-CPU machine fetched one unit at a time (docs/PERFORMANCE.md). The detector actors are
-    # sized to leave CPU for fetching (actor_cpus), so the reservation is not needed to avoid starvation.
-    context.op_resource_reservation_enabled = False
-    # the dedupe groupbys shuffle a few small columns: the pull-based sort shuffle starts no
-    # aggregator actors, which saves seconds per groupby on small builds
-    context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own bar and summary say what matters
+    configure_ray_data(config.progress and sys.stderr.isatty())
     output.remove_temporaries()
     remove_orphans(output)
     # removals a killed run decided but did not finish, before anything looks at what is written

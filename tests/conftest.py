@@ -18,10 +18,14 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
 
 @pytest.fixture(scope="session")
 def ray_address() -> str:
-    """Start Ray once for the whole session (ray.init costs ~5 s); builds in this process reuse it."""
+    """Start Ray once for the whole session (ray.init costs ~5 s); builds in this process reuse it.
+    Ray Data as a build sets it up, so that a test of a stage alone runs it as a build does."""
     import ray
 
+    from pipeline.build import configure_ray_data
+
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    configure_ray_data(progress_bars=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
