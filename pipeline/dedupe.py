@@ -273,7 +273,9 @@ def duplicate_image_removals(output: Output) -> Rows | None:
 
 def first_removal_per_key(removals: list[Rows], partitions: int) -> Rows:
     """One REMOVED_SCHEMA row per key: where several dedupes remove a sample, the first in `removals`
-    says why (the exact dedupe before the near one), so its shard is rewritten once for both."""
+    says why (the exact dedupe before the near one), so its shard is rewritten once for both; within
+    one (a sample's faces and views caught by the face overlaps), the closest, then the first reason,
+    whatever order the rows came in."""
     parts = unit_partitions(partitions)
 
     def ranked(rank: int) -> TableFn:
@@ -286,7 +288,7 @@ def first_removal_per_key(removals: list[Rows], partitions: int) -> Rows:
     def first_per_key(t: pa.Table) -> pa.Table:
         if t.num_rows == 0:
             return REMOVED_SCHEMA.empty_table()
-        t = t.sort_by([("key", "ascending"), ("rank", "ascending")])
+        t = t.sort_by([(column, "ascending") for column in ("key", "rank", "distance", "reason")])
         keys = t["key"].to_numpy(zero_copy_only=False)
         return t.take(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])).select(REMOVED_SCHEMA.names)
 

@@ -23,6 +23,7 @@ from pipeline.near_dedupe import ITEMS_SCHEMA, find_near_duplicates, hex_to_int6
 from pipeline.storage import Output
 
 FACE_DIGITS = 4  # a face item's key: the sample's key, the face's index in 3 digits, its view's in 1 (keys are digits)
+FACE_KEYS = 10 ** (FACE_DIGITS - 1)  # faces of a sample compared: a crowd beyond them is not
 
 
 def written_face_items(t: pa.Table) -> pa.Table:
@@ -30,7 +31,7 @@ def written_face_items(t: pa.Table) -> pa.Table:
     rows: dict[str, list] = {name: [] for name in ITEMS_SCHEMA.names}
     for key, shard, faces, width, height in zip(t["key"].to_pylist(), t["shard"].to_pylist(), t["faces"].to_pylist(),
                                                t["original_width"].to_pylist(), t["original_height"].to_pylist()):
-        for index, face in enumerate(faces or []):
+        for index, face in enumerate((faces or [])[:FACE_KEYS]):  # a face numbered 1,000 would overflow the key
             for view, value in enumerate(hex_to_int64(face["phashes"]).tolist() if face.get("phashes") else []):
                 rows["key"].append(f"{key}{index:03d}{view}")
                 rows["phash"].append(value)
@@ -74,7 +75,7 @@ def _as_removed(t: pa.Table) -> pa.Table:
 
 def face_overlap_removals(output: Output, k: int, exclude: list[str]) -> Rows | None:
     """REMOVED_SCHEMA rows of the written samples that a face of an excluded image catches (a row per
-    face caught: dedupe.first_removal_per_key keeps one per sample). None: nothing excluded or written."""
+    face and view caught: dedupe.first_removal_per_key keeps the closest). None: nothing excluded or written."""
     written = written_samples(output, ["key", "shard", "faces", "original_width", "original_height"])
     references = [reference_face_items(name, rows) for name, rows in exclusion_rows(output, exclude).items()]
     references = pa.concat_tables(references) if references else ITEMS_SCHEMA.empty_table()

@@ -12,19 +12,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.dedupe import first_removal_per_key
 from pipeline.exclusions import EXCLUSIONS_SCHEMA
 from pipeline.face_hash import JITTERS, VIEWS
-from pipeline.face_overlaps import face_overlap_removals
+from pipeline.face_overlaps import FACE_DIGITS, face_overlap_removals, written_face_items
 from pipeline.schema import METADATA_SCHEMA
 from pipeline.storage import Output
 
 K = 6
-RNG = np.random.default_rng(0)
 
 
-def random_hashes(n: int) -> list[int]:
+def random_hashes(rng: np.random.Generator, n: int) -> list[int]:
     """Unrelated 64-bit hashes: ~32 bits apart, none within K of another (checked below)."""
-    return [int(h) for h in RNG.integers(0, 2 ** 63, n, dtype=np.int64)]
+    return [int(h) for h in rng.integers(0, 2 ** 63, n, dtype=np.int64)]
 
 
 def hex16(value: int) -> str:
@@ -48,15 +48,32 @@ def write_metadata(out: Path, faces_by_key: dict[str, list[dict]]) -> None:
     pq.write_table(table, out / "metadata" / "00000.parquet")
 
 
-def test_a_face_caught_by_one_view_names_both_faces_and_views(tmp_path: Path) -> None:
+def excluded_image(tmp_path: Path) -> Path:
     excluded = tmp_path / "wflw_test"
     excluded.mkdir()
     image = excluded / "0001.png"
     Image.new("RGB", (8, 8)).save(image)
-    reference = random_hashes(len(VIEWS) * len(JITTERS))  # one face: each view's 7 alignments in a row
+    return image
+
+
+def write_exclusion_cache(out: Path, image: Path, reference: list[int], rng: np.random.Generator) -> None:
+    """The cache a build keeps of an excluded image's hashes: nothing is hashed again."""
+    (out / "exclusions").mkdir()
+    pq.write_table(pa.Table.from_pylist([{
+        "path": str(image), "size": image.stat().st_size, "mtime": image.stat().st_mtime,
+        "phashes": [hex16(h) for h in random_hashes(rng, 16)],
+        "phashes_mirror": [hex16(h) for h in random_hashes(rng, 16)],
+        "face_phashes": [hex16(h) for h in reference], "face_phashes_mirror": []}], schema=EXCLUSIONS_SCHEMA),
+        out / "exclusions" / "wflw_test.parquet")
+
+
+def test_a_face_caught_by_one_view_names_both_faces_and_views(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    image = excluded_image(tmp_path)
+    reference = random_hashes(rng, len(VIEWS) * len(JITTERS))  # one face: each view's 7 alignments in a row
     upper = VIEWS.index("upper part as found")
     caught = reference[upper * len(JITTERS) + 3]  # near one jittered alignment of the upper view
-    kept_faces, caught_face = random_hashes(2 * len(VIEWS)), random_hashes(len(VIEWS))
+    kept_faces, caught_face = random_hashes(rng, 2 * len(VIEWS)), random_hashes(rng, len(VIEWS))
     caught_face[upper] = flip(caught, 3)
     everything = reference + kept_faces + caught_face
     assert min((a ^ b).bit_count() for i, a in enumerate(everything) for b in everything[i + 1:]
@@ -66,16 +83,46 @@ def test_a_face_caught_by_one_view_names_both_faces_and_views(tmp_path: Path) ->
         "00000000000000": [face(kept_faces[:3]), face(caught_face)],  # its face 1 is a copy's
         "00000000000001": [face(kept_faces[3:]), face(None)],  # a face without hashes: nothing to compare
     })
-    (out / "exclusions").mkdir()
-    pq.write_table(pa.Table.from_pylist([{
-        "path": str(image), "size": image.stat().st_size, "mtime": image.stat().st_mtime,
-        "phashes": [hex16(h) for h in random_hashes(16)], "phashes_mirror": [hex16(h) for h in random_hashes(16)],
-        "face_phashes": [hex16(h) for h in reference], "face_phashes_mirror": []}], schema=EXCLUSIONS_SCHEMA),
-        out / "exclusions" / "wflw_test.parquet")  # the cache a build keeps: nothing is hashed again
+    write_exclusion_cache(out, image, reference, rng)
 
-    removed = face_overlap_removals(Output(str(out)), K, [str(excluded)]).to_pylist()
+    removed = face_overlap_removals(Output(str(out)), K, [str(image.parent)]).to_pylist()
 
     assert [(r["key"], r["status"], r["duplicate_of"], r["distance"], r["overlap_set"]) for r in removed] == [
         ("00000000000000", "benchmark_overlap", str(image), 3, "wflw_test")]
     assert removed[0]["reason"] == (f"face 1 (upper part as found) within 3 bits of face 0, upper part as found "
                                     f"of wflw_test image {image} (aligned-face pHashes)")
+
+
+def test_of_several_views_and_faces_caught_the_closest_says_why_in_any_order(tmp_path: Path) -> None:
+    """A sample caught through several faces and views gets one status row, the closest match's,
+    whichever order the face overlaps' rows come in (on Ray, the order of their blocks)."""
+    rng = np.random.default_rng(1)
+    image = excluded_image(tmp_path)
+    reference = random_hashes(rng, len(VIEWS) * len(JITTERS))
+    aligned, upper = VIEWS.index("aligned"), VIEWS.index("upper part as found")
+    first, second = random_hashes(rng, len(VIEWS)), random_hashes(rng, len(VIEWS))
+    first[aligned] = flip(reference[aligned * len(JITTERS)], 5)
+    second[aligned] = flip(reference[aligned * len(JITTERS)], 4)
+    second[upper] = flip(reference[upper * len(JITTERS) + 2], 1)
+    out = tmp_path / "out"
+    write_metadata(out, {"00000000000007": [face(first), face(second)]})
+    write_exclusion_cache(out, image, reference, rng)
+
+    removed = face_overlap_removals(Output(str(out)), K, [str(image.parent)])
+    assert sorted(removed["distance"].to_pylist()) == [1, 4, 5]  # a row per face and view caught
+    for order in (np.argsort(removed["distance"].to_numpy()), np.argsort(-removed["distance"].to_numpy())):
+        (row,) = first_removal_per_key([removed.take(order)], 1).to_pylist()
+        assert (row["key"], row["distance"]) == ("00000000000007", 1)
+        assert row["reason"].startswith("face 1 (upper part as found) within 1 bits of face 0, upper part as found ")
+
+
+def test_a_crowd_beyond_the_face_keys_is_left_out_not_misnamed() -> None:
+    """A face item's key is its sample's key and 4 digits: a sample's 1,001st face is not compared
+    rather than given a key that names another sample."""
+    key, faces = "00000000000042", [face(random_hashes(np.random.default_rng(i), len(VIEWS))) for i in range(1001)]
+    table = pa.Table.from_pylist([{"key": key, "shard": "00000", "original_width": 100, "original_height": 100,
+                                   "faces": faces}]).cast(pa.schema([METADATA_SCHEMA.field(name) for name in (
+                                       "key", "shard", "original_width", "original_height", "faces")]))
+    keys = written_face_items(table)["key"].to_pylist()
+    assert len(keys) == 1000 * len(VIEWS) and {k[:-FACE_DIGITS] for k in keys} == {key}
+    assert sorted({int(k[-FACE_DIGITS:-1]) for k in keys}) == list(range(1000))
