@@ -90,6 +90,9 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
     assert bands.num_rows == band_n * band_rows_per_item(k)
     with_part = with_partition(bands, "bucket", 200)
     numbered = with_ids(sample)
+    default_pool = pa.default_memory_pool()
+    arrow_pool = pa.proxy_memory_pool(default_pool)  # Arrow's buffers, which tracemalloc does not see
+    pa.set_memory_pool(arrow_pool)
     tracemalloc.start()
     start = time.process_time()
     for which in range(PASSES):  # each pass makes its share of the rows from every item
@@ -97,6 +100,7 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
     pass_seconds = (time.process_time() - start) / PASSES
     pass_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
+    pa.set_memory_pool(default_pool)
     out = {"k": k, "items_measured": items_n, "band_items_measured": band_n,
            "items_bytes_per_item": per_item_items, "items_GB_per_million": per_item_items * 1e6 / 1e9,
            "band_rows_per_item": {k: band_rows_per_item(k) for k in ks},
@@ -106,7 +110,9 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
            "shuffled_GB_per_million": with_part.nbytes / band_n * 1e6 / 1e9,
            "band_rows_seconds_per_million_items": band_seconds / band_n * 1e6,
            f"band_rows_seconds_per_million_items_a_pass_of_{PASSES}": pass_seconds / band_n * 1e6,
-           f"band_rows_peak_GB_per_million_items_a_pass_of_{PASSES}": pass_peak / band_n * 1e6 / 1e9}
+           # numpy's peak and Arrow's, each a lower bound of the pass's peak and their sum an upper one
+           f"band_rows_peak_GB_per_million_items_a_pass_of_{PASSES}": pass_peak / band_n * 1e6 / 1e9,
+           f"band_rows_arrow_peak_GB_per_million_items_a_pass_of_{PASSES}": arrow_pool.max_memory() / band_n * 1e6 / 1e9}
     del bands, with_part
 
     # One bucket as it would be at 50M images, scaled down: an image is filed under `probes` values

@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> dict:
     hasher = shared_face_hasher()
 
     def face_hashes(rgb: np.ndarray, faces: list, jitters=JITTERS[:1]) -> list[list[list[int]]]:
-        return [[[int(h, 16) for h in view] for view in hasher.hashes(rgb, f.landmarks, jitters)] for f in faces]
+        """Per face, per view, its hashes; a face whose landmarks align nothing ([]) is left out, as the build does."""
+        views = [hasher.hashes(rgb, f.landmarks, jitters) for f in faces]
+        return [[[int(h, 16) for h in view] for view in face] for face in views if face]
 
     sources, distinct = {}, []
     for name, photo in load_photos().items():

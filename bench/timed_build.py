@@ -11,8 +11,8 @@ the output itself is untouched): the stage, wall start/end, the process's CPU se
 - source_fetch_decode and filter_and_commit: thin wrappers around the pipeline's functions.
 
 What-if experiments without editing the pipeline: BENCH_DATA_CONTEXT='{"name": value, ...}'
-sets those ray.data.DataContext fields in the driver before the build starts (the build sets
-only its own few fields on the same context), e.g. '{"op_resource_reservation_enabled": false}'.
+sets those ray.data.DataContext fields in the driver, over those pipeline.build.configure_ray_data
+sets, e.g. '{"op_resource_reservation_enabled": true}'.
 
 No pipeline code is edited: the subclass and the wrappers are swapped in on `pipeline.build`,
 the module the CLI (and the demo) calls `build` from. Run as `__main__`, the subclass travels
@@ -26,6 +26,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+
+import ray.data
 
 import pipeline.build as builder
 from pipeline.build_laion_face import main as cli_main
@@ -86,15 +89,22 @@ def timed_stage(fn, stage: str):
     return timed
 
 
-def main(argv: list[str] | None = None) -> int:
-    if overrides := os.environ.get("BENCH_DATA_CONTEXT"):
-        import ray.data
-
+def with_context_overrides(configure: Callable[[bool], None], overrides: dict) -> Callable[[bool], None]:
+    """pipeline.build.configure_ray_data, then the BENCH_DATA_CONTEXT fields over its own."""
+    def configure_then_override(progress_bars: bool) -> None:
+        configure(progress_bars)
         context = ray.data.DataContext.get_current()
-        for name, value in json.loads(overrides).items():
-            if not hasattr(context, name):
-                raise SystemExit(f"BENCH_DATA_CONTEXT: DataContext has no field {name!r}")
+        for name, value in overrides.items():
             setattr(context, name, value)
+    return configure_then_override
+
+
+def main(argv: list[str] | None = None) -> int:
+    if overrides := json.loads(os.environ.get("BENCH_DATA_CONTEXT") or "{}"):
+        unknown = [name for name in overrides if not hasattr(ray.data.DataContext.get_current(), name)]
+        if unknown:
+            raise SystemExit(f"BENCH_DATA_CONTEXT: DataContext has no field {unknown[0]!r}")
+        builder.configure_ray_data = with_context_overrides(builder.configure_ray_data, overrides)
     # run_units looks these names up at call time
     builder.DetectActor = TimedDetectActor
     builder.source_fetch_decode = timed_stage(builder.source_fetch_decode, "source_fetch_decode")
