@@ -43,8 +43,6 @@ def _probe_masks(radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.int64)
 
 
-
-
 def band_rows_per_item(k: int) -> int:
     return BANDS * (len(_probe_masks(k // BANDS)) + CROP_HASHES)
 
