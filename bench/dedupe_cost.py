@@ -94,13 +94,15 @@ def memory_and_comparisons(items_n: int, band_n: int, filed_n: int, seed: int, k
     arrow_pool = pa.proxy_memory_pool(default_pool)  # Arrow's buffers, which tracemalloc does not see
     pa.set_memory_pool(arrow_pool)
     tracemalloc.start()
-    start = time.process_time()
-    for which in range(PASSES):  # each pass makes its share of the rows from every item
-        band_rows(numbered, k, PASSES, which)
-    pass_seconds = (time.process_time() - start) / PASSES
-    pass_peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    pa.set_memory_pool(default_pool)
+    try:
+        start = time.process_time()
+        for which in range(PASSES):  # each pass makes its share of the rows from every item
+            band_rows(numbered, k, PASSES, which)
+        pass_seconds = (time.process_time() - start) / PASSES
+        pass_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        pa.set_memory_pool(default_pool)
     out = {"k": k, "items_measured": items_n, "band_items_measured": band_n,
            "items_bytes_per_item": per_item_items, "items_GB_per_million": per_item_items * 1e6 / 1e9,
            "band_rows_per_item": {k: band_rows_per_item(k) for k in ks},
