@@ -17,12 +17,16 @@ makes --per-kind copies of each. Every original and copy is stored as the builde
              alone against the same view (what each adds)
 
 Recall: a copy counts as caught at k when its distance to its original is <= k; "either" when
-whole image or face is (what --exclude-images decides). Distinct faces: every face the detector
-finds at >= 0.9 in the photos (group photos give several people), all pairs, every view of one
-against every view of the other, as the build compares them; the closest pairs are listed. Few distinct faces ship with the
-installed packages (about a dozen), so this bounds nothing at LAION size: it measures recall, not
-what the face hash would merge among 50M faces (which is why the build uses it for --exclude-images
-only, where a false match costs one training sample).
+whole image or face is (what --exclude-images decides); "face_verified": the faces, counting only
+pairs whose VERIFY_TERMS ** 2-bit check hashes (a pHash of more DCT terms) are also within
+VERIFY_BITS, a candidate not in the pipeline.
+
+Distinct faces: every face the detector finds at >= 0.9 in the photos (group photos give several
+people), all pairs, every view of one against every view of the other; and, as decontamination
+compares them, scikit-image's 100 LFW crops (the only distinct faces installed by the hundred:
+25-px grey, enlarged to LFW_SIDE), every ordered pair one as written, the other as an excluded
+image with its mirror, with the rate at k = 6 and the share of written faces it would remove
+against a benchmark of EXCLUDED_FACES faces.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+from scipy.fft import dctn
+from scipy.stats import beta
+from skimage import data
 
 from bench.dedupe_images import KINDS, load_photos, transform
 from pipeline.build_config import BuildConfig
-from pipeline.decode import decode_image
+from pipeline.decode import decode_image, phashes
 from pipeline.detect import RetinaFaceDetector
 from pipeline.face_hash import JITTERS, VIEWS, shared_face_hasher
 
@@ -48,6 +55,9 @@ WEB_KINDS = KINDS[KINDS.index("crop10"):]
 KS = (4, 6, 8, 10, 12)
 MIN_SCORE = 0.9
 CONFIG = BuildConfig()
+VERIFY_TERMS, VERIFY_BITS = 12, 24  # the candidate check: a 144-bit hash, pairs within 24 bits of it
+LFW_SIDE = 100  # scikit-image's 25-px LFW crops, enlarged so that RetinaFace finds the faces
+EXCLUDED_FACES = (1_000, 10_000, 30_000)  # a benchmark's test faces; FaRL's together are ~30k
 
 
 def stored(data: bytes) -> tuple[np.ndarray, list[int]]:
@@ -64,12 +74,69 @@ def pipeline_distance(a: list[int], b: list[int]) -> int:
     return min(min(bits(a[0], h) for h in b), min(bits(b[0], h) for h in a))
 
 
-def face_distance(copy_faces: list[list[int]], reference_faces: list[list[list[int]]], same_view: int | None) -> int:
+Hashes = tuple[int, int]  # an aligned face's pHash and its VERIFY_TERMS ** 2-bit check hash
+
+
+def verify_hash(pixels: np.ndarray) -> int:
+    """The candidate check: the VERIFY_TERMS x VERIFY_TERMS lowest DCT terms of the grey face above
+    their median, a pHash with more terms (the pipeline's keeps 8 x 8)."""
+    grey = np.asarray(Image.fromarray(pixels).convert("L"), np.float64)
+    terms = dctn(grey, norm="ortho")[:VERIFY_TERMS, :VERIFY_TERMS].ravel()
+    return int.from_bytes(np.packbits(terms > np.median(terms)).tobytes(), "big")
+
+
+def face_distance(copy_faces: list[list[Hashes]], reference_faces: list[list[list[Hashes]]], same_view: int | None,
+                  verified: bool = False) -> int:
     """The smallest distance between a copy's faces (a plain hash per view) and its original's (7
-    jittered hashes per view): every view against every view, or only view `same_view` against itself."""
+    jittered hashes per view): every view against every view, or only view `same_view` against
+    itself; `verified`: only pairs whose check hashes are within VERIFY_BITS."""
     pairs = [(c[v], h) for c in copy_faces for r in reference_faces for v in range(len(VIEWS)) for w in range(len(VIEWS))
              if same_view is None or v == w == same_view for h in r[w]]
-    return min((bits(a, b) for a, b in pairs), default=65)  # 65: no face found
+    return min((bits(a[0], b[0]) for a, b in pairs if not verified or bits(a[1], b[1]) <= VERIFY_BITS),
+               default=65)  # 65: no face found
+
+
+def lfw_faces(detector: RetinaFaceDetector, face_hashes) -> list[tuple[int, list[Hashes], list[list[Hashes]]]]:
+    """scikit-image's 100 LFW face crops: per crop in which a face is found, its best face's plain
+    hashes as the build stores the image, and as --exclude-images hashes a file: 7 jittered hashes
+    per view of the best face of the crop and of its mirror."""
+    found = []
+    for index, crop in enumerate(data.lfw_subset()[:100]):  # the first 100 are faces
+        image = Image.fromarray((crop * 255).astype(np.uint8)).convert("RGB").resize((LFW_SIDE, LFW_SIDE),
+                                                                                    Image.BICUBIC)
+        rgb = stored(_jpeg(image))[0]
+        written = [f for f in detector([rgb])[0] if f.score >= MIN_SCORE]
+        references = []
+        for picture in (image, ImageOps.mirror(image)):
+            faces = [f for f in detector([np.asarray(picture)])[0] if f.score >= MIN_SCORE]
+            references += face_hashes(np.asarray(picture), [max(faces, key=lambda f: f.score)], JITTERS) if faces else []
+        plain = face_hashes(rgb, [max(written, key=lambda f: f.score)]) if written else []
+        if plain and references:
+            found.append((index, [view[0] for view in plain[0]], [view for face in references for view in face]))
+    return found
+
+
+def distinct_lfw(faces: list[tuple[int, list[Hashes], list[list[Hashes]]]]) -> dict:
+    """Every ordered pair of distinct LFW faces as decontamination compares them: one as written,
+    the other as excluded; how many are within k, and what that projects to against a benchmark."""
+    rows = []
+    for (a, written, _), (b, _, excluded) in ((x, y) for x in faces for y in faces if x[0] != y[0]):
+        pairs = [(w, e) for w in written for view in excluded for e in view]
+        rows.append((min(bits(w[0], e[0]) for w, e in pairs),
+                     min((bits(w[0], e[0]) for w, e in pairs if bits(w[1], e[1]) <= VERIFY_BITS), default=65), a, b))
+    result: dict = {"face_count": len(faces), "ordered_pairs": len(rows)}
+    for name, column in (("any_view", 0), ("verified", 1)):
+        distances = np.array([row[column] for row in rows])
+        matched = int((distances <= 6).sum())
+        rate_high = float(beta.ppf(0.975, matched + 1, len(rows) - matched))  # Clopper-Pearson, 95 %
+        result[name] = {"within": {k: int((distances <= k).sum()) for k in KS},
+                        "rate_k6": matched / len(rows), "rate_k6_upper_95": rate_high,
+                        "written_faces_removed_k6": {e: {"at_rate": 1 - (1 - matched / len(rows)) ** e,
+                                                         "at_upper_95": 1 - (1 - rate_high) ** e}
+                                                     for e in EXCLUDED_FACES},
+                        "closest": [{"distance": int(row[column]), "written": row[2], "excluded": row[3]}
+                                    for row in sorted(rows, key=lambda r: r[column])[:6]]}
+    return result
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -77,10 +144,11 @@ def run(args: argparse.Namespace) -> dict:
     detector = RetinaFaceDetector(CONFIG.detect_size, use_gpu=False)
     hasher = shared_face_hasher()
 
-    def face_hashes(rgb: np.ndarray, faces: list, jitters=JITTERS[:1]) -> list[list[list[int]]]:
+    def face_hashes(rgb: np.ndarray, faces: list, jitters=JITTERS[:1]) -> list[list[list[Hashes]]]:
         """Per face, per view, its hashes; a face whose landmarks align nothing ([]) is left out, as the build does."""
-        views = [hasher.hashes(rgb, f.landmarks, jitters) for f in faces]
-        return [[[int(h, 16) for h in view] for view in face] for face in views if face]
+        views = [hasher.aligned_views(rgb, f.landmarks, jitters) for f in faces]
+        return [[[(int(phashes(Image.fromarray(pixels))[0], 16), verify_hash(pixels)) for pixels in view]
+                 for view in face] for face in views if face]
 
     sources, distinct = {}, []
     for name, photo in load_photos().items():
@@ -88,9 +156,9 @@ def run(args: argparse.Namespace) -> dict:
         faces = [f for f in detector([rgb])[0] if f.score >= MIN_SCORE]
         if faces:
             sources[name] = (photo, hashes, face_hashes(rgb, faces, JITTERS))  # JITTERS[0]: the plain alignment
-            distinct += [(f"{name}#{i}", [view[0] for view in face]) for i, face in enumerate(sources[name][2])]
+            distinct += [(f"{name}#{i}", [view[0][0] for view in face]) for i, face in enumerate(sources[name][2])]
     print(f"{len(sources)} photos with a face, {len(distinct)} distinct faces", flush=True)
-    methods = ["pipeline", "face", *VIEWS]
+    methods = ["pipeline", "face", *VIEWS, "face_verified"]
     distances: dict[str, dict[str, list]] = {kind: {method: [] for method in methods} for kind in WEB_KINDS}
     missed_face = {kind: 0 for kind in WEB_KINDS}
     face_seconds: list[tuple[float, int]] = []  # (seconds, faces) of hashing a copy's faces
@@ -106,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
                 copy_views = [[view[0] for view in face] for face in face_hashes(rgb, copy_faces)]
                 face_seconds.append((time.perf_counter() - started_faces, len(copy_faces)))
                 distances[kind]["face"].append(face_distance(copy_views, reference_faces, None))
+                distances[kind]["face_verified"].append(face_distance(copy_views, reference_faces, None, verified=True))
                 for v, view in enumerate(VIEWS):
                     distances[kind][view].append(face_distance(copy_views, reference_faces, v))
     for by in distances.values():  # what --exclude-images decides: either within k
@@ -120,6 +189,7 @@ def run(args: argparse.Namespace) -> dict:
             "copies_without_a_face_found": missed_face, "distinct_faces": len(distinct),
             "distinct_pairs": len(pairs), "distinct_pairs_within": {k: sum(d <= k for d, _, _ in pairs) for k in KS},
             "closest_distinct_pairs": [{"distance": d, "a": x, "b": y} for d, x, y in pairs[:8]],
+            "distinct_lfw": distinct_lfw(lfw_faces(detector, face_hashes)),
             "ms_per_face_hash": round(1000 * sum(s for s, _ in face_seconds) / max(1, sum(n for _, n in face_seconds)), 1),
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -139,6 +209,14 @@ def summary(result: dict) -> str:
     lines.append(f"copies without a face found: {result['copies_without_a_face_found']}")
     lines.append(f"{result['distinct_faces']} distinct faces, {result['distinct_pairs']} pairs; within k: "
                  f"{result['distinct_pairs_within']}; closest: {result['closest_distinct_pairs'][:3]}")
+    lfw = result["distinct_lfw"]
+    for name in ("any_view", "verified"):
+        by = lfw[name]
+        lines.append(f"LFW, {lfw['face_count']} faces, {lfw['ordered_pairs']} ordered pairs as decontamination compares them "
+                     f"({name}): within k {by['within']}; rate at k=6 {by['rate_k6']:.2e} (95 % upper "
+                     f"{by['rate_k6_upper_95']:.2e}); written faces removed against "
+                     + ", ".join(f"{e:,} excluded faces: {p['at_rate']:.1%} (upper {p['at_upper_95']:.1%})"
+                                 for e, p in by["written_faces_removed_k6"].items()))
     lines.append(f"{result['ms_per_face_hash']} ms per face hashed (second looks included), one core")
     return "\n".join(lines)
 

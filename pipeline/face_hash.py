@@ -91,20 +91,27 @@ class FaceHasher:
             points = (np.mean(seen, axis=0) @ inverse[:, :2].T + inverse[:, 2]).astype(np.float32)
         return points
 
-    def hashes(self, rgb: np.ndarray, landmarks: list[list[float]], jitters=JITTERS[:1]) -> list[list[str]]:
-        """For each of VIEWS, 16 hex digits per alignment in `jitters`; [] where the landmarks align
-        nothing (all on one point)."""
+    def aligned_views(self, rgb: np.ndarray, landmarks: list[list[float]],
+                      jitters=JITTERS[:1]) -> list[list[np.ndarray]]:
+        """For each of VIEWS, the face's pixels at each alignment in `jitters`; [] where the landmarks
+        align nothing (all on one point)."""
         found = np.asarray(landmarks, np.float32)
         refined = self.refined(rgb, found)
-        views: list[list[str]] = [[] for _ in VIEWS]
+        views: list[list[np.ndarray]] = [[] for _ in VIEWS]
         for dx, dy, scale in jitters:
             target = (ARCFACE - FACE_SIDE / 2) * scale + FACE_SIDE / 2 + np.array([dx, dy], np.float32) * JITTER_PX
             by_refined, by_found = _aligned(rgb, refined, target), _aligned(rgb, found, target)
             if by_refined is None or by_found is None:
                 return []
             for view, pixels in zip(views, (by_refined, by_found, by_found[:UPPER_ROWS])):
-                view.append(phashes(Image.fromarray(pixels))[0])
+                view.append(pixels)
         return views
+
+    def hashes(self, rgb: np.ndarray, landmarks: list[list[float]], jitters=JITTERS[:1]) -> list[list[str]]:
+        """For each of VIEWS, 16 hex digits per alignment in `jitters`; [] where the landmarks align
+        nothing (all on one point)."""
+        return [[phashes(Image.fromarray(pixels))[0] for pixels in view]
+                for view in self.aligned_views(rgb, landmarks, jitters)]
 
     def hash_samples(self, samples: list[Sample]) -> list[Sample]:
         """Set `phashes` (one a view) on every face of every pending sample (the faces the filter
