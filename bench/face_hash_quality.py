@@ -16,10 +16,10 @@ makes --per-kind copies of each. Every original and copy is stored as the builde
              --exclude-images compares a written face with a reference image's; and each view
              alone against the same view (what each adds)
 
-Recall: a copy counts as caught at k when its distance to its original is <= k; "either" when
-whole image or face is (what --exclude-images decides); "face_verified": the faces, counting only
-pairs whose VERIFY_TERMS ** 2-bit check hashes (a pHash of more DCT terms) are also within
-VERIFY_BITS, a candidate not in the pipeline.
+Recall: a copy counts as caught at k when its distance to its original is <= k; "face" counts,
+as the build does, only pairs whose check hashes (pipeline.face_hash.check_hash, 144 bits) are
+within CHECK_DISTANCE as well, "face_phash_alone" and the single views do not; "either" when whole
+image or face is (what --exclude-images decides).
 
 Distinct faces: every face the detector finds at >= 0.9 in the photos (group photos give several
 people), all pairs, every view of one against every view of the other; and, as decontamination
@@ -41,21 +41,19 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-from scipy.fft import dctn
 from scipy.stats import beta
 from skimage import data
 
 from bench.dedupe_images import KINDS, load_photos, transform
 from pipeline.build_config import BuildConfig
-from pipeline.decode import decode_image, phashes
+from pipeline.decode import decode_image
 from pipeline.detect import RetinaFaceDetector
-from pipeline.face_hash import JITTERS, VIEWS, shared_face_hasher
+from pipeline.face_hash import CHECK_DISTANCE, JITTERS, VIEWS, shared_face_hasher
 
 WEB_KINDS = KINDS[KINDS.index("crop10"):]
 KS = (4, 6, 8, 10, 12)
 MIN_SCORE = 0.9
 CONFIG = BuildConfig()
-VERIFY_TERMS, VERIFY_BITS = 12, 24  # the candidate check: a 144-bit hash, pairs within 24 bits of it
 LFW_SIDE = 100  # scikit-image's 25-px LFW crops, enlarged so that RetinaFace finds the faces
 EXCLUDED_FACES = (1_000, 10_000, 30_000)  # a benchmark's test faces; FaRL's together are ~30k
 
@@ -74,25 +72,17 @@ def pipeline_distance(a: list[int], b: list[int]) -> int:
     return min(min(bits(a[0], h) for h in b), min(bits(b[0], h) for h in a))
 
 
-Hashes = tuple[int, int]  # an aligned face's pHash and its VERIFY_TERMS ** 2-bit check hash
-
-
-def verify_hash(pixels: np.ndarray) -> int:
-    """The candidate check: the VERIFY_TERMS x VERIFY_TERMS lowest DCT terms of the grey face above
-    their median, a pHash with more terms (the pipeline's keeps 8 x 8)."""
-    grey = np.asarray(Image.fromarray(pixels).convert("L"), np.float64)
-    terms = dctn(grey, norm="ortho")[:VERIFY_TERMS, :VERIFY_TERMS].ravel()
-    return int.from_bytes(np.packbits(terms > np.median(terms)).tobytes(), "big")
+Hashes = tuple[int, int]  # an aligned face's pHash and check hash (pipeline.face_hash.check_hash)
 
 
 def face_distance(copy_faces: list[list[Hashes]], reference_faces: list[list[list[Hashes]]], same_view: int | None,
-                  verified: bool = False) -> int:
-    """The smallest distance between a copy's faces (a plain hash per view) and its original's (7
-    jittered hashes per view): every view against every view, or only view `same_view` against
-    itself; `verified`: only pairs whose check hashes are within VERIFY_BITS."""
+                  checked: bool = True) -> int:
+    """The smallest pHash distance between a copy's faces (a plain hash per view) and its original's
+    (7 jittered hashes per view): every view against every view, or only view `same_view` against
+    itself; `checked`: only pairs whose check hashes are within CHECK_DISTANCE, as the build counts."""
     pairs = [(c[v], h) for c in copy_faces for r in reference_faces for v in range(len(VIEWS)) for w in range(len(VIEWS))
              if same_view is None or v == w == same_view for h in r[w]]
-    return min((bits(a[0], b[0]) for a, b in pairs if not verified or bits(a[1], b[1]) <= VERIFY_BITS),
+    return min((bits(a[0], b[0]) for a, b in pairs if not checked or bits(a[1], b[1]) <= CHECK_DISTANCE),
                default=65)  # 65: no face found
 
 
@@ -123,9 +113,9 @@ def distinct_lfw(faces: list[tuple[int, list[Hashes], list[list[Hashes]]]]) -> d
     for (a, written, _), (b, _, excluded) in ((x, y) for x in faces for y in faces if x[0] != y[0]):
         pairs = [(w, e) for w in written for view in excluded for e in view]
         rows.append((min(bits(w[0], e[0]) for w, e in pairs),
-                     min((bits(w[0], e[0]) for w, e in pairs if bits(w[1], e[1]) <= VERIFY_BITS), default=65), a, b))
+                     min((bits(w[0], e[0]) for w, e in pairs if bits(w[1], e[1]) <= CHECK_DISTANCE), default=65), a, b))
     result: dict = {"face_count": len(faces), "ordered_pairs": len(rows)}
-    for name, column in (("any_view", 0), ("verified", 1)):
+    for name, column in (("phash_alone", 0), ("checked", 1)):
         distances = np.array([row[column] for row in rows])
         matched = int((distances <= 6).sum())
         rate_high = float(beta.ppf(0.975, matched + 1, len(rows) - matched))  # Clopper-Pearson, 95 %
@@ -146,9 +136,9 @@ def run(args: argparse.Namespace) -> dict:
 
     def face_hashes(rgb: np.ndarray, faces: list, jitters=JITTERS[:1]) -> list[list[list[Hashes]]]:
         """Per face, per view, its hashes; a face whose landmarks align nothing ([]) is left out, as the build does."""
-        views = [hasher.aligned_views(rgb, f.landmarks, jitters) for f in faces]
-        return [[[(int(phashes(Image.fromarray(pixels))[0], 16), verify_hash(pixels)) for pixels in view]
-                 for view in face] for face in views if face]
+        views = [hasher.hashes(rgb, f.landmarks, jitters) for f in faces]
+        return [[[(int(phash, 16), int(check, 16)) for phash, check in view] for view in face]
+                for face in views if face]
 
     sources, distinct = {}, []
     for name, photo in load_photos().items():
@@ -158,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
             sources[name] = (photo, hashes, face_hashes(rgb, faces, JITTERS))  # JITTERS[0]: the plain alignment
             distinct += [(f"{name}#{i}", [view[0][0] for view in face]) for i, face in enumerate(sources[name][2])]
     print(f"{len(sources)} photos with a face, {len(distinct)} distinct faces", flush=True)
-    methods = ["pipeline", "face", *VIEWS, "face_verified"]
+    methods = ["pipeline", "face", "face_phash_alone", *VIEWS]
     distances: dict[str, dict[str, list]] = {kind: {method: [] for method in methods} for kind in WEB_KINDS}
     missed_face = {kind: 0 for kind in WEB_KINDS}
     face_seconds: list[tuple[float, int]] = []  # (seconds, faces) of hashing a copy's faces
@@ -174,9 +164,9 @@ def run(args: argparse.Namespace) -> dict:
                 copy_views = [[view[0] for view in face] for face in face_hashes(rgb, copy_faces)]
                 face_seconds.append((time.perf_counter() - started_faces, len(copy_faces)))
                 distances[kind]["face"].append(face_distance(copy_views, reference_faces, None))
-                distances[kind]["face_verified"].append(face_distance(copy_views, reference_faces, None, verified=True))
+                distances[kind]["face_phash_alone"].append(face_distance(copy_views, reference_faces, None, checked=False))
                 for v, view in enumerate(VIEWS):
-                    distances[kind][view].append(face_distance(copy_views, reference_faces, v))
+                    distances[kind][view].append(face_distance(copy_views, reference_faces, v, checked=False))
     for by in distances.values():  # what --exclude-images decides: either within k
         by["either"] = np.minimum(by["pipeline"], by["face"]).tolist()
     recall = {kind: {method: {k: float(np.mean(np.array(d) <= k)) for k in KS} for method, d in by.items()}
@@ -210,7 +200,7 @@ def summary(result: dict) -> str:
     lines.append(f"{result['distinct_faces']} distinct faces, {result['distinct_pairs']} pairs; within k: "
                  f"{result['distinct_pairs_within']}; closest: {result['closest_distinct_pairs'][:3]}")
     lfw = result["distinct_lfw"]
-    for name in ("any_view", "verified"):
+    for name in ("phash_alone", "checked"):
         by = lfw[name]
         lines.append(f"LFW, {lfw['face_count']} faces, {lfw['ordered_pairs']} ordered pairs as decontamination compares them "
                      f"({name}): within k {by['within']}; rate at k=6 {by['rate_k6']:.2e} (95 % upper "

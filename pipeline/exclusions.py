@@ -21,7 +21,9 @@ from pipeline.storage import Output
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 EXCLUSIONS_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
                                ("phashes", pa.list_(pa.string())), ("phashes_mirror", pa.list_(pa.string())),
-                               ("face_phashes", pa.list_(pa.string())), ("face_phashes_mirror", pa.list_(pa.string()))],
+                               ("face_phashes", pa.list_(pa.string())), ("face_phashes_mirror", pa.list_(pa.string())),
+                               ("face_check_hashes", pa.list_(pa.string())),
+                               ("face_check_hashes_mirror", pa.list_(pa.string()))],
                               metadata={PHASH_VERSION_KEY: PHASH_VERSION})
 
 
@@ -46,8 +48,8 @@ def exclusion_sets(patterns: list[str]) -> dict[str, list[str]]:
 
 def hash_files(batch: dict) -> dict:
     """EXCLUSIONS_SCHEMA columns for a batch of image paths: the 16 pHashes of each image and of its
-    mirror, and the jittered face hashes of every face in either (face by face, each face's
-    face_hash.VIEWS one after the other, 7 alignments each: face_hash.JITTERS), found
+    mirror, and the jittered face pHashes and check hashes of every face in either (face by face,
+    each face's face_hash.VIEWS one after the other, 7 alignments each: face_hash.JITTERS), found
     by RetinaFace with the build's default size and score (the cache holds one answer per file)."""
     defaults = BuildConfig()
     detector = RetinaFaceDetector(defaults.detect_size, use_gpu=False)
@@ -65,7 +67,8 @@ def hash_files(batch: dict) -> dict:
             faces = [face for face in detector([rgb])[0] if face.score >= defaults.min_face_score]
             out[f"phashes{suffix}"].append(phashes(picture))
             views = [view for face in faces for view in hasher.hashes(rgb, face.landmarks, JITTERS)]
-            out[f"face_phashes{suffix}"].append([h for view in views for h in view])
+            out[f"face_phashes{suffix}"].append([phash for view in views for phash, _ in view])
+            out[f"face_check_hashes{suffix}"].append([check for view in views for _, check in view])
     return out
 
 

@@ -19,8 +19,8 @@ lose to it or inherit its winner, so copies cost rows, not pairs of rows.
 The kept copy is deterministic: the larger image (original pixels), then the smaller key. An
 image is removed when any image of higher priority is within k bits of it. Images of the
 --exclude-images sets (pipeline.exclusions, and their mirrors) always win, and what they catch is
-a `benchmark_overlap` instead of a `near_duplicate`. pipeline.face_overlaps runs the same machinery
-on faces.
+a `benchmark_overlap` instead of a `near_duplicate`. pipeline.face_overlaps compares faces with
+the excluded ones' by an index of the latter.
 """
 
 from __future__ import annotations

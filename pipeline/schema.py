@@ -48,12 +48,13 @@ FACE_TYPE = pa.struct([
     ("landmarks", pa.list_(pa.list_(pa.float32()))),  # 5 x [x, y]: eyes, nose, mouth corners
     ("score", pa.float32()),
     ("phashes", pa.list_(pa.string())),  # pHashes of the face aligned by its landmarks, one per face_hash.VIEWS
+    ("check_hashes", pa.list_(pa.string())),  # their 144-bit check hashes (face_hash.check_hash), one per view
 ])
 
 # Which decode.phashes made `phash` and `phash_crops`, and face_hash the faces' `phashes`: bump it when
 # their output changes, so that hashes of two versions are never compared (a build checks it against
-# what it finds). 2: faces have a phash. 3: three, one per face_hash.VIEWS.
-PHASH_VERSION = "3"
+# what it finds). 2: faces have a phash. 3: three, one per face_hash.VIEWS. 4: and a check hash each.
+PHASH_VERSION = "4"
 PHASH_VERSION_KEY = b"phash_version"  # where METADATA_SCHEMA and the exclusion caches record it
 
 
@@ -126,9 +127,11 @@ class Face:
     landmarks: list[list[float]]
     score: float
     phashes: list[str] | None = None  # set for the faces kept (face_hash.FaceHasher.hash_samples)
+    check_hashes: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"box": self.box, "landmarks": self.landmarks, "score": self.score, "phashes": self.phashes}
+        return {"box": self.box, "landmarks": self.landmarks, "score": self.score, "phashes": self.phashes,
+                "check_hashes": self.check_hashes}
 
 
 @dataclass
