@@ -14,6 +14,9 @@ by bench.face_hash_quality): aligned by the refined landmarks (what crops, bars 
 place); aligned by the detector's own, which a bar over the face does not move while it pulls the
 zoomed-in second looks; and the upper part of the latter, down to halfway between the nose tip
 and the mouth, which a caption bar, a mask or a hand over the mouth leaves as it was.
+
+Each alignment also gets a check hash (check_hash): 64 bits say too little to tell people apart
+among thousands of faces, so a pHash match is only a candidate until the longer hash agrees.
 """
 
 from __future__ import annotations
@@ -35,14 +38,14 @@ FACE_SIDE = 64  # pHash looks at 32 x 32 pixels; a 64-px face keeps eyes, nose a
 ARCFACE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
                     [70.7299, 92.2041]], np.float32) * (FACE_SIDE / 112)
 JITTER_PX = 2.0
-# A face pair is kept as a match only when a longer hash of the same two alignments agrees as well:
-# the pHash's 64 bits put distinct people's faces within 6 bits (3 of 6,480 LFW pairs), its 144-bit
-# check hash (CHECK_TERMS x CHECK_TERMS DCT terms) none of them within 24 bits of a 64-bit match,
-# while copies up to 10 % crops stay within CHECK_DISTANCE (bench.face_hash_quality).
-CHECK_TERMS, CHECK_DISTANCE = 12, 24
 # (dx, dy in JITTER_PX, scale) of a reference's alignment: where a copy's landmarks still wander
 JITTERS = ((0.0, 0.0, 1.0), (-1.0, 0.0, 1.0), (1.0, 0.0, 1.0), (0.0, -1.0, 1.0), (0.0, 1.0, 1.0), (0.0, 0.0, 0.94),
            (0.0, 0.0, 1.06))
+# A pHash match counts only when the check hashes (CHECK_TERMS x CHECK_TERMS DCT terms, 144 bits) of
+# the same two alignments are within CHECK_DISTANCE too: on the pHash alone 3 of 6,480 pairs of distinct
+# LFW faces come within 6 bits, with the check none; copies up to 10 % crops stay within it
+# (bench.face_hash_quality).
+CHECK_TERMS, CHECK_DISTANCE = 12, 24
 REFINE_SIDE = 192  # the second look's crop; the face (ArcFace's 112-px crop) fills 1 / REFINE_CONTEXT of it
 REFINE_CONTEXT = 1.5  # measured: 2 and 3 let the background move the landmarks (bench.face_hash_quality)
 REFINE_ROUNDS = 2
