@@ -28,7 +28,7 @@ from pipeline.near_dedupe import hex_to_int64
 from pipeline.storage import Output
 
 
-@dataclass(eq=False)  # hashed by identity: _index keeps the index of the one in use
+@dataclass(eq=False)  # hashed by identity: excluded_index keeps the index of the one in use
 class ExcludedFaces:
     """Every jittered view hash of every excluded face, one row each, and whose it is."""
     phashes: np.ndarray  # int64
@@ -60,7 +60,7 @@ def excluded_faces(sets: dict[str, list[dict]]) -> ExcludedFaces:
 
 
 @functools.lru_cache(maxsize=1)
-def _index(excluded: ExcludedFaces, k: int) -> faiss.IndexBinaryMultiHash:
+def excluded_index(excluded: ExcludedFaces, k: int) -> faiss.IndexBinaryMultiHash:
     """4 tables of 16 bits, flipping k // 4 bits a table: two hashes within k bits agree within
     k // 4 on one of them (pigeonhole), so a range search finds every hash within k."""
     index = faiss.IndexBinaryMultiHash(64, BANDS, 64 // BANDS)
@@ -69,7 +69,7 @@ def _index(excluded: ExcludedFaces, k: int) -> faiss.IndexBinaryMultiHash:
     return index
 
 
-def _removed(t: pa.Table, excluded: ExcludedFaces, k: int) -> pa.Table:
+def block_removals(t: pa.Table, excluded: ExcludedFaces, k: int) -> pa.Table:
     """REMOVED_SCHEMA rows of the samples in `t` (key, shard, faces) an excluded face catches: one per
     written face and view caught, naming its closest checked match."""
     written = [(key, shard, index, view, phash, check)
@@ -79,7 +79,8 @@ def _removed(t: pa.Table, excluded: ExcludedFaces, k: int) -> pa.Table:
     rows: dict[str, list] = {name: [] for name in REMOVED_SCHEMA.names}
     if written:
         queries = hex_to_int64([v[4] for v in written])
-        limits, distances, found = _index(excluded, k).range_search(queries.view(np.uint8).reshape(-1, 8), k + 1)
+        index = excluded_index(excluded, k)
+        limits, distances, found = index.range_search(queries.view(np.uint8).reshape(-1, 8), k + 1)
         distances = distances.astype(np.int64)  # whole bits, returned as floats
         which = np.repeat(np.arange(len(written)), np.diff(limits.astype(np.int64)))
         checked = np.bitwise_count(check_bytes([v[5] for v in written])[which] ^ excluded.checks[found]).sum(axis=1)
@@ -105,4 +106,4 @@ def face_overlap_removals(output: Output, k: int, exclude: list[str]) -> Rows | 
     written = written_samples(output, ["key", "shard", "faces"])
     if written is None or not len(excluded.phashes):
         return None
-    return materialize(map_tables(written, functools.partial(_removed, excluded=excluded, k=k)))
+    return materialize(map_tables(written, functools.partial(block_removals, excluded=excluded, k=k)))
