@@ -42,9 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 from scipy.stats import beta
-from skimage import data
 
-from bench.dedupe_images import KINDS, load_photos, transform
+from bench.dedupe_images import KINDS, load_lfw, load_photos, transform
 from pipeline.build_config import BuildConfig
 from pipeline.decode import decode_image
 from pipeline.detect import RetinaFaceDetector
@@ -91,9 +90,9 @@ def lfw_faces(detector: RetinaFaceDetector, face_hashes) -> list[tuple[int, list
     hashes as the build stores the image, and as --exclude-images hashes a file: 7 jittered hashes
     per view of the best face of the crop and of its mirror."""
     found = []
-    for index, crop in enumerate(data.lfw_subset()[:100]):  # the first 100 are faces
-        image = Image.fromarray((crop * 255).astype(np.uint8)).convert("RGB").resize((LFW_SIDE, LFW_SIDE),
-                                                                                    Image.BICUBIC)
+    crops = [crop for name, crop in load_lfw().items() if "_face_" in name]
+    for index, crop in enumerate(crops):
+        image = crop.resize((LFW_SIDE, LFW_SIDE), Image.BICUBIC)
         rgb = stored(_jpeg(image))[0]
         written = [f for f in detector([rgb])[0] if f.score >= MIN_SCORE]
         references = []

@@ -42,8 +42,8 @@ JITTER_PX = 2.0
 JITTERS = ((0.0, 0.0, 1.0), (-1.0, 0.0, 1.0), (1.0, 0.0, 1.0), (0.0, -1.0, 1.0), (0.0, 1.0, 1.0), (0.0, 0.0, 0.94),
            (0.0, 0.0, 1.06))
 # A pHash match counts only when the check hashes (CHECK_TERMS x CHECK_TERMS DCT terms, 144 bits) of
-# the same two alignments are within CHECK_DISTANCE too: on the pHash alone 3 of 6,480 pairs of distinct
-# LFW faces come within 6 bits, with the check none; copies up to 10 % crops stay within it
+# the same two alignments are within CHECK_DISTANCE too: on the pHash alone 1-3 of ~6,300 pairs of
+# distinct LFW faces come within 6 bits, with the check none; copies up to 10 % crops stay within it
 # (bench.face_hash_quality).
 CHECK_TERMS, CHECK_DISTANCE = 12, 24
 REFINE_SIDE = 192  # the second look's crop; the face (ArcFace's 112-px crop) fills 1 / REFINE_CONTEXT of it
@@ -100,28 +100,21 @@ class FaceHasher:
             points = (np.mean(seen, axis=0) @ inverse[:, :2].T + inverse[:, 2]).astype(np.float32)
         return points
 
-    def aligned_views(self, rgb: np.ndarray, landmarks: list[list[float]],
-                      jitters=JITTERS[:1]) -> list[list[np.ndarray]]:
-        """For each of VIEWS, the face's pixels at each alignment in `jitters`; [] where the landmarks
-        align nothing (all on one point)."""
+    def hashes(self, rgb: np.ndarray, landmarks: list[list[float]],
+               jitters=JITTERS[:1]) -> list[list[tuple[str, str]]]:
+        """For each of VIEWS, per alignment in `jitters`, its pHash (16 hex digits) and check hash
+        (36); [] where the landmarks align nothing (all on one point)."""
         found = np.asarray(landmarks, np.float32)
         refined = self.refined(rgb, found)
-        views: list[list[np.ndarray]] = [[] for _ in VIEWS]
+        views: list[list[tuple[str, str]]] = [[] for _ in VIEWS]
         for dx, dy, scale in jitters:
             target = (ARCFACE - FACE_SIDE / 2) * scale + FACE_SIDE / 2 + np.array([dx, dy], np.float32) * JITTER_PX
             by_refined, by_found = _aligned(rgb, refined, target), _aligned(rgb, found, target)
             if by_refined is None or by_found is None:
                 return []
             for view, pixels in zip(views, (by_refined, by_found, by_found[:UPPER_ROWS])):
-                view.append(pixels)
+                view.append((phashes(Image.fromarray(pixels))[0], check_hash(pixels)))
         return views
-
-    def hashes(self, rgb: np.ndarray, landmarks: list[list[float]],
-               jitters=JITTERS[:1]) -> list[list[tuple[str, str]]]:
-        """For each of VIEWS, per alignment in `jitters`, its pHash (16 hex digits) and check hash
-        (36); [] where the landmarks align nothing (all on one point)."""
-        return [[(phashes(Image.fromarray(pixels))[0], check_hash(pixels)) for pixels in view]
-                for view in self.aligned_views(rgb, landmarks, jitters)]
 
     def hash_samples(self, samples: list[Sample]) -> list[Sample]:
         """Set `phashes` and `check_hashes` (one a view) on every face of every pending sample (the

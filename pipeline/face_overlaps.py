@@ -3,7 +3,7 @@
 jittered hashes of a view of a face in an --exclude-images image or its mirror, every view with
 every view, and the two alignments' check hashes lie within face_hash.CHECK_DISTANCE bits.
 
-The check is what makes it safe at scale: on their pHashes alone, 3 of 6,480 pairs of distinct LFW
+The check is what makes it safe at scale: on their pHashes alone, 1-3 of ~6,300 pairs of distinct LFW
 faces come within 6 bits, which against a benchmark's ~30,000 faces would remove nearly every
 written face (bench.face_hash_quality, docs/PERFORMANCE.md). The excluded faces are few and the
 written ones many, so each block of metadata looks its faces up in an index of the excluded hashes

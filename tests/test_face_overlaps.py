@@ -116,7 +116,7 @@ def test_a_face_caught_by_one_view_names_both_faces_and_views(tmp_path: Path) ->
 @pytest.mark.parametrize("distributed", [False, True], ids=["table", "ray-dataset"])
 def test_a_face_close_by_its_phash_stays_unless_its_check_hash_agrees(
         tmp_path: Path, distributed: bool, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Distinct people's faces come within k of each other's pHashes (3 of 6,480 LFW pairs at 6
+    """Distinct people's faces come within k of each other's pHashes (1-3 of ~6,300 LFW pairs at 6
     bits): such a pair is a match only when the check hashes of the same two alignments are within
     CHECK_DISTANCE, whatever another alignment's check hash says. The same on Ray Data, as a build
     of many rows runs it (each task with its own index of the excluded faces)."""
