@@ -71,7 +71,40 @@ def _crop_terms(size: int) -> np.ndarray:
                            for start, end in ((0, 0), (1, 0), (0, 1), (1, 1))])
 
 
-def phashes(image: Image.Image) -> list[str]:
+BAR_LEVEL = 24  # a bar's pixels are all within this of black (or of white): JPEG's ringing included
+MIN_BAR, MAX_BAR = 0.02, 0.25  # of a side, each of two opposite bars; web letterboxes add 5-20 %
+BAR_MISMATCH = 0.01  # of a side: letterbox bars are centred, so opposite ones match within this
+
+
+def _bar(lines: np.ndarray) -> int:
+    """How many of `lines` (rows from an edge inwards) are all black, or all white, from the first."""
+    if not len(lines):
+        return 0
+    if lines[0].max() <= BAR_LEVEL:
+        flat = lines.max(axis=1) <= BAR_LEVEL
+    elif lines[0].min() >= 255 - BAR_LEVEL:
+        flat = lines.min(axis=1) >= 255 - BAR_LEVEL
+    else:  # most photos: their edge is no bar
+        return 0
+    return int(flat.size if flat.all() else flat.argmin())
+
+
+def _without_bars(grey: np.ndarray) -> np.ndarray:
+    """The image without letterbox (or pillarbox) bars: two opposite black or white bars of about
+    equal size, each 2-25 % of the side. Edges of any other shape stay, so that nothing but such
+    bars moves where a hash starts (measured: a looser rule, any flat rows at any edge, lost recall
+    on photos with flat edges of their own, bench.dedupe_quality's clock and cell)."""
+    for axis in (0, 1):
+        lines = grey if axis == 0 else grey.T
+        size, most = lines.shape[0], int(lines.shape[0] * MAX_BAR)
+        first, last = _bar(lines[:most]), _bar(lines[::-1][:most])
+        if (MIN_BAR * size <= min(first, last) and max(first, last) < most  # a run to MAX_BAR: the picture's own
+                and abs(first - last) <= max(2, BAR_MISMATCH * size)):
+            grey = grey[first:size - last] if axis == 0 else grey[:, first:size - last]
+    return grey
+
+
+def phashes(image: Image.Image, trim_bars: bool = True) -> list[str]:
     """64-bit perceptual hashes, 16 hex digits each: the image's own pHash, then those of its 15
     crops that cut CROP_SIDE off one to four sides.
 
@@ -84,10 +117,13 @@ def phashes(image: Image.Image) -> list[str]:
     4 horizontal windows combine into all 16 crops. Unlike imagehash, the 32 x 32 image is not
     rounded to bytes first, so a hash can differ from imagehash's by a few bits (0-2 on most
     photos, up to 4 on textures). A big image is first box-reduced to about HASH_SIDE, which moves
-    the hash by about as much.
+    the hash by about as much. Letterbox bars are cut off first (`trim_bars`, _without_bars): a
+    copy framed by them hashes as its original does.
     """
     factor = max(image.size) // HASH_SIDE
     grey = np.asarray(image.convert("L").reduce(max(factor, 1)), dtype=np.float64)
+    if trim_bars:
+        grey = _without_bars(grey)
     terms = (_crop_terms(grey.shape[0]) @ grey @ _crop_terms(grey.shape[1]).T).reshape(4, 8, 4, 8)
     low = np.stack([terms[top + 2 * bottom, :, left + 2 * right, :]
                     for left, top, right, bottom in CROPS]).reshape(len(CROPS), 64)

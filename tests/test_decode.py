@@ -287,3 +287,49 @@ def test_decoded_sample_carries_all_16_hashes(t1_bytes: bytes) -> None:
         again = phashes(stored.convert("RGB"))  # decode hashed the pixels before their JPEG encoding
     stored_hashes = [sample.phash, *sample.phash_crops]
     assert len(stored_hashes) == 16 and all(hamming(a, b) <= 2 for a, b in zip(stored_hashes, again))
+
+
+def framed(image: Image.Image, bars: tuple[float, float, float, float], fill: str) -> Image.Image:
+    """`image` on a larger canvas of `fill`, with bars of these fractions of its width or height
+    (left, top, right, bottom), as a page lays a picture out in a frame of another shape."""
+    left, top, right, bottom = (round(f * side) for f, side in zip(bars, image.size * 2))
+    canvas = Image.new("RGB", (image.width + left + right, image.height + top + bottom), fill)
+    canvas.paste(image, (left, top))
+    return canvas
+
+
+def skimage_photo(name: str) -> Image.Image:
+    if name.endswith(".jpg"):
+        with Image.open(os.path.join(os.path.dirname(T1_JPG), name)) as image:
+            return image.convert("RGB")
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "t1.jpg"])
+@pytest.mark.parametrize("fill", ["black", "white"])
+@pytest.mark.parametrize("bars", [(0, 0.08, 0, 0.08), (0, 0.2, 0, 0.2), (0.12, 0, 0.12, 0)],
+                         ids=["letterbox-8%", "letterbox-20%", "pillarbox-12%"])
+def test_a_copy_in_letterbox_bars_hashes_as_its_original(name: str, fill: str, bars: tuple[float, ...]) -> None:
+    """Bars around a copy move its whole-image pHash by 10-30 bits; without them it is the
+    original's to within what JPEG and resizing move (stored as the builder stores both)."""
+    original = skimage_photo(name)
+    copy = framed(original, bars, fill)
+    own, copied = decode(encode(np.asarray(original), quality=95)), decode(encode(np.asarray(copy), quality=75))
+    assert hamming(copied.phash, own.phash) <= 3, (hamming(copied.phash, own.phash), phashes(copy, trim_bars=False)[0])
+    assert hamming(phashes(copy, trim_bars=False)[0], own.phash) > 6  # what the bars alone do
+
+
+@pytest.mark.parametrize("bars", [(0, 0.1, 0, 0), (0, 0.01, 0, 0.01), (0, 0.05, 0, 0.15), (0.6, 0, 0.6, 0)],
+                         ids=["one-side", "under-2%", "unequal", "over-25%"])
+@pytest.mark.parametrize("name", ["astronaut", "t1.jpg"])
+def test_edges_that_are_no_letterbox_are_hashed_as_they_are(name: str, bars: tuple[float, ...]) -> None:
+    """Only two opposite bars of about equal size, 2-25 % of the side each, are cut off: a bar on
+    one side (a caption strip, a banner), thin or unequal ones are part of the picture."""
+    copy = framed(skimage_photo(name), bars, "black")
+    assert phashes(copy) == phashes(copy, trim_bars=False)
+
+
+@pytest.mark.parametrize("name", ["retina", "moon", "hubble_deep_field", "page", "text", "clock"])
+def test_photos_with_dark_or_light_edges_of_their_own_are_not_cut(name: str) -> None:
+    photo = skimage_photo(name)
+    assert phashes(photo) == phashes(photo, trim_bars=False)
