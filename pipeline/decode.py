@@ -117,16 +117,21 @@ def phashes(image: Image.Image, trim_bars: bool = True) -> list[str]:
     4 horizontal windows combine into all 16 crops. Unlike imagehash, the 32 x 32 image is not
     rounded to bytes first, so a hash can differ from imagehash's by a few bits (0-2 on most
     photos, up to 4 on textures). A big image is first box-reduced to about HASH_SIDE, which moves
-    the hash by about as much. Letterbox bars are cut off first (`trim_bars`, _without_bars): a
-    copy framed by them hashes as its original does.
+    the hash by about as much.
+
+    With `trim_bars`, the image's own pHash is of it without its letterbox bars (_without_bars), so
+    that a copy framed by them hashes as its original does; its crop hashes stay those of the whole
+    image, so that a copy whose bars a crop made unequal (a product shot on white, cut a little)
+    is still near one of them.
     """
     factor = max(image.size) // HASH_SIDE
     grey = np.asarray(image.convert("L").reduce(max(factor, 1)), dtype=np.float64)
-    if trim_bars:
-        grey = _without_bars(grey)
     terms = (_crop_terms(grey.shape[0]) @ grey @ _crop_terms(grey.shape[1]).T).reshape(4, 8, 4, 8)
     low = np.stack([terms[top + 2 * bottom, :, left + 2 * right, :]
                     for left, top, right, bottom in CROPS]).reshape(len(CROPS), 64)
+    content = _without_bars(grey) if trim_bars else grey
+    if content.shape != grey.shape:  # the first 8 rows of _crop_terms: the uncut window
+        low[0] = (_crop_terms(content.shape[0])[:8] @ content @ _crop_terms(content.shape[1])[:8].T).ravel()
     bits = low > np.median(low, axis=1, keepdims=True)
     return [bytes(row).hex() for row in np.packbits(bits, axis=1)]
 

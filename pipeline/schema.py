@@ -54,7 +54,7 @@ FACE_TYPE = pa.struct([
 # Which decode.phashes made `phash` and `phash_crops`, and face_hash the faces' `phashes`: bump it when
 # their output changes, so that hashes of two versions are never compared (a build checks it against
 # what it finds). 2: faces have a phash. 3: three, one per face_hash.VIEWS. 4: and a check hash each.
-# 5: an image's pHashes are of it without letterbox bars (decode.phashes).
+# 5: an image's own pHash is of it without letterbox bars (decode.phashes).
 PHASH_VERSION = "5"
 PHASH_VERSION_KEY = b"phash_version"  # where METADATA_SCHEMA and the exclusion caches record it
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from demo.server import bomb_png
 from pipeline.build_config import BuildConfig
-from pipeline.decode import CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, decode_sample, phashes
+from pipeline.decode import CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, _without_bars, decode_sample, phashes
 from pipeline.schema import Sample
 
 T1_JPG = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")  # 1280 x 886 group photo
@@ -333,3 +333,24 @@ def test_edges_that_are_no_letterbox_are_hashed_as_they_are(name: str, bars: tup
 def test_photos_with_dark_or_light_edges_of_their_own_are_not_cut(name: str) -> None:
     photo = skimage_photo(name)
     assert phashes(photo) == phashes(photo, trim_bars=False)
+
+
+@pytest.mark.parametrize("fill", ["white", "black"])
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "t1.jpg"])
+def test_a_picture_on_a_margin_cut_a_little_stays_near_its_crop_hashes(name: str, fill: str) -> None:
+    """A product shot on white, cut by 2 % at the top: its margins are no longer equal, so they stay
+    in its pHash, and the original's crop hashes (of the whole image, margins and all) are near it."""
+    original = framed(skimage_photo(name), (0, 0.08, 0, 0.08), fill)
+    width, height = original.size
+    own = decode(encode(np.asarray(original), quality=95))
+    cut = decode(encode(np.asarray(original.crop((0, round(0.02 * height), width, height))), quality=85))
+    assert min(hamming(cut.phash, h) for h in [own.phash, *own.phash_crops]) <= 2
+    assert hamming(cut.phash, own.phash) > 6  # its own pHash, without the margins, is far
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 60), (60, 1), (3, 3), (40, 700)])
+@pytest.mark.parametrize("level", [0, 255])
+def test_an_image_all_black_or_all_white_is_not_cut_and_still_hashes(shape: tuple[int, int], level: int) -> None:
+    grey = np.full(shape, float(level))
+    assert _without_bars(grey).shape == shape  # every line a bar up to MAX_BAR: the picture itself
+    assert len(phashes(Image.fromarray(np.full((*shape, 3), level, np.uint8)))) == 16
