@@ -104,7 +104,24 @@ def _without_bars(grey: np.ndarray) -> np.ndarray:
     return grey
 
 
-def phashes(image: Image.Image, trim_bars: bool = True) -> list[str]:
+def _grey(image: Image.Image) -> np.ndarray:
+    """The image in grey levels, a big one box-reduced to about HASH_SIDE first."""
+    factor = max(image.size) // HASH_SIDE
+    return np.asarray(image.convert("L").reduce(max(factor, 1)), dtype=np.float64)
+
+
+def _whole_terms(grey: np.ndarray) -> np.ndarray:
+    """The 8 x 8 lowest DCT terms of the whole image (the first 8 rows of _crop_terms: no cut)."""
+    return (_crop_terms(grey.shape[0])[:8] @ grey @ _crop_terms(grey.shape[1])[:8].T).ravel()
+
+
+def _hex(low: np.ndarray) -> list[str]:
+    """Per row of 64 DCT terms, its pHash: the terms above their median, as 16 hex digits."""
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return [bytes(row).hex() for row in np.packbits(bits, axis=1)]
+
+
+def phashes(image: Image.Image) -> list[str]:
     """64-bit perceptual hashes, 16 hex digits each: the image's own pHash, then those of its 15
     crops that cut CROP_SIDE off one to four sides.
 
@@ -119,21 +136,24 @@ def phashes(image: Image.Image, trim_bars: bool = True) -> list[str]:
     photos, up to 4 on textures). A big image is first box-reduced to about HASH_SIDE, which moves
     the hash by about as much.
 
-    With `trim_bars`, the image's own pHash is of it without its letterbox bars (_without_bars), so
-    that a copy framed by them hashes as its original does; its crop hashes stay those of the whole
-    image, so that a copy whose bars a crop made unequal (a product shot on white, cut a little)
-    is still near one of them.
+    The image's own pHash is of it without its letterbox bars (_without_bars), so that a copy framed
+    by them hashes as its original does; its crop hashes stay those of the whole image, so that a
+    copy whose bars a crop made unequal (a product shot on white, cut a little) is still near one.
     """
-    factor = max(image.size) // HASH_SIDE
-    grey = np.asarray(image.convert("L").reduce(max(factor, 1)), dtype=np.float64)
+    grey = _grey(image)
     terms = (_crop_terms(grey.shape[0]) @ grey @ _crop_terms(grey.shape[1]).T).reshape(4, 8, 4, 8)
     low = np.stack([terms[top + 2 * bottom, :, left + 2 * right, :]
                     for left, top, right, bottom in CROPS]).reshape(len(CROPS), 64)
-    content = _without_bars(grey) if trim_bars else grey
-    if content.shape != grey.shape:  # the first 8 rows of _crop_terms: the uncut window
-        low[0] = (_crop_terms(content.shape[0])[:8] @ content @ _crop_terms(content.shape[1])[:8].T).ravel()
-    bits = low > np.median(low, axis=1, keepdims=True)
-    return [bytes(row).hex() for row in np.packbits(bits, axis=1)]
+    content = _without_bars(grey)
+    if content.shape != grey.shape:
+        low[0] = _whole_terms(content)
+    return _hex(low)
+
+
+def phash(image: Image.Image) -> str:
+    """One pHash of the whole image, as it is (no bars cut, no crops): for pictures whose edges are
+    their own, such as an aligned face."""
+    return _hex(_whole_terms(_grey(image))[None])[0]
 
 
 def _shrink(image: Image.Image, max_side: int) -> Image.Image:

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
-from pipeline.decode import phashes
+from pipeline.decode import phash
 from pipeline.detect import RetinaFaceDetector
 from pipeline.schema import Sample
 
@@ -112,9 +112,8 @@ class FaceHasher:
             by_refined, by_found = _aligned(rgb, refined, target), _aligned(rgb, found, target)
             if by_refined is None or by_found is None:
                 return []
-            # trim_bars=False: an aligned face's edges are the face's own, never a page's frame
             for view, pixels in zip(views, (by_refined, by_found, by_found[:UPPER_ROWS])):
-                view.append((phashes(Image.fromarray(pixels), trim_bars=False)[0], check_hash(pixels)))
+                view.append((phash(Image.fromarray(pixels)), check_hash(pixels)))
         return views
 
     def hash_samples(self, samples: list[Sample]) -> list[Sample]:
