@@ -16,7 +16,8 @@ from PIL import Image
 from bench.dedupe_images import jpeg
 from pipeline.build_config import BuildConfig
 from pipeline.decode import CROPS, decode_image, phashes
-from pipeline.near_buckets import BANDS, BAND_BITS, CROP_HASHES, band_rows, band_rows_per_item, bucket_pairs
+from pipeline.near_buckets import (BANDS, BAND_BITS, CROP_HASHES, INNER_HASHES, band_rows, band_rows_per_item,
+                                   bucket_pairs)
 from pipeline.near_dedupe import ITEMS_SCHEMA, with_ids, with_partition
 
 PASSES = 25  # a 10M-image build's band passes on a 2-core box (docs/PERFORMANCE.md, global dedupe at scale)
@@ -66,9 +67,10 @@ def random_hashes(shape: int | tuple[int, ...], rng: np.random.Generator) -> np.
 def synthetic_items(n: int, rng: np.random.Generator) -> pa.Table:
     keys = [f"{(i // 10000) % 100000:05d}{i:09d}" for i in range(n)]  # make_key's 14 digits
     shards = [f"{(i // 10000):05d}" for i in range(n)]
-    crops = pa.ListArray.from_arrays(pa.array(np.arange(0, n * CROP_HASHES + 1, CROP_HASHES, dtype=np.int32)),
-                                     pa.array(random_hashes(n * CROP_HASHES, rng)))
-    return pa.table({"key": keys, "phash": pa.array(random_hashes(n, rng)), "crops": crops,
+    crops, inner = (pa.ListArray.from_arrays(pa.array(np.arange(0, n * width + 1, width, dtype=np.int32)),
+                                             pa.array(random_hashes(n * width, rng)))
+                    for width in (CROP_HASHES, INNER_HASHES))
+    return pa.table({"key": keys, "phash": pa.array(random_hashes(n, rng)), "crops": crops, "inner": inner,
                      "area": pa.array(rng.integers(10_000, 4_000_000, n, dtype=np.int64)),
                      "shard": shards, "overlap_set": pa.nulls(n, pa.string())}, schema=ITEMS_SCHEMA)
 

@@ -95,6 +95,20 @@ def transform(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[
     return jpeg(image, params["quality"]), params
 
 
+def caption_height(height: int, share: float) -> int:
+    return max(8, round(height * share))
+
+
+def captioned(image: Image.Image, share: float) -> Image.Image:
+    """`image` with a black caption bar, white text on it, over the bottom `share` of its height."""
+    image, bar_height = image.copy(), caption_height(image.height, share)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, image.height - bar_height, image.width, image.height), fill="black")
+    draw.text((bar_height // 3, image.height - bar_height * 0.8), "www.example.com | photo of the day",
+              fill="white", font_size=max(6, bar_height // 2))
+    return image
+
+
 def web_transform(image: Image.Image, parts: tuple[str, ...] | list[str], rng: np.random.Generator,
                   params: dict) -> Image.Image:
     """The web-like kinds: crops of 3-15 % on one to four sides, letterbox bars, a turn of 1-5
@@ -124,13 +138,9 @@ def web_transform(image: Image.Image, parts: tuple[str, ...] | list[str], rng: n
     if "grey" in parts:
         image = image.convert("L").convert("RGB")
     if "text" in parts:  # a caption bar across the bottom, 8-14 % of the height
-        image = image.copy()
-        bar_height = max(8, round(image.height * rng.uniform(0.08, 0.14)))
-        draw = ImageDraw.Draw(image)
-        draw.rectangle((0, image.height - bar_height, image.width, image.height), fill="black")
-        draw.text((bar_height // 3, image.height - bar_height * 0.8), "www.example.com | photo of the day",
-                  fill="white", font_size=max(6, bar_height // 2))
-        params["caption_bar"] = bar_height / image.height
+        share = rng.uniform(0.08, 0.14)
+        image = captioned(image, share)
+        params["caption_bar"] = caption_height(image.height, share) / image.height
     if "recompress3" in parts:  # two rounds here, the third when the copy is saved
         qualities = [int(q) for q in rng.integers(60, 91, 3)]
         for quality in qualities[:2]:

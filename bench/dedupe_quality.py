@@ -5,14 +5,17 @@
 No downloads: the photos are the ones installed packages ship (scikit-image's data, insightface's
 test images). Everything is hashed through the pipeline's own code paths:
 
-  dataset side   pipeline.decode.decode_image(JPEG bytes, BuildConfig()) and its 16 pHashes
-                 (decode.phashes: the image's own, then its 15 crops by 2% off one to four sides),
+  dataset side   pipeline.decode.decode_image(JPEG bytes, BuildConfig()) and its 23 pHashes
+                 (decode.phashes: the image's own, its 15 crops by 2% off one to four sides, its
+                 inner part as it is and turned),
                  exactly what the builder stores (re-encoded to <= image_max_side, 512 px).
-  excluded side  pipeline.exclusions.hash_files on a file: the 16 pHashes of the full-resolution
+  excluded side  pipeline.exclusions.hash_files on a file: the 23 pHashes of the full-resolution
                  image and of its mirror (what --exclude-images caches).
   pairs          as near_dedupe decides: the plain pHash of one within k bits of any of the other's
-                 16 (either way round); a dataset image vs an excluded one, against the excluded
-                 image's plain and mirrored hashes.
+                 16 whole-image hashes, or its inner part's within INNER_DISTANCE of the other's
+                 inner part's as it is or turned (either way round; as_decided makes it one
+                 distance); a dataset image vs an excluded one, against the excluded image's
+                 plain and mirrored hashes.
 
 Quality
   near-duplicates  every whole photo is the "original" (its JPEG q95 bytes); each kind of
@@ -45,8 +48,9 @@ Quality
                    merge rates are given for whole images only (photos + LFW) and with the tiles
                    ("all"), "dedupe" (hash vs hash, pairs once) and "decontam" (dataset image vs an
                    excluded image's plain and mirrored hashes, ordered pairs).
-  alternatives     "phash_plain": the pipeline's own pHash alone (index 0 of the 16: what it used
-                   before the crop hashes); prototypes, not pipeline code, hashed on the decoded
+  alternatives     "whole_image": the pipeline's 16 whole-image hashes alone (without the inner
+                   part's: what it used before them); "phash_plain": the pipeline's own pHash
+                   alone (index 0 of the 16: what it used before the crop hashes); prototypes, not pipeline code, hashed on the decoded
                    stored image: dhash, and imagehash's phash of the central 90%.
   scale            the false neighbours per image at 50M images if hashes were independent and
                    uniform (pHash: 64 bits with exactly 32 set, as it thresholds at the median;
@@ -90,15 +94,16 @@ from PIL import Image, ImageOps  # noqa: E402
 from bench.dedupe_cost import memory_and_comparisons, throughput  # noqa: E402
 from bench.dedupe_images import KINDS, cut_tiles, jpeg, load_lfw, load_photos, transform  # noqa: E402
 from pipeline.build_config import BuildConfig  # noqa: E402
-from pipeline.decode import CROPS, decode_image  # noqa: E402
+from pipeline.decode import CROPS, HASHES as PIPELINE_HASHES, decode_image  # noqa: E402
 from pipeline.exclusions import hash_files  # noqa: E402
+from pipeline.near_buckets import INNER_DISTANCE  # noqa: E402
 
 CONFIG = BuildConfig()
 DEFAULT_K = CONFIG.near_duplicate_distance
 KS = list(range(4, 13))
 MIRROR_KINDS = ("mirror", "mirror+resize+jpeg")
-HASHES = ("pipeline", "phash_plain", "dhash", "phash_centre90")
-HASH_COUNT = {"pipeline": len(CROPS), "phash_plain": 1, "dhash": 1, "phash_centre90": 1}
+HASHES = ("pipeline", "whole_image", "phash_plain", "dhash", "phash_centre90")
+HASH_COUNT = {"pipeline": len(CROPS), "whole_image": len(CROPS), "phash_plain": 1, "dhash": 1, "phash_centre90": 1}
 RECALL_TARGET, MERGE_TARGET = 0.95, 0.001
 
 
@@ -109,10 +114,10 @@ def h64(value) -> int:
 
 
 def pipeline_hashes(hexes: list[str]) -> dict[str, list[int]]:
-    """The pipeline's 16 hashes, and its plain pHash alone (all it had before the crop hashes)."""
+    """The pipeline's 23 hashes, and its plain pHash alone (all it had before the crop hashes)."""
     hashes = [h64(h) for h in hexes]
-    assert len(hashes) == len(CROPS)
-    return {"pipeline": hashes, "phash_plain": hashes[:1]}
+    assert len(hashes) == PIPELINE_HASHES
+    return {"pipeline": hashes, "whole_image": hashes[:len(CROPS)], "phash_plain": hashes[:1]}
 
 
 def alternative_hashes(image: Image.Image) -> dict[str, list[int]]:
@@ -123,7 +128,7 @@ def alternative_hashes(image: Image.Image) -> dict[str, list[int]]:
 
 
 def dataset_hashes(data: bytes) -> dict[str, list[int]]:
-    """What the builder stores (decode_image's 16 pHashes), and the prototypes on the stored image."""
+    """What the builder stores (decode_image's 23 pHashes), and the prototypes on the stored image."""
     stored, *_, hexes = decode_image(data, CONFIG)
     with Image.open(io.BytesIO(stored)) as image:
         hashes = alternative_hashes(image.convert("RGB"))
@@ -144,11 +149,23 @@ def popcount(a: int, b: int) -> int:
     return int(np.bitwise_count(np.uint64(a) ^ np.uint64(b)))
 
 
+def as_decided(whole: np.ndarray | int, inner: np.ndarray | int) -> np.ndarray | int:
+    """The pipeline's decision as one distance: an inner-part match within INNER_DISTANCE at its
+    own distance, else the whole-image hashes' distance; so `<= k` is the decision at every k of KS."""
+    return np.where(np.asarray(inner) <= INNER_DISTANCE, np.minimum(whole, inner), whole)
+
+
 def pair_distance(a: list[int], b: list[int]) -> int:
-    """Single hashes: their distance. Multi-crop: one's plain hash against any of the other's."""
+    """Single hashes: their distance. The pipeline's: one's plain hash against any of the other's
+    16 whole-image hashes, or one's inner part against the other's inner part as it is or turned."""
     if len(a) == 1 and len(b) == 1:
         return popcount(a[0], b[0])
-    return min(min(popcount(a[0], x) for x in b), min(popcount(b[0], x) for x in a))
+    crops = len(CROPS)
+    whole = min(min(popcount(a[0], x) for x in b[:crops]), min(popcount(b[0], x) for x in a[:crops]))
+    if len(a) == crops:
+        return whole
+    inner = min(min(popcount(a[crops], x) for x in b[crops:]), min(popcount(b[crops], x) for x in a[crops:]))
+    return int(as_decided(whole, inner))
 
 
 # --- workers ---------------------------------------------------------------------------------------
@@ -200,12 +217,28 @@ def merge_table(d: np.ndarray) -> dict:
             "histogram": np.bincount(d, minlength=65).tolist()}
 
 
+def _one_way(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """d[i, j], q's first hash of a space against any of r's in it, per space, as the pipeline decides."""
+    if q.shape[1] == 1:
+        return np.bitwise_count(q[:, None, :] ^ r[None, :, :])[:, :, 0].astype(np.int64)
+    crops = len(CROPS)
+    whole = np.bitwise_count(q[:, None, :1] ^ r[None, :, :crops]).min(axis=2).astype(np.int64)
+    if q.shape[1] == crops:
+        return whole
+    inner = np.bitwise_count(q[:, None, crops:crops + 1] ^ r[None, :, crops:]).min(axis=2).astype(np.int64)
+    return np.stack([whole, inner])
+
+
+def _decided(one_way: np.ndarray, other_way: np.ndarray) -> np.ndarray:
+    both = np.minimum(one_way, other_way)
+    return both if both.ndim == 2 else as_decided(both[0], both[1])
+
+
 def distance_matrix(hashes: list[list[int]]) -> np.ndarray:
-    """Symmetric pair distances (multi-crop: min over one's plain hash vs the other's 16)."""
+    """Symmetric pair distances (the pipeline's: pair_distance's)."""
     m = np.array(hashes, dtype=np.uint64)  # (n, h)
-    plain = m[:, :1]
-    d = np.bitwise_count(plain[:, None, :] ^ m[None, :, :]).min(axis=2).astype(np.int64)  # i plain vs j any
-    return np.minimum(d, d.T)
+    d = _one_way(m, m)
+    return _decided(d, np.swapaxes(d, -1, -2))
 
 
 def reference_matrix(dataset: list[list[int]], references: list[list[list[int]]]) -> np.ndarray:
@@ -214,9 +247,7 @@ def reference_matrix(dataset: list[list[int]], references: list[list[list[int]]]
     best = None
     for side in (0, 1):
         r = np.array([ref[side] for ref in references], dtype=np.uint64)  # (n, h)
-        d1 = np.bitwise_count(q[:, None, :1] ^ r[None, :, :]).min(axis=2)
-        d2 = np.bitwise_count(q[:, None, :] ^ r[None, :, :1]).min(axis=2)
-        d = np.minimum(d1, d2).astype(np.int64)
+        d = _decided(_one_way(q, r), np.swapaxes(_one_way(r, q), -1, -2))
         best = d if best is None else np.minimum(best, d)
     return best
 
@@ -227,7 +258,12 @@ def random_neighbours(hname: str, k: int, images: int = 50_000_000) -> float:
         p = sum(comb(64, i) for i in range(k + 1)) / 2 ** 64
     else:  # 32 ones out of 64: distances are even, 2j for j ones moved
         p = sum(comb(32, j) ** 2 for j in range(k // 2 + 1)) / comb(64, 32)
-    return p * (2 * HASH_COUNT[hname] - 1) * images
+    within = p * (2 * HASH_COUNT[hname] - 1) * images
+    if hname == "pipeline":  # and the inner parts' hashes, within INNER_DISTANCE
+        turns = PIPELINE_HASHES - len(CROPS)
+        within += sum(comb(32, j) ** 2 for j in range(min(k, INNER_DISTANCE) // 2 + 1)) / comb(64, 32) * (
+            2 * turns - 1) * images
+    return within
 
 
 # --- main ----------------------------------------------------------------------------------------------

@@ -43,10 +43,10 @@ CLUSTER_EXACT_SHARE = 0.3  # of a popular image's copies, byte-identical (the re
 K = 6  # BuildConfig.near_duplicate_distance's default
 TOP = np.uint64(1 << 63)  # pHash's top bit is the DC term, above the median on nearly every photo
 KINDS = ["background", "exact", "near", "cluster_exact", "cluster_near"]
-COLUMNS = ["key", "shard", "original_width", "original_height", "sha256", "phash", "phash_crops"]
+COLUMNS = ["key", "shard", "original_width", "original_height", "sha256", "phash", "phash_crops", "phash_inner"]
 SCHEMA = pa.schema([METADATA_SCHEMA.field(name) for name in COLUMNS], metadata=METADATA_SCHEMA.metadata)
 STAGE_COLUMNS = {"exact": ["key", "sha256", "shard"],  # the columns the builder's two dedupes read
-                 "near": ["key", "phash", "phash_crops", "original_width", "original_height", "shard"]}
+                 "near": ["key", "phash", "phash_crops", "phash_inner", "original_width", "original_height", "shard"]}
 
 
 def mix(ids: np.ndarray, salt: int) -> np.ndarray:
@@ -75,12 +75,19 @@ def crop_hashes(phash: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return phash[:, None] ^ flips(crop_ids.ravel(), 2, 8, salt=4).reshape(-1, 15)
 
 
+def inner_hashes(inner: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """An image's inner part's pHash, then its 6 turned ones, each 2-8 bits from it."""
+    turn_ids = ids[:, None].astype(np.uint64) * np.uint64(8) + np.arange(1, 7, dtype=np.uint64)
+    return np.c_[inner, inner[:, None] ^ flips(turn_ids.ravel(), 2, 8, salt=14).reshape(-1, 6)]
+
+
 def background(ids: np.ndarray) -> dict[str, np.ndarray]:
     """An unrelated image: a centre with each bit flipped with p = 1/4 (~16 bits), so two images
     of one centre differ in ~24 bits, rarely within K, yet band values are unevenly filled."""
     centre = mix(np.arange(CENTRES), 100)[mix(ids, 1) % np.uint64(CENTRES)]
     phash = (centre ^ (mix(ids, 2) & mix(ids, 3))) | TOP
-    return {"phash": phash, "crops": crop_hashes(phash, ids), "sha": np.stack([mix(ids, s) for s in range(5, 9)], 1),
+    inner = (mix(np.arange(CENTRES), 101)[mix(ids, 11) % np.uint64(CENTRES)] ^ (mix(ids, 12) & mix(ids, 13))) | TOP
+    return {"phash": phash, "crops": crop_hashes(phash, ids), "inner": inner_hashes(inner, ids), "sha": np.stack([mix(ids, s) for s in range(5, 9)], 1),
             "width": (200 + mix(ids, 9) % np.uint64(1849)).astype(np.int32),
             "height": (200 + mix(ids, 10) % np.uint64(1849)).astype(np.int32)}
 
@@ -125,20 +132,22 @@ def part_tables(first: int, rows: int) -> tuple[pa.Table, pa.Table]:
     for name in values:  # same bytes: every column but the key is the original's
         values[name][copies[exact]] = source[name][exact]
     near, near_ids = copies[~exact], ids[copies[~exact]]
-    # a near copy: the original's pHash 1-5 bits away (within K), its own crops and bytes, and a
-    # smaller picture (50-95% of each side) so that the original, the larger one, is kept
+    # a near copy: the original's pHash 1-5 bits away (within K), its inner part's 0-2, its own crops, turns
+    # and bytes, and a smaller picture (50-95% of each side) so that the original, the larger one, is kept
     values["phash"][near] = source["phash"][~exact] ^ flips(near_ids, 1, 5, salt=40)
     values["crops"][near] = crop_hashes(values["phash"][near], near_ids)
+    values["inner"][near] = inner_hashes(source["inner"][~exact, 0] ^ flips(near_ids, 0, 2, salt=42), near_ids)
     scale = 0.5 + 0.45 * (mix(near_ids, 41) >> np.uint64(11)) * 2.0 ** -53
     for side in ("width", "height"):
         values[side][near] = np.floor(source[side][~exact] * scale).astype(np.int32)
     keys = keys_of(ids)
-    crops = pa.ListArray.from_arrays(pa.array(np.arange(0, 15 * rows + 1, 15, dtype=np.int32)),
-                                     hex_strings(values["crops"].reshape(-1, 1)))
+    crops, inner = (pa.ListArray.from_arrays(pa.array(np.arange(0, width * rows + 1, width, dtype=np.int32)),
+                                             hex_strings(values[name].reshape(-1, 1)))
+                    for name, width in (("crops", 15), ("inner", 7)))
     table = pa.table({"key": keys, "shard": [f"{i // ROWS_PER_UNIT:05d}" for i in ids.tolist()],
                       "original_width": values["width"], "original_height": values["height"],
                       "sha256": hex_strings(values["sha"]), "phash": hex_strings(values["phash"][:, None]),
-                      "phash_crops": crops}, schema=SCHEMA)
+                      "phash_crops": crops, "phash_inner": inner}, schema=SCHEMA)
     truth = pa.table({"key": keys_of(ids[copies]), "original": keys_of(original[copies]),
                       "kind": np.array(KINDS)[kind[copies]]})
     return table, truth
@@ -162,8 +171,8 @@ def generate(folder: Path, rows: int) -> None:
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for index, first in enumerate(range(0, rows, ROWS_PER_FILE)):
         path = folder / "metadata" / f"part-{index:05d}.parquet"
-        if path.exists():
-            continue
+        if path.exists() and pq.read_schema(path).equals(SCHEMA, check_metadata=True):
+            continue  # a part of another schema or pHash version is made again
         table, truth = part_tables(first, min(ROWS_PER_FILE, rows - first))
         for target, data in ((folder / "truth" / path.name, truth), (path, table)):
             tmp = target.with_suffix(".tmp")
@@ -255,7 +264,7 @@ TABLE = [("rows", "rows", 9), ("stage", "stage", 5), ("wall s", "wall_s", 7), ("
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000000,10000000", help="comma-separated row counts")
-    parser.add_argument("--stages", default="exact,near", help="exact, near or both (near shuffles 128 rows an image)")
+    parser.add_argument("--stages", default="exact,near", help="exact, near or both (near shuffles 156 rows an image)")
     parser.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "dedupe-meta"),
                         help="folder for the generated rows, one subfolder per size (kept for reruns)")
     parser.add_argument("--out", help="also write the results to this JSON file")

@@ -9,7 +9,7 @@ letterbox bars, turns of 1-5 degrees, greyscale, a caption bar, three JPEG round
 makes --per-kind copies of each. Every original and copy is stored as the builder stores it
 (pipeline.decode.decode_image) and gets:
 
-  pipeline   its 16 pHashes, compared as near_dedupe does (one's pHash against any of the other's 16)
+  pipeline   its pHashes, compared as near_dedupe does (bench.dedupe_quality.pair_distance)
   face       pipeline.face_hash of each face it shows (score >= 0.9; a copy is caught when any of
              its faces is near any of its original's): the copy's plain hashes, one per view,
              against the original's 7 jittered ones per view, every view with every view, as
@@ -49,6 +49,7 @@ from PIL import Image, ImageOps
 from scipy.stats import beta
 
 from bench.dedupe_images import KINDS, load_lfw, load_photos, transform
+from bench.dedupe_quality import pair_distance
 from pipeline.build_config import BuildConfig
 from pipeline.decode import decode_image
 from pipeline.detect import RetinaFaceDetector
@@ -64,17 +65,13 @@ SUM_PHASH_LIMIT, SUM_LIMITS = 12, (32, 36, 40)  # the looser rule: pHash within 
 
 
 def stored(data: bytes) -> tuple[np.ndarray, list[int]]:
-    """The image as the builder stores it, and its 16 pHashes."""
+    """The image as the builder stores it, and its pHashes (decode.phashes)."""
     jpeg, *_, hashes = decode_image(data, CONFIG)
     return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")), [int(h, 16) for h in hashes]
 
 
 def bits(a: int, b: int) -> int:
     return (a ^ b).bit_count()
-
-
-def pipeline_distance(a: list[int], b: list[int]) -> int:
-    return min(min(bits(a[0], h) for h in b), min(bits(b[0], h) for h in a))
 
 
 Hashes = tuple[int, int]  # an aligned face's pHash and check hash (pipeline.face_hash.check_hash)
@@ -175,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
             for i in range(args.per_kind):
                 rng = np.random.default_rng([args.seed, zlib.crc32(name.encode()), KINDS.index(kind), i])
                 rgb, copy_hashes = stored(transform(photo, kind, rng)[0])
-                distances[kind]["pipeline"].append(pipeline_distance(copy_hashes, hashes))
+                distances[kind]["pipeline"].append(pair_distance(copy_hashes, hashes))
                 copy_faces = [f for f in detector([rgb])[0] if f.score >= MIN_SCORE]
                 missed_face[kind] += not copy_faces
                 started_faces = time.perf_counter()

@@ -31,6 +31,13 @@ HASH_SIDE = 256  # pHash looks at 32 x 32 pixels: decoding a kept original at >=
 CROP_SIDE = 0.02  # the crop hashes cut 2% off a side
 # (left, top, right, bottom) cut or not: the whole image first, then its 15 crops
 CROPS = tuple(tuple((mask >> side) & 1 for side in range(4)) for mask in range(16))
+# The inner part, (left, top, right, bottom) cut: where web copies put a caption or a watermark
+# (the bottom) and the corners a turn fills stay outside it. Hashed as it is and as if turned by
+# each of TURNS' other angles (degrees), so that a copy turned a few degrees is near one of them.
+INNER = (0.10, 0.10, 0.10, 0.16)
+TURNS = (0.0, -4.5, -3.0, -1.5, 1.5, 3.0, 4.5)
+INNER_SIDE = 128  # the inner part is turned at about this size (recall of turned copies: 64 px 0.92, 128 0.995, 256 1.0)
+HASHES = len(CROPS) + len(TURNS)  # what phashes returns: own, 15 crops, inner part as it is and turned
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -115,6 +122,33 @@ def _whole_terms(grey: np.ndarray) -> np.ndarray:
     return (_crop_terms(grey.shape[0])[:8] @ grey @ _crop_terms(grey.shape[1])[:8].T).ravel()
 
 
+@functools.lru_cache(maxsize=1024)
+def _inner_window(size: int, start: float, end: float) -> np.ndarray:
+    """(8, size): the 8 lowest DCT terms of a row's part that starts and ends these fractions in."""
+    return LOW_DCT @ _lanczos(start * size, size - end * size, size)
+
+
+def _inner_terms(grey: np.ndarray) -> np.ndarray:
+    """(len(TURNS), 64): the 8 x 8 lowest DCT terms of the INNER part of `grey` as it is and turned
+    about its centre by each angle (OpenCV's warp, then the part's windows as _crop_terms takes a
+    crop's: a turn is not separable into row and column windows, as a crop is)."""
+    height, width = grey.shape
+    scale = INNER_SIDE / max(height, width)
+    if scale < 1:  # ~4 x fewer pixels to warp: half the cost of the inner hashes at 256 px
+        height, width = max(1, round(height * scale)), max(1, round(width * scale))
+        grey = cv2.resize(grey.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+    left, top, right, bottom = INNER
+    rows, columns = _inner_window(height, top, bottom), _inner_window(width, left, right)
+    grey = grey.astype(np.float32)
+    centre = (width / 2 - 0.5, height / 2 - 0.5)
+    terms = []
+    for angle in TURNS:
+        turned = grey if angle == 0 else cv2.warpAffine(grey, cv2.getRotationMatrix2D(centre, angle, 1.0), (width, height),
+                                                        flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        terms.append((rows @ turned @ columns.T).ravel())
+    return np.stack(terms)
+
+
 def _hex(low: np.ndarray) -> list[str]:
     """Per row of 64 DCT terms, its pHash: the terms above their median, as 16 hex digits."""
     bits = low > np.median(low, axis=1, keepdims=True)
@@ -122,8 +156,9 @@ def _hex(low: np.ndarray) -> list[str]:
 
 
 def phashes(image: Image.Image) -> list[str]:
-    """64-bit perceptual hashes, 16 hex digits each: the image's own pHash, then those of its 15
-    crops that cut CROP_SIDE off one to four sides.
+    """64-bit perceptual hashes, 16 hex digits each (HASHES of them): the image's own pHash, then
+    those of its 15 crops that cut CROP_SIDE off one to four sides, then its INNER part's as it is
+    and as if turned by each of TURNS' other angles.
 
     A cropped copy of an image lies within a few bits of one of its crop hashes while its own
     pHash can be 16+ bits away, so near_dedupe compares a pHash with the other image's 16.
@@ -139,6 +174,10 @@ def phashes(image: Image.Image) -> list[str]:
     The image's own pHash is of it without its letterbox bars (_without_bars), so that a copy framed
     by them hashes as its original does; its crop hashes stay those of the whole image, so that a
     copy whose bars a crop made unequal (a product shot on white, cut a little) is still near one.
+
+    The inner part's hashes (of the image without its bars too) are compared only with each other's
+    (near_buckets): a copy with a caption bar over its bottom, or turned a few degrees with filled
+    corners, moves its own pHash and every crop's by 10-20 bits, but not its inner part's.
     """
     grey = _grey(image)
     terms = (_crop_terms(grey.shape[0]) @ grey @ _crop_terms(grey.shape[1]).T).reshape(4, 8, 4, 8)
@@ -147,7 +186,7 @@ def phashes(image: Image.Image) -> list[str]:
     content = _without_bars(grey)
     if content.shape != grey.shape:
         low[0] = _whole_terms(content)
-    return _hex(low)
+    return _hex(np.concatenate([low, _inner_terms(content)]))
 
 
 def phash(image: Image.Image) -> str:
@@ -211,5 +250,6 @@ def decode_sample(sample: Sample, config: BuildConfig) -> None:
     except Exception as err:  # PIL raises many types for a corrupt file (struct.error, TypeError from bad EXIF, ...)
         sample.fail("decode_error", f"{type(err).__name__}: {err}"[:300])
         return
-    sample.content, sample.phash, sample.phash_crops = stored, hashes[0], hashes[1:]
+    sample.content, sample.phash = stored, hashes[0]
+    sample.phash_crops, sample.phash_inner = hashes[1:len(CROPS)], hashes[len(CROPS):]
     sample.sha256 = hashlib.sha256(stored).hexdigest()

@@ -2,8 +2,9 @@
 
 A hash is cut into 4 bands of 16 bits; two hashes within k bits agree within k // 4 bits on at
 least one band (pigeonhole). An image is filed under the band values within k // 4 bits of its
-pHash's and looks under the exact band values of each of its 16 hashes (band_rows); a shuffle on
-(band, value) brings the rows of a bucket together, where bucket_pairs checks the full distance.
+pHash's and looks under the exact band values of each of its 16 hashes (band_rows); its inner
+part's hashes (decode.INNER) do the same in bands of their own, within INNER_DISTANCE bits. A shuffle
+on (band, value) brings the rows of a bucket together, where bucket_pairs checks the full distance.
 pipeline.near_dedupe runs these over the whole dataset in passes and names what they find.
 """
 
@@ -17,11 +18,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.decode import CROPS
+from pipeline.decode import CROPS, TURNS
 
 BANDS, BAND_BITS = 4, 16
+SPACES = 2  # the whole image's pHash and its crops' (bands 0-3), the inner part's and its turns' (bands 4-7)
 REFERENCE_AREA = np.iinfo(np.int64).max  # excluded images outrank every dataset image
 CROP_HASHES = len(CROPS) - 1
+INNER_HASHES = len(TURNS)
+# Inner parts match within this many bits, not k: at 4 bits, four pairs of near-featureless distinct
+# images (25-px LFW backgrounds enlarged, dark retina tiles) matched in bench.dedupe_quality instead of one;
+# a caption bar leaves a copy's inner part within 0-2 bits of its original's, a turn of 1-5 degrees 98-99 % of copies'.
+INNER_DISTANCE = 2
 BAND_ROWS_PER_PARTITION = 2_000_000  # a reducer's band rows (~75 MB), whatever the number of images
 BAND_ROW_BYTES = 37  # id, area, query, bucket (8 bytes each), part (4), filed and probes
 # A bucket with at most this many (filed, looking) pairs is compared with the other small ones in
@@ -43,8 +50,13 @@ def _probe_masks(radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.int64)
 
 
+def inner_distance(k: int) -> int:
+    return min(k, INNER_DISTANCE)
+
+
 def band_rows_per_item(k: int) -> int:
-    return BANDS * (len(_probe_masks(k // BANDS)) + CROP_HASHES)
+    return BANDS * (len(_probe_masks(k // BANDS)) + CROP_HASHES + len(_probe_masks(inner_distance(k) // BANDS))
+                    + INNER_HASHES - 1)
 
 
 def band_passes(items: int, k: int, budget_bytes: float) -> int:
@@ -66,43 +78,56 @@ def band_rows(items: pa.Table, k: int, passes: int = 1, which: int = 0) -> pa.Ta
     (`filed`) under the band values within k // 4 bits of its pHash's, and looks (`probes`, with
     `query`) under the exact band values of each of its 16 hashes: a query within k bits of a pHash
     then meets it in some band. Filing the neighbours rather than probing them costs 4 x (17 + 15)
-    rows per item at k = 6 instead of 4 x 17 x 16, for the same comparisons. A row carries the image's
-    id and area, nothing else of it: a filed row's `query` is the pHash itself.
+    rows per item at k = 6 instead of 4 x 17 x 16, for the same comparisons. The inner parts' hashes
+    are a space of their own, bands 4-7, within inner_distance(k) bits: an item is filed under its
+    inner part's band values and looks under those of its turned ones, 4 x 5 rows more. A row
+    carries the image's id and area, nothing else of it: a filed row's `query` is the hash filed.
 
     Every pass looks at every item's band values again, so a bucket's pass is looked up in a table
-    of all 4 x 2^16 (band, value) buckets, made once a call, and only the pass's rows are built, a
-    band at a time: about half the CPU and a sixth of the memory of hashing and keeping all 128
-    values of an item in every pass (docs/PERFORMANCE.md, global dedupe at scale)."""
+    of all 8 x 2^16 (band, value) buckets, made once a call, and only the pass's rows are built, a
+    band at a time: about half the CPU and a sixth of the memory of hashing and keeping all of an
+    item's values in every pass (docs/PERFORMANCE.md, global dedupe at scale)."""
     n = items.num_rows
-    masks = _probe_masks(k // BANDS)
-    plain = items["phash"].to_numpy()
-    crops = pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES)
-    width = len(masks) + CROP_HASHES  # an item's rows a band: filed under each neighbour, then looking by each crop
+    pass_of = bucket_pass(np.arange(SPACES * BANDS << BAND_BITS, dtype=np.int64),
+                          passes).astype(np.int32) if passes > 1 else None
+    inner = pc.list_flatten(items["inner"]).to_numpy().reshape(n, INNER_HASHES)
+    spaces = [_space_rows(items["phash"].to_numpy(), pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES),
+                          _probe_masks(k // BANDS), 0, pass_of, which),
+              _space_rows(inner[:, 0], inner[:, 1:], _probe_masks(inner_distance(k) // BANDS), BANDS, pass_of, which)]
+    owner, query, filed, probes, bucket = (np.concatenate(column) for column in zip(*spaces))
+    return items.select(["id", "area"]).take(pa.array(owner)).append_column(
+        "query", pa.array(query, pa.int64())).append_column("filed", pa.array(filed)).append_column(
+        "probes", pa.array(probes)).append_column("bucket", pa.array(bucket, pa.int64()))
+
+
+def _space_rows(plain: np.ndarray, looks: np.ndarray, masks: np.ndarray, first_band: int, pass_of: np.ndarray | None,
+                which: int) -> tuple[np.ndarray, ...]:
+    """(owner, query, filed, probes, bucket) of one space's rows in pass `which`: each item filed
+    under the band values of `plain` xor `masks`, and looking under those of `plain` and `looks`."""
+    n = len(plain)
+    width = len(masks) + looks.shape[1]  # an item's rows a band: filed under each neighbour, then looking by each
     filed = np.arange(width) < len(masks)
-    probes = ~filed | np.r_[masks == 0, np.zeros(CROP_HASHES, bool)]  # the pHash's exact value probes too
-    pass_of = bucket_pass(np.arange(BANDS << BAND_BITS, dtype=np.int64), passes).astype(np.int32) if passes > 1 else None
+    probes = ~filed | np.r_[masks == 0, np.zeros(looks.shape[1], bool)]  # the filed hash's exact value probes too
     flat, bucket = [], []
     values = np.empty((n, width), np.int64)
     for band in range(BANDS):
         shift = np.uint64(band * BAND_BITS)
         values[:, :len(masks)] = ((plain.view(np.uint64) >> shift) & np.uint64(0xFFFF)).astype(np.int64)[:, None] ^ masks
-        values[:, len(masks):] = (crops.view(np.uint64) >> shift) & np.uint64(0xFFFF)
-        taken = np.flatnonzero(pass_of[band << BAND_BITS:][values] == which) if pass_of is not None else np.arange(n * width)
-        flat.append(taken), bucket.append(band << BAND_BITS | values.ravel()[taken])
+        values[:, len(masks):] = (looks.view(np.uint64) >> shift) & np.uint64(0xFFFF)
+        first = (first_band + band) << BAND_BITS
+        taken = np.flatnonzero(pass_of[first:][values] == which) if pass_of is not None else np.arange(n * width)
+        flat.append(taken), bucket.append(first | values.ravel()[taken])
     flat = np.concatenate(flat)
     owner, column = np.divmod(flat, width)
-    query = np.where(filed[column], plain[owner], crops[owner, np.maximum(column - len(masks), 0)])
-    return items.select(["id", "area"]).take(pa.array(owner)).append_column(
-        "query", pa.array(query, pa.int64())).append_column(
-        "filed", pa.array(filed[column])).append_column("probes", pa.array(probes[column])).append_column(
-        "bucket", pa.array(np.concatenate(bucket), pa.int64()))
+    query = np.where(filed[column], plain[owner], looks[owner, np.maximum(column - len(masks), 0)])
+    return owner, query, filed[column], probes[column], np.concatenate(bucket)
 
 
 def _small_bucket_pairs(bucket_of: np.ndarray, filed_rows: np.ndarray, look_rows: np.ndarray, codes: np.ndarray,
-                        k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(looking row, filed row, distance) of every pair within k bits in small buckets, all buckets
-    at once: `filed_rows` and `look_rows` ascending (so grouped by bucket), `bucket_of` each row's
-    bucket. A faiss index per bucket costs ~100 us of set-up, which on web input (thousands of
+                        limit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(looking row, filed row, distance) of every pair within its row's `limit` bits in small
+    buckets, all buckets at once: `filed_rows` and `look_rows` ascending (so grouped by bucket),
+    `bucket_of` each row's bucket. A faiss index per bucket costs ~100 us of set-up, which on web input (thousands of
     buckets holding a few similar photos each) was most of the near dedupe's time."""
     filed_buckets, look_buckets = bucket_of[filed_rows], bucket_of[look_rows]
     first_filed = np.searchsorted(filed_buckets, look_buckets)  # where each look's bucket's filed rows start
@@ -114,7 +139,7 @@ def _small_bucket_pairs(bucket_of: np.ndarray, filed_rows: np.ndarray, look_rows
         offset = np.arange(len(looking)) - np.repeat(np.cumsum(rep) - rep, rep)
         filed = filed_rows[np.repeat(first_filed[lo:hi], rep) + offset]
         distance = np.bitwise_count(codes[looking] ^ codes[filed])
-        close = distance <= k
+        close = distance <= limit[looking]
         found.append((looking[close], filed[close], distance[close].astype(np.int32)))
     return tuple(np.concatenate(column) for column in zip(*found)) if found else _no_pairs()
 
@@ -134,12 +159,13 @@ def _no_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(looking item, filed item, smallest distance) of every pair where a query of one is within
-    k bits of the other's pHash filed in the same bucket; `rows` sorted by bucket, `item` their
-    images numbered from 0. A filed row's query is its pHash. Small buckets are compared together
+    k bits (inner_distance(k) in the inner parts' bands) of the other's hash filed in the same bucket; `rows` sorted by bucket, `item` their
+    images numbered from 0. A filed row's query is the hash filed. Small buckets are compared together
     in numpy (_small_bucket_pairs); a large one by faiss's binary range search: its popcount kernel
     costs ~0.5 ns a pair, numpy's batches ~18 ns with their gathers, and a bucket's pairs grow with
     the square of the images."""
     buckets, filed, looks = rows["bucket"].to_numpy(), rows["filed"].to_numpy(False), rows["probes"].to_numpy(False)
+    limit = np.where(buckets >> BAND_BITS < BANDS, k, inner_distance(k))  # a row's space: its bucket's band
     query = rows["query"].to_numpy()
     codes = query.view(np.uint8).reshape(-1, 8)  # a hash as faiss's 8-byte binary code
     starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
@@ -152,12 +178,12 @@ def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, 
     bucket_of = np.repeat(np.arange(len(starts)), stops - starts)
     in_small = small[bucket_of]
     rows_found = [_small_bucket_pairs(bucket_of, np.flatnonzero(filed & in_small), np.flatnonzero(looks & in_small),
-                                      query.view(np.uint64), k)]
+                                      query.view(np.uint64), limit)]
     for start, stop in zip(starts[meet & ~small], stops[meet & ~small]):
         f, q = start + np.flatnonzero(filed[start:stop]), start + np.flatnonzero(looks[start:stop])
         index = faiss.IndexBinaryFlat(64)
         index.add(codes[f])
-        limits, distance, nearest = index.range_search(codes[q], k + 1)  # below k + 1, as float32
+        limits, distance, nearest = index.range_search(codes[q], int(limit[start]) + 1)  # below it, as float32
         rows_found.append((np.repeat(q, np.diff(limits).astype(np.int64)), f[nearest], distance.astype(np.int32)))
     looking, filed_item, distance = (np.concatenate(column) for column in zip(*rows_found))
     looking, filed_item = item[looking], item[filed_item]

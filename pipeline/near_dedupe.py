@@ -3,7 +3,9 @@
 Every image has its pHash and the pHashes of 15 crops of itself (2% off one to four sides:
 decode.phashes). Two images are near-duplicates when the pHash of one is within k bits
 (`near_duplicate_distance`) of any of the other's 16: so a copy cropped by a few per cent is
-caught, which its own pHash alone misses (docs/PERFORMANCE.md). To find every such pair without
+caught, which its own pHash alone misses (docs/PERFORMANCE.md). Or when the pHash of one's inner
+part is within near_buckets.INNER_DISTANCE bits of the other's inner part's, as it is or turned:
+so a copy with a caption bar, or turned a few degrees, is caught too. To find every such pair without
 comparing all pairs, each hash is cut into 4 bands of 16 bits: two hashes within k bits agree
 within r = k // 4 bits on at least one band (pigeonhole). Every image is filed under the band
 values within r bits of its pHash's and looks under the exact band values of each of its 16
@@ -12,7 +14,7 @@ is checked (pipeline.near_buckets makes the band rows and compares a bucket). No
 holds every hash, and no shuffle every band row: the buckets go through in as many passes as the
 object store needs, each in partitions of at most ~2M rows, so a reducer's rows and a pass's
 share of the object store stay bounded as the images grow (the comparisons do not: a bucket's
-occupancy grows with the images). Images with the same 16 hashes (a photo served at many URLs)
+occupancy grows with the images). Images with the same 23 hashes (a photo served at many URLs)
 are found first, by a groupby on the pHash: only the best of them is compared, and the others
 lose to it or inherit its winner, so copies cost rows, not pairs of rows.
 
@@ -33,11 +35,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from pipeline.decode import CROPS
 from pipeline.dedupe import (REMOVED_SCHEMA, Rows, by_group, count, map_tables, materialize, unit_partitions,
                              written_samples)
 from pipeline.exclusions import exclusion_rows
-from pipeline.near_buckets import (BAND_ROWS_PER_PARTITION, CROP_HASHES, REFERENCE_AREA, band_passes, band_rows,
-                                   band_rows_per_item, best_winners, bucket_pairs)
+from pipeline.near_buckets import (BAND_ROWS_PER_PARTITION, CROP_HASHES, INNER_HASHES, REFERENCE_AREA, band_passes,
+                                   band_rows, band_rows_per_item, best_winners, bucket_pairs)
 from pipeline.storage import Output
 
 # Ray's pull-based sort shuffle keeps a reference in the driver per (input block, partition), a few
@@ -46,6 +49,7 @@ from pipeline.storage import Output
 NAMING_BYTES = 64 << 20
 
 ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("crops", pa.list_(pa.int64())),
+                          ("inner", pa.list_(pa.int64())),
                           ("area", pa.int64()), ("shard", pa.string()), ("overlap_set", pa.string())])
 PAIRS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("winner", pa.string()),
                           ("winner_area", pa.int64()), ("distance", pa.int32()), ("overlap_set", pa.string())])
@@ -115,13 +119,14 @@ def with_partition(table: pa.Table, column: str, partitions: int) -> pa.Table:
 
 
 def mark_copies(items: pa.Table) -> pa.Table:
-    """Adds `representative`: for an item whose 16 hashes equal a higher-priority item's (the larger,
+    """Adds `representative`: for an item whose 23 hashes equal a higher-priority item's (the larger,
     then the smaller key), that item's key; else null. Excluded images are never marked.
 
     A copy's comparisons are its representative's, so only representatives go through the buckets:
     a photo copied c times would otherwise cost c x c comparisons in each bucket it falls in."""
     n = items.num_rows
-    hashes = np.c_[items["phash"].to_numpy(), pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES)]
+    hashes = np.c_[items["phash"].to_numpy(), pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES),
+                   pc.list_flatten(items["inner"]).to_numpy().reshape(n, INNER_HASHES)]
     area, keys = items["area"].to_numpy(), np.array(items["key"].to_pylist(), dtype=str)
     order = np.lexsort((keys, -area, *hashes.T[::-1]))  # same hashes together, best first
     excluded = area[order] == REFERENCE_AREA  # neither marked nor a representative
@@ -166,7 +171,7 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
 
     Buckets are shuffled in groups (`partitions`, or more when the band rows need them), not one
     group each: most buckets hold a single hash, and a Ray task per bucket would cost far more than
-    the comparisons. Items with the same 16 hashes meet first, in groups by pHash: only the best of
+    the comparisons. Items with the same 23 hashes meet first, in groups by pHash: only the best of
     them is compared (mark_copies).
     """
     partitions = unit_partitions(partitions)
@@ -230,8 +235,10 @@ def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
         for column, suffix in (("phashes", ""), ("phashes_mirror", " (mirrored)")):
             tables.append(pa.table({"key": [r["path"] + suffix for r in rows],
                                     "phash": pa.array(hex_to_int64([r[column][0] for r in rows]), pa.int64()),
-                                    "crops": hex_to_int64([h for r in rows for h in r[column][1:]]).reshape(
+                                    "crops": hex_to_int64([h for r in rows for h in r[column][1:len(CROPS)]]).reshape(
                                         len(rows), CROP_HASHES).tolist(),
+                                    "inner": hex_to_int64([h for r in rows for h in r[column][len(CROPS):]]).reshape(
+                                        len(rows), INNER_HASHES).tolist(),
                                     "area": pa.array([REFERENCE_AREA] * len(rows), pa.int64()),
                                     "shard": [""] * len(rows), "overlap_set": [name] * len(rows)},
                                    schema=ITEMS_SCHEMA))
@@ -240,9 +247,10 @@ def exclusion_items(output: Output, patterns: list[str]) -> pa.Table:
 
 def _written_items(t: pa.Table) -> pa.Table:
     area = pc.multiply(pc.cast(t["original_width"], pa.int64()), pc.cast(t["original_height"], pa.int64()))
-    crops = pa.ListArray.from_arrays(pa.array(np.arange(t.num_rows + 1, dtype=np.int32) * CROP_HASHES),
-                                     hex_to_int64(pc.list_flatten(t["phash_crops"])))
-    return pa.table({"key": t["key"], "phash": hex_to_int64(t["phash"]), "crops": crops,
+    crops, inner = (pa.ListArray.from_arrays(pa.array(np.arange(t.num_rows + 1, dtype=np.int32) * width),
+                                             hex_to_int64(pc.list_flatten(t[column])))
+                    for column, width in (("phash_crops", CROP_HASHES), ("phash_inner", INNER_HASHES)))
+    return pa.table({"key": t["key"], "phash": hex_to_int64(t["phash"]), "crops": crops, "inner": inner,
                      "area": area, "shard": t["shard"], "overlap_set": pa.nulls(t.num_rows, pa.string())},
                     schema=ITEMS_SCHEMA)
 
@@ -264,7 +272,8 @@ def near_duplicate_removals(output: Output, k: int, exclude: list[str], dedupe_w
     """REMOVED_SCHEMA rows of the benchmark overlaps, and of the near-duplicates when dedupe_within
     (None: nothing to do). Exact copies among the written samples need not be gone first: they
     have the same hashes, so they are compared once (mark_copies) and change no one's winner."""
-    written = written_samples(output, ["key", "phash", "phash_crops", "original_width", "original_height", "shard"])
+    written = written_samples(output, ["key", "phash", "phash_crops", "phash_inner", "original_width", "original_height",
+                                       "shard"])
     if written is None or (not exclude and not dedupe_within):
         return None
     items = map_tables(written, _written_items)

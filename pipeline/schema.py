@@ -51,11 +51,11 @@ FACE_TYPE = pa.struct([
     ("check_hashes", pa.list_(pa.string())),  # their 144-bit check hashes (face_hash.check_hash), one per view
 ])
 
-# Which decode.phashes made `phash` and `phash_crops`, and face_hash the faces' `phashes`: bump it when
+# Which decode.phashes made `phash`, `phash_crops` and `phash_inner`, and face_hash the faces' `phashes`: bump it when
 # their output changes, so that hashes of two versions are never compared (a build checks it against
 # what it finds). 2: faces have a phash. 3: three, one per face_hash.VIEWS. 4: and a check hash each.
-# 5: an image's own pHash is of it without letterbox bars (decode.phashes).
-PHASH_VERSION = "5"
+# 5: an image's own pHash is of it without letterbox bars (decode.phashes). 6: and `phash_inner`.
+PHASH_VERSION = "6"
 PHASH_VERSION_KEY = b"phash_version"  # where METADATA_SCHEMA and the exclusion caches record it
 
 
@@ -77,6 +77,7 @@ METADATA_SCHEMA = pa.schema([
     ("sha256", pa.string()),  # of the stored bytes
     ("phash", pa.string()),  # 64-bit perceptual hash (pHash) of the stored image, 16 hex digits
     ("phash_crops", pa.list_(pa.string())),  # pHashes of its 15 crops by 2% on 1-4 sides (decode.phashes)
+    ("phash_inner", pa.list_(pa.string())),  # pHashes of its inner part, as it is and turned (decode.TURNS)
     ("num_faces", pa.int32()),
     ("faces", pa.list_(FACE_TYPE)),
     ("detected_by", pa.string()),  # the detector's backend: onnxruntime-cpu, torch-cuda-fp16, ...
@@ -161,6 +162,7 @@ class Sample:
     sha256: str | None = None
     phash: str | None = None
     phash_crops: list[str] | None = None
+    phash_inner: list[str] | None = None
     faces: list[Face] = field(default_factory=list)
     detected_by: str | None = None  # which backend found the faces (detect.make_detector's `name`)
 
@@ -181,7 +183,8 @@ class Sample:
             "key": self.key, "shard": shard, "url": self.url, "caption": self.caption,
             "sample_id": self.sample_id, "width": self.width, "height": self.height,
             "original_width": self.original_width, "original_height": self.original_height,
-            "sha256": self.sha256, "phash": self.phash, "phash_crops": self.phash_crops, "num_faces": len(self.faces), "faces": [f.to_dict() for f in self.faces],
+            "sha256": self.sha256, "phash": self.phash, "phash_crops": self.phash_crops,
+            "phash_inner": self.phash_inner, "num_faces": len(self.faces), "faces": [f.to_dict() for f in self.faces],
             "detected_by": self.detected_by,
             "license": self.license, "nsfw": self.nsfw, "similarity": self.similarity,
         }

@@ -26,7 +26,7 @@ TABLES = ("metadata", "status")
 SCHEMAS = {"metadata": METADATA_SCHEMA, "status": STATUS_SCHEMA}
 # Columns that outputs of older builds lack, with their DuckDB types: the views fill them with NULL.
 OPTIONAL_COLUMNS: dict[str, dict[str, str]] = {
-    "metadata": {"phash": "VARCHAR", "phash_crops": "VARCHAR[]"},
+    "metadata": {"phash": "VARCHAR", "phash_crops": "VARCHAR[]", "phash_inner": "VARCHAR[]"},
     "status": {"distance": "INTEGER", "overlap_set": "VARCHAR"},
 }
 INPUTS_SCHEMA = pa.schema([("index", pa.int32()), ("path", pa.string()), ("rows", pa.int64()),

@@ -22,6 +22,7 @@ import ray
 import webdataset as wds
 from PIL import Image
 
+from bench.dedupe_images import captioned
 from demo.server import ImageServer
 from outputs import ROOT, check_consistent, laion_parquet, metadata_table, photo_server, status_table
 from pipeline import dedupe
@@ -450,6 +451,9 @@ def test_near_duplicates_and_benchmark_overlaps_are_removed_the_same_way_with_1_
         # cropped by a tenth: its whole-image hashes miss it, its face hash catches it
         "benchmark-crop10.jpg": jpeg_bytes(benchmark.crop((benchmark.width // 10, benchmark.height // 10,
                                                            benchmark.width, benchmark.height))),
+        # a caption bar over the bottom, a turn: the inner part's hashes catch them
+        "captioned.jpg": jpeg_bytes(captioned(original, 0.12)),
+        "turned.jpg": jpeg_bytes(original.rotate(-4, resample=Image.Resampling.BICUBIC, fillcolor="white")),
     }
     for name, data in variants.items():
         server.add(f"/near/{tmp_path.name}/{name}", data)
@@ -472,7 +476,7 @@ def test_near_duplicates_and_benchmark_overlaps_are_removed_the_same_way_with_1_
     by_row = {row: (status, duplicate_of, overlap) for row, status, duplicate_of, overlap in results[0]}
     kept_key = "00000000000000"  # orig.jpg: the largest copy
     assert by_row[0][0] == "ok" and by_row[4][0] == "ok"
-    assert [by_row[i][:2] for i in (1, 2, 3, 6)] == [("near_duplicate", kept_key)] * 4
+    assert [by_row[i][:2] for i in (1, 2, 3, 6, 9, 10)] == [("near_duplicate", kept_key)] * 6
     for row in (5, 7):
         assert by_row[row] == ("benchmark_overlap", str(excluded / "0001.png") + " (mirrored)", "wflw_test")
     # the face hash: the excluded image's file, its mirror's face having matched

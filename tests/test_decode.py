@@ -17,10 +17,12 @@ import pytest
 import skimage.data
 from PIL import Image, ImageOps
 
+from bench.dedupe_images import captioned
 from demo.server import bomb_png
 from pipeline.build_config import BuildConfig
-from pipeline.decode import (CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, _grey, _without_bars, decode_sample, phash,
-                             phashes)
+from pipeline.decode import (CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, HASHES, _grey, _without_bars, decode_sample,
+                             phash, phashes)
+from pipeline.near_buckets import INNER_DISTANCE
 from pipeline.schema import Sample
 
 T1_JPG = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")  # 1280 x 886 group photo
@@ -261,7 +263,7 @@ def test_phash_is_imagehash_phash_and_crop_hashes_are_the_crops(name: str) -> No
     image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
     reduced = image.reduce(max(image.size) // HASH_SIDE) if max(image.size) >= 2 * HASH_SIDE else image
     hashes = phashes(image)
-    assert len(hashes) == 16 and len(set(hashes)) > 1 and all(len(h) == 16 for h in hashes)
+    assert len(hashes) == HASHES and len(set(hashes)) > 1 and all(len(h) == 16 for h in hashes)
     width, height = reduced.size
     for (left, top, right, bottom), ours in zip(CROPS, hashes):
         cut = (left * CROP_SIDE * width, top * CROP_SIDE * height,
@@ -283,15 +285,15 @@ def test_a_cropped_copy_is_near_a_crop_hash_but_not_the_phash(name: str, cut: tu
                           height - round(bottom * height)))
     copy_hash, own = phashes(copy)[0], phashes(original)
     assert hamming(copy_hash, own[0]) > 6
-    assert min(hamming(copy_hash, h) for h in own[1:]) <= 2
+    assert min(hamming(copy_hash, h) for h in own[1:len(CROPS)]) <= 2
 
 
-def test_decoded_sample_carries_all_16_hashes(t1_bytes: bytes) -> None:
+def test_decoded_sample_carries_all_its_hashes(t1_bytes: bytes) -> None:
     sample = decode(t1_bytes)
     with Image.open(io.BytesIO(sample.content)) as stored:
         again = phashes(stored.convert("RGB"))  # decode hashed the pixels before their JPEG encoding
-    stored_hashes = [sample.phash, *sample.phash_crops]
-    assert len(stored_hashes) == 16 and all(hamming(a, b) <= 2 for a, b in zip(stored_hashes, again))
+    stored_hashes = [sample.phash, *sample.phash_crops, *sample.phash_inner]
+    assert len(stored_hashes) == HASHES and all(hamming(a, b) <= 2 for a, b in zip(stored_hashes, again))
 
 
 def framed(image: Image.Image, bars: tuple[float, float, float, float], fill: str) -> Image.Image:
@@ -351,4 +353,47 @@ def test_a_picture_on_a_margin_cut_a_little_stays_near_its_crop_hashes(name: str
 def test_an_image_all_black_or_all_white_is_not_cut_and_still_hashes(shape: tuple[int, int], level: int) -> None:
     grey = np.full(shape, float(level))
     assert _without_bars(grey).shape == shape  # every line a bar up to MAX_BAR: the picture itself
-    assert len(phashes(Image.fromarray(np.full((*shape, 3), level, np.uint8)))) == 16
+    assert len(phashes(Image.fromarray(np.full((*shape, 3), level, np.uint8)))) == HASHES
+
+
+def whole_image_distance(a: list[str], b: list[str]) -> int:
+    """As near_dedupe compares the whole-image hashes: one's pHash against the other's 16, either way."""
+    crops = len(CROPS)
+    return min(min(hamming(a[0], h) for h in b[:crops]), min(hamming(b[0], h) for h in a[:crops]))
+
+
+def inner_distance(a: list[str], b: list[str]) -> int:
+    """As near_dedupe compares the inner parts: one's as it is against the other's as it is or turned."""
+    crops = len(CROPS)
+    return min(min(hamming(a[crops], h) for h in b[crops:]), min(hamming(b[crops], h) for h in a[crops:]))
+
+
+@pytest.mark.parametrize("name", ["coffee", "chelsea", "rocket", "brick", "page", "mask_white.jpg"])
+@pytest.mark.parametrize("bar", [0.08, 0.14])
+def test_a_caption_bar_escapes_the_whole_image_hashes_not_the_inner_part(name: str, bar: float) -> None:
+    """A caption over the bottom 8-14 % moves the pHash and every crop hash past k = 6; the inner
+    part, which stops 16 % above the bottom, stays where it was."""
+    original, copy = phashes(skimage_photo(name)), phashes(captioned(skimage_photo(name), bar))
+    assert whole_image_distance(copy, original) > BuildConfig().near_duplicate_distance
+    assert inner_distance(copy, original) <= INNER_DISTANCE
+
+
+@pytest.mark.parametrize("name", ["astronaut", "camera", "coffee", "chelsea", "retina", "t1.jpg"])
+def test_a_copy_turned_up_to_5_degrees_is_near_a_turned_inner_hash(name: str) -> None:
+    """Turned either way, between the angles of TURNS too, its corners filled black or white: the
+    inner part is within INNER_DISTANCE of one of the original's (the whole-image hashes of such
+    copies are 0-14 bits away; bench.dedupe_quality's turn family)."""
+    photo = skimage_photo(name)
+    original = phashes(photo)
+    for angle in (-5, -4, -2, -1, 1.5, 2.5, 3.5, 5):
+        for fill in ("black", "white"):
+            copy = phashes(photo.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=fill))
+            assert inner_distance(copy, original) <= INNER_DISTANCE, (angle, fill)
+
+
+def test_inner_parts_of_distinct_photos_are_far_apart() -> None:
+    """The inner hashes of ten different photos, as they are and turned, are nowhere near each other:
+    what keeps INNER_DISTANCE from merging distinct images (bench.dedupe_quality counts them)."""
+    hashes = [phashes(skimage_photo(name)) for name in (*PHOTOS, "t1.jpg", "mask_white.jpg")]
+    closest = min(inner_distance(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:])
+    assert closest > 3 * INNER_DISTANCE

@@ -19,6 +19,7 @@ from outputs import metadata_table, status_table, tar_samples
 from pipeline import dedupe
 from pipeline.build import remove_duplicates
 from pipeline.build_config import BuildConfig
+from pipeline.decode import TURNS
 from pipeline.near_dedupe import near_duplicate_removals
 from pipeline.schema import Face, Sample, make_key
 from pipeline.storage import Output
@@ -44,7 +45,7 @@ def written(input_row: int, unit: int, phash: int, side: int, sha256: str | None
     sample.original_width = sample.original_height = side  # the larger image is the one kept
     sample.sha256 = sha256 or f"{input_row:064x}"
     sample.phash = f"{phash:016x}"
-    sample.phash_crops = [sample.phash] * 15
+    sample.phash_crops, sample.phash_inner = [sample.phash] * 15, [sample.phash] * len(TURNS)
     sample.faces = [Face(box=[1.0, 2.0, 50.0, 60.0], landmarks=[[1.0, 1.0]] * 5, score=0.99)]
     return sample
 

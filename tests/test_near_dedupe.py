@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline import near_buckets, near_dedupe
 from pipeline.config import ConfigError
+from pipeline.decode import HASHES
 from pipeline.exclusions import EXCLUSIONS_SCHEMA, exclusion_sets
 from pipeline.near_buckets import REFERENCE_AREA, band_rows, bucket_pairs
 from pipeline.near_dedupe import (ITEMS_SCHEMA, exclusion_items, find_near_duplicates, hex_to_int64, mark_copies,
@@ -25,13 +26,16 @@ from pipeline.storage import Output
 
 
 def random_items(n: int, k: int, seed: int = 0) -> pa.Table:
-    """n items of 16 random hashes (pHash, then 15 crop pHashes) with planted pairs within 0..k+2
-    bits: pHash near an earlier pHash, a crop hash near an earlier pHash, a pHash near an earlier crop."""
+    """n items of 16 + INNER_HASHES random hashes (pHash, 15 crop pHashes, inner part as it is and turned) with
+    planted pairs within 0..k+2 bits: pHash near an earlier pHash, a crop hash near an earlier pHash,
+    a pHash near an earlier crop; and within 0..INNER_DISTANCE+2 bits: an inner part near an earlier
+    one's or its turns', a turn near an earlier inner part."""
     rng = np.random.default_rng(seed)
-    hashes = rng.integers(0, 2**63, size=(n, 16), dtype=np.int64).view(np.uint64) * np.uint64(2) + np.uint64(1)
+    width = 16 + near_buckets.INNER_HASHES
+    hashes = rng.integers(0, 2**63, size=(n, width), dtype=np.int64).view(np.uint64) * np.uint64(2) + np.uint64(1)
 
-    def near(value: np.uint64) -> np.uint64:
-        flips = rng.choice(64, size=rng.integers(0, k + 3), replace=False)
+    def near(value: np.uint64, bits: int = k) -> np.uint64:
+        flips = rng.choice(64, size=rng.integers(0, bits + 3), replace=False)
         return value ^ np.uint64(sum(1 << int(b) for b in flips))
 
     for i in range(1, n):
@@ -42,27 +46,42 @@ def random_items(n: int, k: int, seed: int = 0) -> pa.Table:
             hashes[i, rng.integers(1, 16)] = near(hashes[j, 0])
         elif i % 7 == 3:
             hashes[i, 0] = near(hashes[j, rng.integers(1, 16)])
+        elif i % 11 == 4:
+            hashes[i, 16] = near(hashes[j, rng.integers(16, width)], near_buckets.INNER_DISTANCE)
+        elif i % 13 == 5:
+            hashes[i, rng.integers(17, width)] = near(hashes[j, 16], near_buckets.INNER_DISTANCE)
     signed = hashes.view(np.int64)
     return pa.table({"key": [f"{i:05d}" for i in range(n)], "phash": pa.array(signed[:, 0]),
-                     "crops": pa.array(signed[:, 1:].tolist(), pa.list_(pa.int64())),
+                     "crops": pa.array(signed[:, 1:16].tolist(), pa.list_(pa.int64())),
+                     "inner": pa.array(signed[:, 16:].tolist(), pa.list_(pa.int64())),
                      "area": pa.array(rng.integers(1, 4, size=n), pa.int64()), "shard": ["00000"] * n,
                      "overlap_set": pa.nulls(n, pa.string())}, schema=ITEMS_SCHEMA)
 
 
 def all_hashes(items: pa.Table) -> np.ndarray:
     crops = np.array(items["crops"].to_pylist(), dtype=np.int64).reshape(items.num_rows, 15)
-    return np.concatenate([items["phash"].to_numpy()[:, None], crops], axis=1).view(np.uint64)
+    inner = np.array(items["inner"].to_pylist(), dtype=np.int64).reshape(items.num_rows, near_buckets.INNER_HASHES)
+    return np.concatenate([items["phash"].to_numpy()[:, None], crops, inner], axis=1).view(np.uint64)
+
+
+def brute_force_distances(items: pa.Table, k: int) -> np.ndarray:
+    """The closest match of every pair of items: i's pHash within k bits of j's 16 whole-image hashes,
+    or i's inner part within INNER_DISTANCE (at most k) of j's inner part as it is or turned, either
+    way; a pair without one is at 99."""
+    h = all_hashes(items)
+    one_way = np.bitwise_count(h[:, None, :1] ^ h[None, :, :16]).min(axis=2)  # i's pHash vs j's 16
+    inner_way = np.bitwise_count(h[:, None, 16:17] ^ h[None, :, 16:]).min(axis=2)  # i's inner part vs j's, turned too
+    whole, inner = np.minimum(one_way, one_way.T), np.minimum(inner_way, inner_way.T)
+    return np.minimum(np.where(whole <= k, whole, 99), np.where(inner <= min(k, near_buckets.INNER_DISTANCE), inner, 99))
 
 
 def brute_force_winners(items: pa.Table, k: int) -> dict[str, tuple[str, int]]:
     """loser -> (its best winner: the largest, then smallest key, of those within k; their distance)."""
-    h = all_hashes(items)
+    distance = brute_force_distances(items, k)
     area, keys = items["area"].to_numpy(), items["key"].to_pylist()
-    one_way = np.bitwise_count(h[:, None, :1] ^ h[None, :, :]).min(axis=2)  # i's pHash vs j's 16
-    distance = np.minimum(one_way, one_way.T)
     best = {}
     for i in range(len(keys)):
-        winners = [j for j in range(len(keys)) if i != j and distance[i, j] <= k and
+        winners = [j for j in range(len(keys)) if i != j and distance[i, j] < 99 and
                    (area[j] > area[i] or (area[j] == area[i] and keys[j] < keys[i]))]
         if winners:
             j = min(winners, key=lambda j: (-area[j], keys[j]))
@@ -93,11 +112,17 @@ def test_band_buckets_find_exactly_the_brute_force_pairs(k: int, small_pairs: in
     plain = items["phash"].to_numpy().view(np.uint64)
     plain_only = np.bitwise_count(plain[:, None] ^ plain[None, :])
     assert any(np.sort(plain_only[int(key)])[1] > k for key in found)  # some only through a crop hash
+    hashes = all_hashes(items)
+    whole_way = np.bitwise_count(hashes[:, None, :1] ^ hashes[None, :, :16]).min(axis=2)
+    whole_only = np.minimum(whole_way, whole_way.T)
+    if k >= near_buckets.INNER_DISTANCE:  # some only through an inner part, and some inner parts too far
+        assert any(np.sort(whole_only[int(key)])[1] > k for key in found
+                   if int(key) % 11 == 4 or int(key) % 13 == 5)
 
 
 def test_passes_follow_the_budget_and_take_every_band_row_once() -> None:
     need = 1000 * near_buckets.band_rows_per_item(6) * near_buckets.BAND_ROW_BYTES
-    assert near_buckets.band_rows_per_item(6) == 4 * (17 + 15)
+    assert near_buckets.band_rows_per_item(6) == 4 * (17 + 15) + 4 * (1 + 6)
     assert near_buckets.band_passes(1000, 6, float("inf")) == near_buckets.band_passes(1000, 6, need) == 1
     assert near_buckets.band_passes(1000, 6, need - 1) == near_buckets.band_passes(1000, 6, need / 2) == 2
     assert near_buckets.band_passes(1000, 6, need / 2 - 1) == 3
@@ -144,7 +169,7 @@ def with_copies(items: pa.Table, seed: int) -> pa.Table:
     copies = items.take(np.repeat(picks, rng.integers(1, 30, len(picks))))
     n = items.num_rows
     copies = copies.set_column(0, "key", pa.array([f"{n + i:05d}" for i in range(copies.num_rows)]))
-    copies = copies.set_column(3, "area", pa.array(rng.integers(1, 4, copies.num_rows), pa.int64()))
+    copies = copies.set_column(copies.schema.get_field_index("area"), "area", pa.array(rng.integers(1, 4, copies.num_rows), pa.int64()))
     return pa.concat_tables([items, copies])
 
 
@@ -166,11 +191,13 @@ def test_an_excluded_image_catches_every_copy_of_what_it_catches(ray_address: st
     items = with_copies(random_items(40, 6, seed=7), seed=7)
     victim = items.slice(int(items["key"].to_pylist().index(items["key"][40].as_py())), 1).to_pylist()[0]
     reference = pa.table({"key": ["/bench/test/002.png"], "phash": [victim["phash"]], "crops": [victim["crops"]],
+                          "inner": [victim["inner"]],
                           "area": pa.array([REFERENCE_AREA], pa.int64()), "shard": [""],
                           "overlap_set": ["bench"]}, schema=ITEMS_SCHEMA)
     losers = find_near_duplicates(pa.concat_tables([items, reference]), 6, 3)
     caught = losers.filter(pc.equal(losers["winner"], "/bench/test/002.png"))
-    same = [r["key"] for r in items.to_pylist() if r["phash"] == victim["phash"] and r["crops"] == victim["crops"]]
+    same = [r["key"] for r in items.to_pylist() if r["phash"] == victim["phash"] and r["crops"] == victim["crops"]
+            and r["inner"] == victim["inner"]]
     distance = dict(zip(caught["key"].to_pylist(), caught["distance"].to_pylist()))
     assert len(same) > 1 and {key: distance.get(key) for key in same} == dict.fromkeys(same, 0)
     assert set(caught["overlap_set"].to_pylist()) == {"bench"} and "/bench/test/002.png" not in losers["key"].to_pylist()
@@ -180,7 +207,7 @@ def test_excluded_images_always_win_and_only_catch(ray_address: str) -> None:
     items = random_items(30, 6, seed=5)
     victim = items.slice(4, 1).to_pylist()[0]
     reference = pa.table({"key": ["/bench/test/001.png"], "phash": [victim["phash"] ^ 0b101],
-                          "crops": [[0] * 15],
+                          "crops": [[0] * 15], "inner": [[0] * near_buckets.INNER_HASHES],
                           "area": pa.array([REFERENCE_AREA], pa.int64()), "shard": [""],
                           "overlap_set": ["bench"]}, schema=ITEMS_SCHEMA)
     losers = find_near_duplicates(ray.data.from_arrow(pa.concat_tables([items, reference])), 6, 3).to_pandas()
@@ -232,7 +259,7 @@ def test_cached_hashes_of_another_version_are_recomputed(ray_address: str, tmp_p
     fresh = exclusion_items(output, [str(folder)])
     cache = tmp_path / "out" / "exclusions" / "celebamask_test.parquet"
     stale = pq.read_table(cache)
-    stale = stale.set_column(3, "phashes", pa.array([["0" * 16] * 16], pa.list_(pa.string())))
+    stale = stale.set_column(3, "phashes", pa.array([["0" * 16] * HASHES], pa.list_(pa.string())))
     pq.write_table(stale.replace_schema_metadata({"phash_version": "0"}), cache)  # another version's hashes
     assert exclusion_items(output, [str(folder)]).equals(fresh)
     pq.write_table(stale.replace_schema_metadata(EXCLUSIONS_SCHEMA.metadata), cache)  # the same version: trusted
