@@ -5,11 +5,11 @@
 No downloads: the photos are the ones installed packages ship (scikit-image's data, insightface's
 test images). Everything is hashed through the pipeline's own code paths:
 
-  dataset side   pipeline.decode.decode_image(JPEG bytes, BuildConfig()) and its 23 pHashes
+  dataset side   pipeline.decode.decode_image(JPEG bytes, BuildConfig()) and its decode.HASHES pHashes
                  (decode.phashes: the image's own, its 15 crops by 2% off one to four sides, its
                  inner part as it is and turned),
                  exactly what the builder stores (re-encoded to <= image_max_side, 512 px).
-  excluded side  pipeline.exclusions.hash_files on a file: the 23 pHashes of the full-resolution
+  excluded side  pipeline.exclusions.hash_files on a file: the decode.HASHES pHashes of the full-resolution
                  image and of its mirror (what --exclude-images caches).
   pairs          as near_dedupe decides: the plain pHash of one within k bits of any of the other's
                  16 whole-image hashes, or its inner part's within INNER_DISTANCE of the other's
@@ -114,7 +114,7 @@ def h64(value) -> int:
 
 
 def pipeline_hashes(hexes: list[str]) -> dict[str, list[int]]:
-    """The pipeline's 23 hashes, and its plain pHash alone (all it had before the crop hashes)."""
+    """The pipeline's hashes (decode.HASHES), and its plain pHash alone (all it had before the crop hashes)."""
     hashes = [h64(h) for h in hexes]
     assert len(hashes) == PIPELINE_HASHES
     return {"pipeline": hashes, "whole_image": hashes[:len(CROPS)], "phash_plain": hashes[:1]}
@@ -128,7 +128,7 @@ def alternative_hashes(image: Image.Image) -> dict[str, list[int]]:
 
 
 def dataset_hashes(data: bytes) -> dict[str, list[int]]:
-    """What the builder stores (decode_image's 23 pHashes), and the prototypes on the stored image."""
+    """What the builder stores (decode_image's pHashes), and the prototypes on the stored image."""
     stored, *_, hexes = decode_image(data, CONFIG)
     with Image.open(io.BytesIO(stored)) as image:
         hashes = alternative_hashes(image.convert("RGB"))

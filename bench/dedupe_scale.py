@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.machine_load import MemorySampler
+from pipeline.decode import TURNS
 from pipeline.schema import METADATA_SCHEMA, make_key
 
 ROWS_PER_FILE = 100_000  # one metadata Parquet file per ~100k rows
@@ -76,9 +77,10 @@ def crop_hashes(phash: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def inner_hashes(inner: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """An image's inner part's pHash, then its 6 turned ones, each 2-8 bits from it."""
-    turn_ids = ids[:, None].astype(np.uint64) * np.uint64(8) + np.arange(1, 7, dtype=np.uint64)
-    return np.c_[inner, inner[:, None] ^ flips(turn_ids.ravel(), 2, 8, salt=14).reshape(-1, 6)]
+    """An image's inner part's pHash, then its turned ones (decode.TURNS), each 2-8 bits from it."""
+    turns = len(TURNS) - 1
+    turn_ids = ids[:, None].astype(np.uint64) * np.uint64(16) + np.arange(1, turns + 1, dtype=np.uint64)
+    return np.c_[inner, inner[:, None] ^ flips(turn_ids.ravel(), 2, 8, salt=14).reshape(-1, turns)]
 
 
 def background(ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -143,7 +145,7 @@ def part_tables(first: int, rows: int) -> tuple[pa.Table, pa.Table]:
     keys = keys_of(ids)
     crops, inner = (pa.ListArray.from_arrays(pa.array(np.arange(0, width * rows + 1, width, dtype=np.int32)),
                                              hex_strings(values[name].reshape(-1, 1)))
-                    for name, width in (("crops", 15), ("inner", 7)))
+                    for name, width in (("crops", 15), ("inner", len(TURNS))))
     table = pa.table({"key": keys, "shard": [f"{i // ROWS_PER_UNIT:05d}" for i in ids.tolist()],
                       "original_width": values["width"], "original_height": values["height"],
                       "sha256": hex_strings(values["sha"]), "phash": hex_strings(values["phash"][:, None]),
@@ -264,7 +266,7 @@ TABLE = [("rows", "rows", 9), ("stage", "stage", 5), ("wall s", "wall_s", 7), ("
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000000,10000000", help="comma-separated row counts")
-    parser.add_argument("--stages", default="exact,near", help="exact, near or both (near shuffles 156 rows an image)")
+    parser.add_argument("--stages", default="exact,near", help="exact, near or both (near shuffles band_rows_per_item rows an image)")
     parser.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "dedupe-meta"),
                         help="folder for the generated rows, one subfolder per size (kept for reruns)")
     parser.add_argument("--out", help="also write the results to this JSON file")

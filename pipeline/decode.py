@@ -35,7 +35,8 @@ CROPS = tuple(tuple((mask >> side) & 1 for side in range(4)) for mask in range(1
 # (the bottom) and the corners a turn fills stay outside it. Hashed as it is and as if turned by
 # each of TURNS' other angles (degrees), so that a copy turned a few degrees is near one of them.
 INNER = (0.10, 0.10, 0.10, 0.16)
-TURNS = (0.0, -4.5, -3.0, -1.5, 1.5, 3.0, 4.5)
+TURNS = (0.0, -4.8, -3.6, -2.4, -1.2, 1.2, 2.4, 3.6, 4.8)
+FLAT_INNER = 2  # grey levels: an inner part within this of flat has no inner hashes (all 0)
 INNER_SIDE = 128  # the inner part is turned at about this size (recall of turned copies: 64 px 0.92, 128 0.995, 256 1.0)
 HASHES = len(CROPS) + len(TURNS)  # what phashes returns: own, 15 crops, inner part as it is and turned
 
@@ -138,6 +139,9 @@ def _inner_terms(grey: np.ndarray) -> np.ndarray:
         height, width = max(1, round(height * scale)), max(1, round(width * scale))
         grey = cv2.resize(grey.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
     left, top, right, bottom = INNER
+    part = grey[round(top * height):height - round(bottom * height), round(left * width):width - round(right * width)]
+    if not part.size or np.ptp(part) <= FLAT_INNER:  # its terms would be rounding noise, the same for any such image
+        return np.zeros((len(TURNS), 64))  # hashed as 0, which near_buckets leaves out (a pHash has 32 bits set)
     rows, columns = _inner_window(height, top, bottom), _inner_window(width, left, right)
     grey = grey.astype(np.float32)
     centre = (width / 2 - 0.5, height / 2 - 0.5)

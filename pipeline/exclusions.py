@@ -47,7 +47,7 @@ def exclusion_sets(patterns: list[str]) -> dict[str, list[str]]:
 
 
 def hash_files(batch: dict) -> dict:
-    """EXCLUSIONS_SCHEMA columns for a batch of image paths: the 16 pHashes of each image and of its
+    """EXCLUSIONS_SCHEMA columns for a batch of image paths: the pHashes (decode.phashes) of each image and of its
     mirror, and the jittered face pHashes and check hashes of every face in either (face by face,
     each face's face_hash.VIEWS one after the other, 7 alignments each: face_hash.JITTERS), found
     by RetinaFace with the build's default size and score (the cache holds one answer per file)."""

@@ -38,7 +38,7 @@ SMALL_BUCKET_PAIRS, SMALL_BATCH_PAIRS = 4096, 2_000_000
 faiss.omp_set_num_threads(1)  # Ray runs a task per CPU: a bucket's search in one thread
 
 # Through the buckets an image is a number (`with_ids`), not its key, shard and set: the band rows,
-# 128 per image, are what the shuffle moves, and the strings made them 72 bytes a row instead of 36.
+# 164 per image at k = 6, are what the shuffle moves, and the strings made them 72 bytes a row instead of 36.
 ID_PAIRS_SCHEMA = pa.schema([("loser", pa.int64()), ("winner", pa.int64()), ("winner_area", pa.int64()),
                              ("distance", pa.int32())])
 
@@ -55,6 +55,7 @@ def inner_distance(k: int) -> int:
 
 
 def band_rows_per_item(k: int) -> int:
+    """An image's band rows at distance k (fewer for one whose inner part is flat)."""
     return BANDS * (len(_probe_masks(k // BANDS)) + CROP_HASHES + len(_probe_masks(inner_distance(k) // BANDS))
                     + INNER_HASHES - 1)
 
@@ -80,7 +81,8 @@ def band_rows(items: pa.Table, k: int, passes: int = 1, which: int = 0) -> pa.Ta
     then meets it in some band. Filing the neighbours rather than probing them costs 4 x (17 + 15)
     rows per item at k = 6 instead of 4 x 17 x 16, for the same comparisons. The inner parts' hashes
     are a space of their own, bands 4-7, within inner_distance(k) bits: an item is filed under its
-    inner part's band values and looks under those of its turned ones, 4 x 5 rows more. A row
+    inner part's band values and looks under those of its turned ones, 4 x 9 rows more at k = 6
+    (none for an inner part without detail). A row
     carries the image's id and area, nothing else of it: a filed row's `query` is the hash filed.
 
     Every pass looks at every item's band values again, so a bucket's pass is looked up in a table
@@ -91,10 +93,12 @@ def band_rows(items: pa.Table, k: int, passes: int = 1, which: int = 0) -> pa.Ta
     pass_of = bucket_pass(np.arange(SPACES * BANDS << BAND_BITS, dtype=np.int64),
                           passes).astype(np.int32) if passes > 1 else None
     inner = pc.list_flatten(items["inner"]).to_numpy().reshape(n, INNER_HASHES)
-    spaces = [_space_rows(items["phash"].to_numpy(), pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES),
-                          _probe_masks(k // BANDS), 0, pass_of, which),
-              _space_rows(inner[:, 0], inner[:, 1:], _probe_masks(inner_distance(k) // BANDS), BANDS, pass_of, which)]
-    owner, query, filed, probes, bucket = (np.concatenate(column) for column in zip(*spaces))
+    detailed = np.flatnonzero(inner[:, 0] != 0)  # a flat inner part is hashed as 0 (decode.FLAT_INNER): left out
+    whole = _space_rows(items["phash"].to_numpy(), pc.list_flatten(items["crops"]).to_numpy().reshape(n, CROP_HASHES),
+                        _probe_masks(k // BANDS), 0, pass_of, which)
+    owner, *rest = _space_rows(inner[detailed, 0], inner[detailed, 1:], _probe_masks(inner_distance(k) // BANDS), BANDS,
+                               pass_of, which)
+    owner, query, filed, probes, bucket = (np.concatenate(column) for column in zip(whole, (detailed[owner], *rest)))
     return items.select(["id", "area"]).take(pa.array(owner)).append_column(
         "query", pa.array(query, pa.int64())).append_column("filed", pa.array(filed)).append_column(
         "probes", pa.array(probes)).append_column("bucket", pa.array(bucket, pa.int64()))

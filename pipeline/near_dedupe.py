@@ -14,12 +14,12 @@ is checked (pipeline.near_buckets makes the band rows and compares a bucket). No
 holds every hash, and no shuffle every band row: the buckets go through in as many passes as the
 object store needs, each in partitions of at most ~2M rows, so a reducer's rows and a pass's
 share of the object store stay bounded as the images grow (the comparisons do not: a bucket's
-occupancy grows with the images). Images with the same 23 hashes (a photo served at many URLs)
+occupancy grows with the images). Images with all the same hashes (a photo served at many URLs)
 are found first, by a groupby on the pHash: only the best of them is compared, and the others
 lose to it or inherit its winner, so copies cost rows, not pairs of rows.
 
 The kept copy is deterministic: the larger image (original pixels), then the smaller key. An
-image is removed when any image of higher priority is within k bits of it. Images of the
+image is removed when any image of higher priority is near it as above. Images of the
 --exclude-images sets (pipeline.exclusions, and their mirrors) always win, and what they catch is
 a `benchmark_overlap` instead of a `near_duplicate`. pipeline.face_overlaps compares faces with
 the excluded ones' by an index of the latter.
@@ -119,7 +119,7 @@ def with_partition(table: pa.Table, column: str, partitions: int) -> pa.Table:
 
 
 def mark_copies(items: pa.Table) -> pa.Table:
-    """Adds `representative`: for an item whose 23 hashes equal a higher-priority item's (the larger,
+    """Adds `representative`: for an item whose hashes all equal a higher-priority item's (the larger,
     then the smaller key), that item's key; else null. Excluded images are never marked.
 
     A copy's comparisons are its representative's, so only representatives go through the buckets:
@@ -171,7 +171,7 @@ def find_near_duplicates(items: Rows, k: int, partitions: int) -> Rows:
 
     Buckets are shuffled in groups (`partitions`, or more when the band rows need them), not one
     group each: most buckets hold a single hash, and a Ray task per bucket would cost far more than
-    the comparisons. Items with the same 23 hashes meet first, in groups by pHash: only the best of
+    the comparisons. Items with all the same hashes meet first, in groups by pHash: only the best of
     them is compared (mark_copies).
     """
     partitions = unit_partitions(partitions)

@@ -20,8 +20,8 @@ from PIL import Image, ImageOps
 from bench.dedupe_images import captioned
 from demo.server import bomb_png
 from pipeline.build_config import BuildConfig
-from pipeline.decode import (CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, HASHES, _grey, _without_bars, decode_sample,
-                             phash, phashes)
+from pipeline.decode import (CROP_SIDE, CROPS, EXIF_ORIENTATION, HASH_SIDE, HASHES, TURNS, _grey, _without_bars,
+                             decode_sample, phash, phashes)
 from pipeline.near_buckets import INNER_DISTANCE
 from pipeline.schema import Sample
 
@@ -397,3 +397,17 @@ def test_inner_parts_of_distinct_photos_are_far_apart() -> None:
     hashes = [phashes(skimage_photo(name)) for name in (*PHOTOS, "t1.jpg", "mask_white.jpg")]
     closest = min(inner_distance(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:])
     assert closest > 3 * INNER_DISTANCE
+
+
+@pytest.mark.parametrize("size", [(400, 400), (640, 480)])
+def test_an_inner_part_without_detail_gets_no_inner_hashes(size: tuple[int, int]) -> None:
+    """A flat inner part's DCT terms are rounding noise, the same for every such picture whatever
+    its border holds: two different pictures on one flat ground would match at 0 bits. Its inner
+    hashes are 0 (no pHash is: it sets 32 bits), which near_buckets leaves out."""
+    ground = Image.new("RGB", size, (30, 30, 30))
+    framed = [captioned(ground, 0.12), ImageOps.mirror(captioned(ground.rotate(180), 0.14))]
+    for picture in framed:
+        sample = decode(encode(np.asarray(picture), quality=85))
+        assert sample.phash_inner == ["0" * 16] * len(TURNS)
+        assert all(int(h, 16).bit_count() == 32 for h in [sample.phash, *sample.phash_crops])
+    assert all(int(h, 16) for h in phashes(skimage_photo("coffee"))[len(CROPS):])

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline import dedupe
+from pipeline.decode import HASHES
 from pipeline.dedupe import first_removal_per_key
 from pipeline.exclusions import EXCLUSIONS_SCHEMA
 from pipeline.face_hash import CHECK_DISTANCE, JITTERS, VIEWS
@@ -77,8 +78,8 @@ def write_exclusion_cache(out: Path, image: Path, reference: list[int], checks: 
     (out / "exclusions").mkdir()
     pq.write_table(pa.Table.from_pylist([{
         "path": str(image), "size": image.stat().st_size, "mtime": image.stat().st_mtime,
-        "phashes": [hex16(h) for h in random_hashes(rng, 16)],
-        "phashes_mirror": [hex16(h) for h in random_hashes(rng, 16)],
+        "phashes": [hex16(h) for h in random_hashes(rng, HASHES)],
+        "phashes_mirror": [hex16(h) for h in random_hashes(rng, HASHES)],
         "face_phashes": [hex16(h) for h in reference], "face_phashes_mirror": [],
         "face_check_hashes": [hex36(c) for c in checks], "face_check_hashes_mirror": []}], schema=EXCLUSIONS_SCHEMA),
         out / "exclusions" / "wflw_test.parquet")
