@@ -40,7 +40,7 @@ faiss.omp_set_num_threads(1)  # Ray runs a task per CPU: a bucket's search in on
 # Through the buckets an image is a number (`with_ids`), not its key, shard and set: the band rows,
 # 164 per image at k = 6, are what the shuffle moves, and the strings made them 72 bytes a row instead of 36.
 ID_PAIRS_SCHEMA = pa.schema([("loser", pa.int64()), ("winner", pa.int64()), ("winner_area", pa.int64()),
-                             ("distance", pa.int32())])
+                             ("distance", pa.int32()), ("by_inner", pa.bool_())])  # by the inner parts' hashes
 
 
 def _probe_masks(radius: int) -> np.ndarray:
@@ -161,15 +161,20 @@ def _no_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array([], np.int64), np.array([], np.int64), np.array([], np.int32)
 
 
-def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(looking item, filed item, smallest distance) of every pair where a query of one is within
+def _no_item_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return (*_no_pairs(), np.array([], bool))
+
+
+def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(looking item, filed item, smallest distance, whether by inner parts) of every pair where a query of one is within
     k bits (inner_distance(k) in the inner parts' bands) of the other's hash filed in the same bucket; `rows` sorted by bucket, `item` their
     images numbered from 0. A filed row's query is the hash filed. Small buckets are compared together
     in numpy (_small_bucket_pairs); a large one by faiss's binary range search: its popcount kernel
     costs ~0.5 ns a pair, numpy's batches ~18 ns with their gathers, and a bucket's pairs grow with
     the square of the images."""
     buckets, filed, looks = rows["bucket"].to_numpy(), rows["filed"].to_numpy(False), rows["probes"].to_numpy(False)
-    limit = np.where(buckets >> BAND_BITS < BANDS, k, inner_distance(k))  # a row's space: its bucket's band
+    inner_row = buckets >> BAND_BITS >= BANDS  # a row's space: its bucket's band
+    limit = np.where(inner_row, inner_distance(k), k)
     query = rows["query"].to_numpy()
     codes = query.view(np.uint8).reshape(-1, 8)  # a hash as faiss's 8-byte binary code
     starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
@@ -190,15 +195,15 @@ def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, 
         limits, distance, nearest = index.range_search(codes[q], int(limit[start]) + 1)  # below it, as float32
         rows_found.append((np.repeat(q, np.diff(limits).astype(np.int64)), f[nearest], distance.astype(np.int32)))
     looking, filed_item, distance = (np.concatenate(column) for column in zip(*rows_found))
-    looking, filed_item = item[looking], item[filed_item]
+    by_inner, looking, filed_item = inner_row[looking], item[looking], item[filed_item]
     other = looking != filed_item
-    looking, filed_item, distance = looking[other], filed_item[other], distance[other]
+    looking, filed_item, distance, by_inner = looking[other], filed_item[other], distance[other], by_inner[other]
     if not looking.size:
-        return _no_pairs()
+        return _no_item_pairs()
     pair = looking * (item.max() + 1) + filed_item  # a pair meets in many buckets: keep it once, closest
-    order = np.argsort(pair, kind="stable")
-    first = np.flatnonzero(np.r_[True, pair[order][1:] != pair[order][:-1]])
-    return looking[order][first], filed_item[order][first], np.minimum.reduceat(distance[order], first)
+    order = np.lexsort((by_inner, distance, pair))  # at equal distance, the whole-image hashes' match
+    first = order[np.flatnonzero(np.r_[True, pair[order][1:] != pair[order][:-1]])]
+    return looking[first], filed_item[first], distance[first], by_inner[first]
 
 
 def bucket_pairs(rows: pa.Table, k: int) -> pa.Table:
@@ -213,14 +218,14 @@ def bucket_pairs(rows: pa.Table, k: int) -> pa.Table:
         return ID_PAIRS_SCHEMA.empty_table()
     rows = rows.sort_by("bucket")
     ids, first, item = np.unique(rows["id"].to_numpy(), return_index=True, return_inverse=True)
-    a, b, distance = _close_pairs(rows, item, k)  # items numbered in id order: smaller number, smaller id
+    a, b, distance, by_inner = _close_pairs(rows, item, k)  # items numbered in id order: smaller number, smaller id
     area = rows["area"].to_numpy()[first]
     a_wins = (area[a] > area[b]) | ((area[a] == area[b]) & (a < b))
     loser, winner = np.where(a_wins, b, a), np.where(a_wins, a, b)
     keep = area[loser] != REFERENCE_AREA  # excluded images are never removed
-    loser, winner, distance = loser[keep], winner[keep], distance[keep]
+    loser, winner, distance, by_inner = loser[keep], winner[keep], distance[keep], by_inner[keep]
     return best_winners(pa.table({"loser": ids[loser], "winner": ids[winner], "winner_area": area[winner],
-                                  "distance": distance.astype(np.int32)}, schema=ID_PAIRS_SCHEMA))
+                                  "distance": distance.astype(np.int32), "by_inner": by_inner}, schema=ID_PAIRS_SCHEMA))
 
 
 def best_winners(pairs: pa.Table) -> pa.Table:
@@ -232,6 +237,6 @@ def best_winners(pairs: pa.Table) -> pa.Table:
     not_overlap = pc.not_equal(pairs["winner_area"], REFERENCE_AREA)  # only excluded images have that area
     rank = pc.if_else(not_overlap, pc.negate(pairs["winner_area"]), pc.cast(pairs["distance"], pa.int64()))
     ranked = pairs.append_column("not_overlap", not_overlap).append_column("rank", rank).sort_by(
-        [(column, "ascending") for column in ("loser", "not_overlap", "rank", "winner", "distance")])
+        [(column, "ascending") for column in ("loser", "not_overlap", "rank", "winner", "distance", "by_inner")])
     losers = ranked["loser"].to_numpy()
     return ranked.take(pa.array(np.flatnonzero(np.r_[True, losers[1:] != losers[:-1]]))).select(ID_PAIRS_SCHEMA.names)

@@ -52,11 +52,13 @@ ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("crops",
                           ("inner", pa.list_(pa.int64())),
                           ("area", pa.int64()), ("shard", pa.string()), ("overlap_set", pa.string())])
 PAIRS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("winner", pa.string()),
-                          ("winner_area", pa.int64()), ("distance", pa.int32()), ("overlap_set", pa.string())])
+                          ("winner_area", pa.int64()), ("distance", pa.int32()), ("by_inner", pa.bool_()),
+                          ("overlap_set", pa.string())])
 # Names and id pairs meet in one shuffle (by the id to name): name rows fill id..overlap_set, pair rows the rest.
 LINK_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("shard", pa.string()), ("overlap_set", pa.string()),
                          ("loser", pa.int64()), ("loser_key", pa.string()), ("loser_shard", pa.string()),
-                         ("winner", pa.int64()), ("winner_area", pa.int64()), ("distance", pa.int32())])
+                         ("winner", pa.int64()), ("winner_area", pa.int64()), ("distance", pa.int32()),
+                         ("by_inner", pa.bool_())])
 
 
 def hex_to_int64(hashes: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
@@ -103,10 +105,10 @@ def name_losers(linked: pa.Table) -> pa.Table:
 def name_winners(linked: pa.Table) -> pa.Table:
     """One part by winner id: PAIRS_SCHEMA rows, the winner's key and set added."""
     names, pairs = _names_and_pairs(linked)
-    named = pairs.select(["loser_key", "loser_shard", "winner", "winner_area", "distance"]).join(
+    named = pairs.select(["loser_key", "loser_shard", "winner", "winner_area", "distance", "by_inner"]).join(
         names.select(["id", "key", "overlap_set"]), keys="winner", right_keys="id", join_type="inner")
     return pa.table({"key": named["loser_key"], "shard": named["loser_shard"], "winner": named["key"],
-                     "winner_area": named["winner_area"], "distance": named["distance"],
+                     "winner_area": named["winner_area"], "distance": named["distance"], "by_inner": named["by_inner"],
                      "overlap_set": named["overlap_set"]}, schema=PAIRS_SCHEMA)
 
 
@@ -144,6 +146,7 @@ def copy_pairs(marked: pa.Table) -> pa.Table:
     copies = marked.filter(pc.is_valid(marked["representative"]))
     return pa.table({"key": copies["key"], "shard": copies["shard"], "winner": copies["representative"],
                      "winner_area": copies["representative_area"], "distance": pa.array(np.zeros(copies.num_rows, np.int32)),
+                     "by_inner": pa.array(np.zeros(copies.num_rows, bool)),
                      "overlap_set": pa.nulls(copies.num_rows, pa.string())}, schema=PAIRS_SCHEMA)
 
 
@@ -153,10 +156,10 @@ def inherit_winners(rows: pa.Table) -> pa.Table:
     the images near the copy are those near the representative; the others keep the representative."""
     losers = rows.filter(pc.invert(rows["copy"])).drop_columns(["copy", "part"])
     copies = rows.filter(rows["copy"]).drop_columns(["copy", "part"])
-    inherited = copies.join(losers.select(["key", "winner", "winner_area", "distance", "overlap_set"]),
+    inherited = copies.join(losers.select(["key", "winner", "winner_area", "distance", "by_inner", "overlap_set"]),
                             keys="winner", right_keys="key", join_type="left outer", right_suffix=" of winner")
     columns = {name: pc.coalesce(inherited[f"{name} of winner"], inherited[name]) if name in (
-        "winner_area", "distance", "overlap_set") else inherited[name] for name in PAIRS_SCHEMA.names}
+        "winner_area", "distance", "by_inner", "overlap_set") else inherited[name] for name in PAIRS_SCHEMA.names}
     columns["winner"] = pc.if_else(pc.is_valid(inherited["winner_area of winner"]),
                                    inherited["winner of winner"], inherited["winner"])
     return pa.concat_tables([losers, pa.table(columns, schema=PAIRS_SCHEMA)])
@@ -258,11 +261,12 @@ def _written_items(t: pa.Table) -> pa.Table:
 def _as_removed(t: pa.Table) -> pa.Table:
     rows = []
     for r in t.to_pylist():
+        hashes = "inner part's pHash" if r["by_inner"] else "pHash"
         if r["overlap_set"]:
-            reason = f"within {r['distance']} bits of {r['overlap_set']} image {r['winner']}"
+            reason = f"{hashes} within {r['distance']} bits of {r['overlap_set']} image {r['winner']}"
             status = "benchmark_overlap"
         else:
-            reason, status = f"perceptual hash within {r['distance']} bits of {r['winner']}", "near_duplicate"
+            reason, status = f"{hashes} within {r['distance']} bits of {r['winner']}", "near_duplicate"
         rows.append({"key": r["key"], "shard": r["shard"], "status": status, "reason": reason,
                      "duplicate_of": r["winner"], "distance": r["distance"], "overlap_set": r["overlap_set"]})
     return pa.Table.from_pylist(rows, schema=REMOVED_SCHEMA)

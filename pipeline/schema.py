@@ -38,7 +38,7 @@ STATUSES: dict[str, str] = {
     "no_face": "the detector found no face",
     "face_rejected": "faces found, none passing min_face_score and min_face_size",
     "duplicate_image": "same image bytes (sha256) as another written row (duplicate_of names it)",
-    "near_duplicate": "perceptual hash within near_duplicate_distance of a kept image (duplicate_of names it)",
+    "near_duplicate": "perceptual hash (whole image, or its inner part) near a kept image's (duplicate_of names it)",
     "benchmark_overlap": "perceptual hash within near_duplicate_distance of an --exclude-images image or its mirror",
 }
 TRANSIENT_STATUSES = frozenset({"timeout", "rate_limited", "server_error", "connection_error"})

@@ -482,6 +482,7 @@ def test_near_duplicates_and_benchmark_overlaps_are_removed_the_same_way_with_1_
     # the face hash: the excluded image's file, its mirror's face having matched
     assert by_row[8] == ("benchmark_overlap", str(excluded / "0001.png"), "wflw_test"), by_row[8]
     reasons = dict(zip(status["input_row"].to_pylist(), status["reason"].to_pylist()))
+    assert reasons[9].startswith("inner part's pHash within ") and reasons[1].startswith("pHash within "), reasons
     views = "|".join(VIEWS)  # which face and view of each side matched
     assert re.fullmatch(rf"face 0 \(({views})\) within \d bits of mirrored face 0, ({views}) of wflw_test image "
                         rf"{re.escape(str(excluded / '0001.png'))} \(aligned-face pHashes; check hashes \d+ bits apart\)",

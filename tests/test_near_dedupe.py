@@ -64,15 +64,19 @@ def all_hashes(items: pa.Table) -> np.ndarray:
     return np.concatenate([items["phash"].to_numpy()[:, None], crops, inner], axis=1).view(np.uint64)
 
 
-def brute_force_distances(items: pa.Table, k: int) -> np.ndarray:
-    """The closest match of every pair of items: i's pHash within k bits of j's 16 whole-image hashes,
-    or i's inner part within INNER_DISTANCE (at most k) of j's inner part as it is or turned, either
-    way; a pair without one is at 99."""
+def brute_force_spaces(items: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair's distance within k bits by the whole-image hashes (i's pHash vs j's 16, either
+    way) and within INNER_DISTANCE (at most k) by the inner parts (i's vs j's, turned too); 99: none."""
     h = all_hashes(items)
     one_way = np.bitwise_count(h[:, None, :1] ^ h[None, :, :16]).min(axis=2)  # i's pHash vs j's 16
     inner_way = np.bitwise_count(h[:, None, 16:17] ^ h[None, :, 16:]).min(axis=2)  # i's inner part vs j's, turned too
     whole, inner = np.minimum(one_way, one_way.T), np.minimum(inner_way, inner_way.T)
-    return np.minimum(np.where(whole <= k, whole, 99), np.where(inner <= min(k, near_buckets.INNER_DISTANCE), inner, 99))
+    return np.where(whole <= k, whole, 99), np.where(inner <= min(k, near_buckets.INNER_DISTANCE), inner, 99)
+
+
+def brute_force_distances(items: pa.Table, k: int) -> np.ndarray:
+    """The closest match of every pair of items by either kind of hash; a pair without one is at 99."""
+    return np.minimum(*brute_force_spaces(items, k))
 
 
 def brute_force_winners(items: pa.Table, k: int) -> dict[str, tuple[str, int]]:
@@ -108,6 +112,10 @@ def test_band_buckets_find_exactly_the_brute_force_pairs(k: int, small_pairs: in
     winners = {f"{loser:05d}": (f"{winner:05d}", distance) for loser, winner, distance in zip(
         pairs["loser"].to_pylist(), pairs["winner"].to_pylist(), pairs["distance"].to_pylist())}
     assert winners == brute_force_winners(items, k)  # the best winner, at their smallest distance
+    whole, inner = brute_force_spaces(items, k)  # by the inner parts only when they are closer
+    assert pairs["by_inner"].to_pylist() == [bool(inner[a, b] < whole[a, b]) for a, b in zip(
+        pairs["loser"].to_pylist(), pairs["winner"].to_pylist())]
+    assert k < near_buckets.INNER_DISTANCE or any(pairs["by_inner"].to_pylist())
     assert found  # the planted pairs are there
     plain = items["phash"].to_numpy().view(np.uint64)
     plain_only = np.bitwise_count(plain[:, None] ^ plain[None, :])
