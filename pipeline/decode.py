@@ -126,7 +126,7 @@ def _whole_terms(grey: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=1024)
 def _inner_window(size: int, start: float, end: float) -> np.ndarray:
     """(8, size): the 8 lowest DCT terms of a row's part that starts and ends these fractions in, in
-    float32 as the warped image is (float64 made each product convert the image: 15 % of the time)."""
+    float32 as the warped image is (float64 made each product convert the image: 14 % of _inner_terms' time)."""
     return (LOW_DCT @ _lanczos(start * size, size - end * size, size)).astype(np.float32)
 
 
