@@ -50,8 +50,9 @@ Quality
                    excluded image's plain and mirrored hashes, ordered pairs).
   alternatives     "whole_image": the pipeline's 16 whole-image hashes alone (without the inner
                    part's: what it used before them); "phash_plain": the pipeline's own pHash
-                   alone (index 0 of the 16: what it used before the crop hashes); prototypes, not pipeline code, hashed on the decoded
-                   stored image: dhash, and imagehash's phash of the central 90%.
+                   alone (index 0 of the 16: what it used before the crop hashes);
+                   prototypes, not pipeline code, hashed on the decoded stored image: dhash,
+                   and imagehash's phash of the central 90%.
   scale            the false neighbours per image at 50M images if hashes were independent and
                    uniform (pHash: 64 bits with exactly 32 set, as it thresholds at the median;
                    dhash: any 64 bits), times the hash comparisons per pair of the multi-hashes.

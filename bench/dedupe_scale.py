@@ -266,7 +266,8 @@ TABLE = [("rows", "rows", 9), ("stage", "stage", 5), ("wall s", "wall_s", 7), ("
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000000,10000000", help="comma-separated row counts")
-    parser.add_argument("--stages", default="exact,near", help="exact, near or both (near shuffles band_rows_per_item rows an image)")
+    parser.add_argument("--stages", default="exact,near",
+                        help="exact, near or both (near shuffles near_buckets.band_rows_per_item rows an image)")
     parser.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "dedupe-meta"),
                         help="folder for the generated rows, one subfolder per size (kept for reruns)")
     parser.add_argument("--out", help="also write the results to this JSON file")

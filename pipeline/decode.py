@@ -37,7 +37,7 @@ CROPS = tuple(tuple((mask >> side) & 1 for side in range(4)) for mask in range(1
 INNER = (0.10, 0.10, 0.10, 0.16)
 TURNS = (0.0, -4.8, -3.6, -2.4, -1.2, 1.2, 2.4, 3.6, 4.8)
 FLAT_INNER = 2  # grey levels: an inner part within this of flat has no inner hashes (all 0)
-INNER_SIDE = 128  # the inner part is turned at about this size (recall of turned copies: 64 px 0.92, 128 0.995, 256 1.0)
+INNER_SIDE = 128  # the inner part is turned at about this size (turned copies caught: 64 px 0.92, 128 0.995)
 HASHES = len(CROPS) + len(TURNS)  # what phashes returns: own, 15 crops, inner part as it is and turned
 
 
@@ -148,8 +148,9 @@ def _inner_terms(grey: np.ndarray) -> np.ndarray:
     centre = (width / 2 - 0.5, height / 2 - 0.5)
     terms = []
     for angle in TURNS:
-        turned = grey if angle == 0 else cv2.warpAffine(grey, cv2.getRotationMatrix2D(centre, angle, 1.0), (width, height),
-                                                        flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        turn = cv2.getRotationMatrix2D(centre, angle, 1.0)
+        turned = grey if angle == 0 else cv2.warpAffine(grey, turn, (width, height), flags=cv2.INTER_LINEAR,
+                                                        borderMode=cv2.BORDER_REPLICATE)
         terms.append((rows @ turned @ columns.T).ravel())
     return np.stack(terms)
 

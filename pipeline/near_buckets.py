@@ -82,8 +82,8 @@ def band_rows(items: pa.Table, k: int, passes: int = 1, which: int = 0) -> pa.Ta
     rows per item at k = 6 instead of 4 x 17 x 16, for the same comparisons. The inner parts' hashes
     are a space of their own, bands 4-7, within inner_distance(k) bits: an item is filed under its
     inner part's band values and looks under those of its turned ones, 4 x 9 rows more at k = 6
-    (none for an inner part without detail). A row
-    carries the image's id and area, nothing else of it: a filed row's `query` is the hash filed.
+    (none for an inner part without detail). A row carries the image's id and area, nothing else
+    of it: a filed row's `query` is the hash filed.
 
     Every pass looks at every item's band values again, so a bucket's pass is looked up in a table
     of all 8 x 2^16 (band, value) buckets, made once a call, and only the pass's rows are built, a
@@ -131,8 +131,8 @@ def _small_bucket_pairs(bucket_of: np.ndarray, filed_rows: np.ndarray, look_rows
                         limit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(looking row, filed row, distance) of every pair within its row's `limit` bits in small
     buckets, all buckets at once: `filed_rows` and `look_rows` ascending (so grouped by bucket),
-    `bucket_of` each row's bucket. A faiss index per bucket costs ~100 us of set-up, which on web input (thousands of
-    buckets holding a few similar photos each) was most of the near dedupe's time."""
+    `bucket_of` each row's bucket. A faiss index per bucket costs ~100 us of set-up, which on web
+    input (thousands of buckets holding a few similar photos each) was most of the near dedupe's time."""
     filed_buckets, look_buckets = bucket_of[filed_rows], bucket_of[look_rows]
     first_filed = np.searchsorted(filed_buckets, look_buckets)  # where each look's bucket's filed rows start
     partners = np.searchsorted(filed_buckets, look_buckets, side="right") - first_filed
@@ -166,10 +166,11 @@ def _no_item_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(looking item, filed item, smallest distance, whether by inner parts) of every pair where a query of one is within
-    k bits (inner_distance(k) in the inner parts' bands) of the other's hash filed in the same bucket; `rows` sorted by bucket, `item` their
-    images numbered from 0. A filed row's query is the hash filed. Small buckets are compared together
-    in numpy (_small_bucket_pairs); a large one by faiss's binary range search: its popcount kernel
+    """(looking item, filed item, smallest distance, whether by inner parts) of every pair where a
+    query of one is within k bits (inner_distance(k) in the inner parts' bands) of the other's hash
+    filed in the same bucket; `rows` sorted by bucket, `item` their images numbered from 0. A filed
+    row's query is the hash filed. Small buckets are compared together in numpy
+    (_small_bucket_pairs); a large one by faiss's binary range search: its popcount kernel
     costs ~0.5 ns a pair, numpy's batches ~18 ns with their gathers, and a bucket's pairs grow with
     the square of the images."""
     buckets, filed, looks = rows["bucket"].to_numpy(), rows["filed"].to_numpy(False), rows["probes"].to_numpy(False)
@@ -192,7 +193,7 @@ def _close_pairs(rows: pa.Table, item: np.ndarray, k: int) -> tuple[np.ndarray, 
         f, q = start + np.flatnonzero(filed[start:stop]), start + np.flatnonzero(looks[start:stop])
         index = faiss.IndexBinaryFlat(64)
         index.add(codes[f])
-        limits, distance, nearest = index.range_search(codes[q], int(limit[start]) + 1)  # below it, as float32
+        limits, distance, nearest = index.range_search(codes[q], int(limit[start]) + 1)  # below, as float32
         rows_found.append((np.repeat(q, np.diff(limits).astype(np.int64)), f[nearest], distance.astype(np.int32)))
     looking, filed_item, distance = (np.concatenate(column) for column in zip(*rows_found))
     by_inner, looking, filed_item = inner_row[looking], item[looking], item[filed_item]

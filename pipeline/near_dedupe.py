@@ -276,8 +276,8 @@ def near_duplicate_removals(output: Output, k: int, exclude: list[str], dedupe_w
     """REMOVED_SCHEMA rows of the benchmark overlaps, and of the near-duplicates when dedupe_within
     (None: nothing to do). Exact copies among the written samples need not be gone first: they
     have the same hashes, so they are compared once (mark_copies) and change no one's winner."""
-    written = written_samples(output, ["key", "phash", "phash_crops", "phash_inner", "original_width", "original_height",
-                                       "shard"])
+    written = written_samples(output, ["key", "phash", "phash_crops", "phash_inner", "original_width",
+                                       "original_height", "shard"])
     if written is None or (not exclude and not dedupe_within):
         return None
     items = map_tables(written, _written_items)
