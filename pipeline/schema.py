@@ -55,7 +55,7 @@ FACE_TYPE = pa.struct([
 # their output changes, so that hashes of two versions are never compared (a build checks it against
 # what it finds). 2: faces have a phash. 3: three, one per face_hash.VIEWS. 4: and a check hash each.
 # 5: an image's own pHash is of it without letterbox bars (decode.phashes). 6: and `phash_inner`.
-PHASH_VERSION = "6"
+PHASH_VERSION = "7"
 PHASH_VERSION_KEY = b"phash_version"  # where METADATA_SCHEMA and the exclusion caches record it
 
 
