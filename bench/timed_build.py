@@ -8,7 +8,8 @@ the output itself is untouched): the stage, wall start/end, the process's CPU se
   images detected and the seconds inside the detector (letterbox + ONNX + post-processing).
   The rest of a call is unpickling the unit, JPEG-decoding each image (`load_rgb`) and
   pickling it back.
-- source_fetch_decode and filter_and_commit: thin wrappers around the pipeline's functions.
+- source_fetch_decode and filter_and_commit (with a detector), fetch_decode_commit (without one):
+  thin wrappers around the pipeline's functions.
 
 What-if experiments without editing the pipeline: BENCH_DATA_CONTEXT='{"name": value, ...}'
 sets those ray.data.DataContext fields in the driver, over those pipeline.build.configure_ray_data
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     builder.DetectActor = TimedDetectActor
     builder.source_fetch_decode = timed_stage(builder.source_fetch_decode, "source_fetch_decode")
     builder.filter_and_commit = timed_stage(builder.filter_and_commit, "filter_and_commit")
+    builder.fetch_decode_commit = timed_stage(builder.fetch_decode_commit, "fetch_decode_commit")
     return cli_main(argv)
 
 

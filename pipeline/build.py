@@ -111,6 +111,14 @@ def filter_and_commit(batch: dict, config: BuildConfig, output_url: str) -> dict
     return done
 
 
+def fetch_decode_commit(batch: dict, config: BuildConfig, output_url: str, allowlist: np.ndarray | None,
+                        takedowns: Takedowns) -> dict:
+    """Without a detector, a unit is committed by the task that fetched it: its images never cross
+    the object store (that round trip and the commit's own worker cost a fifth of the download
+    stage on 2 CPUs, docs/PERFORMANCE.md)."""
+    return filter_and_commit(source_fetch_decode(batch, config, output_url, allowlist, takedowns), config, output_url)
+
+
 def url_candidates(batch: dict, config: BuildConfig, allowlist: np.ndarray | None, takedowns: Takedowns) -> dict:
     """(key, url) of every row that would be fetched, for the URL dedupe plan. One input file per
     row of the batch, read once: a unit alone reads whole row groups, and a LAION part file is one
@@ -193,19 +201,22 @@ def actor_cpus(actors: int) -> float:
 def run_units(work: list[Work], output: Output, config: BuildConfig, allowlist_ref, takedowns_ref, use_gpu: bool):
     """Stream the work units through every stage; yields (unit, status counts) as each commits."""
     ds = ray.data.from_items([w.row() for w in work], override_num_blocks=len(work))
-    # Reserving memory for a unit's downloads also keeps Ray from fusing this stage into the
-    # detector actors, which would leave the actors idle while they download.
-    ds = ds.map_batches(source_fetch_decode, batch_size=1, num_cpus=1, memory=unit_memory(config),
-                        fn_kwargs={"config": config, "output_url": output.url, "allowlist": allowlist_ref,
-                                   "takedowns": takedowns_ref})
-    if config.detector != "none":
+    fetch_args = {"config": config, "output_url": output.url, "allowlist": allowlist_ref, "takedowns": takedowns_ref}
+    if config.detector == "none":
+        ds = ds.map_batches(fetch_decode_commit, batch_size=1, num_cpus=1, memory=unit_memory(config),
+                            fn_kwargs=fetch_args)
+    else:
+        # Reserving memory for a unit's downloads also keeps Ray from fusing this stage into the
+        # detector actors, which would leave the actors idle while they download.
+        ds = ds.map_batches(source_fetch_decode, batch_size=1, num_cpus=1, memory=unit_memory(config),
+                            fn_kwargs=fetch_args)
         gpus = config.detect_gpus if config.detect_gpus is not None else (1.0 if use_gpu else 0.0)
         ds = ds.map_batches(DetectActor, fn_constructor_args=(config, gpus > 0), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=config.detect_actors),
                             num_gpus=gpus, num_cpus=0 if gpus else actor_cpus(config.detect_actors))
-    # committing is light work: a fraction of a CPU keeps it from waiting behind the fetch tasks
-    ds = ds.map_batches(filter_and_commit, batch_size=1, num_cpus=0.25,
-                        fn_kwargs={"config": config, "output_url": output.url})
+        # committing is light work: a fraction of a CPU keeps it from waiting behind the fetch tasks
+        ds = ds.map_batches(filter_and_commit, batch_size=1, num_cpus=0.25,
+                            fn_kwargs={"config": config, "output_url": output.url})
     for row in ds.iter_rows():
         if row["error"]:  # the unit is not committed: a rerun does it again
             raise StorageError(f"writing unit {row['unit']} to {output.url} failed after the store's retries: "
