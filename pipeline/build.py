@@ -1,9 +1,9 @@
 """The build: LAION metadata parquet -> face-filtered webdataset shards + Parquet metadata.
 
 `build(config)` runs (or, after a kill, finishes) one build; its command line is
-`pipeline/build_laion_face.py`. Data flows one way, one Ray Data operator per stage, one work
-unit (`shard_size` input rows, by default a few units per CPU) per row: source -> fetch -> decode (CPU tasks) -> detect (actor
-pool) -> filter -> write, then the global image dedupe.
+`pipeline/build_laion_face.py`. Data flows one way, one work unit (`shard_size` input rows, by
+default a few units per CPU) per row: source -> fetch -> decode (CPU tasks) -> detect (actor pool)
+-> filter -> write, or without a detector all of it in the fetching task; then the global dedupes.
 """
 
 from __future__ import annotations
