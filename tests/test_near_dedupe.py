@@ -176,6 +176,23 @@ def test_passes_follow_the_budget_and_take_every_band_row_once() -> None:
     assert len(np.unique(parts)) > 150  # a pass's rows still spread over the partitions (bucket % 4 would fill 50)
 
 
+def test_the_drivers_path_holds_a_bounded_pass_and_decides_as_in_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Band rows beyond LOCAL_PASS_BYTES are taken in passes in the driver, with the same losers
+    and winners as one pass over all of them."""
+    items = random_items(200, 8, seed=4)
+    need = 200 * near_buckets.band_rows_per_item(8) * near_buckets.BAND_ROW_BYTES
+    passes = []
+    record = near_dedupe.band_passes
+    monkeypatch.setattr(near_dedupe, "band_passes", lambda *args: passes.append(record(*args)) or passes[-1])
+    monkeypatch.setattr(near_dedupe, "LOCAL_PASS_BYTES", float("inf"))
+    in_one = find_near_duplicates(items, 8, 7).sort_by("key")
+    monkeypatch.setattr(near_dedupe, "LOCAL_PASS_BYTES", need / 2.5)
+    in_three = find_near_duplicates(items, 8, 7).sort_by("key")
+    assert passes == [1, 3]
+    assert in_three.equals(in_one)
+    assert set(in_three["key"].to_pylist()) == brute_force_losers(items, 8)
+
+
 def test_ray_result_does_not_depend_on_partitioning(ray_address: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray in three passes, in more partitions than the units, and with the naming shuffles in
     several partitions and pair blocks (a budget and the sizes of a partition made small) decides
