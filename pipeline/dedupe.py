@@ -17,7 +17,6 @@ Ray Data shuffle costs seconds to start, more than the whole job on a small buil
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Callable
 
@@ -170,18 +169,34 @@ def _padded(size: int) -> int:
     return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
+def tar_members(data: bytes, name: str) -> list[tuple[str, int, int]]:
+    """(member name, first byte, end) of each member of a USTAR tar, as write.write_tar makes
+    every shard. By hand: tarfile parses every field of every header, 31 us a member, which was
+    most of a dedupe's rewrite (42,000 members: 0.70 s, this 0.18 s). Raises ValueError on
+    anything else, a corrupt header included."""
+    members, offset, block = [], 0, tarfile.BLOCKSIZE
+    while offset + block <= len(data) and (header := data[offset:offset + block]) != tarfile.NUL * block:
+        checksum = sum(header) - sum(header[148:156]) + 8 * ord(" ")
+        end = offset + block + _padded(int(header[124:136].strip(b"\0 ") or b"0", 8))
+        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0") or end > len(data) or \
+                checksum != int(header[148:156].strip(b"\0 ") or b"-1", 8):
+            raise ValueError(f"{name}: member {len(members)} is not a whole plain USTAR file, or its header is corrupt")
+        member, prefix = (header[a:b].split(b"\0", 1)[0].decode() for a, b in ((0, 100), (345, 500)))
+        members.append((f"{prefix}/{member}" if prefix else member, offset, end))
+        offset = end
+    return members
+
+
 def _rewrite_shard(output: Output, shard: str, keys: set[str]) -> None:
     with output.fs.open(output.shard_path(shard), "rb") as f:
         data = f.read()
 
     def rewrite(out) -> None:
-        # the kept members' bytes (headers and data) copied as they are: tarfile would parse and
-        # re-serialise each one, which took most of a web-like build's dedupe time
-        with tarfile.open(fileobj=io.BytesIO(data)) as src:  # reads the headers, seeks past the data
-            kept = [m for m in src if m.name.split(".", 1)[0] not in keys]
+        # the kept members' bytes (headers and data) copied as they are
         view, written = memoryview(data), 0
-        for member in kept:  # offset: the member's first header (a pax or long-name one included)
-            written += out.write(view[member.offset:member.offset_data + _padded(member.size)])
+        for member, start, end in tar_members(data, output.shard_path(shard)):
+            if member.split(".", 1)[0] not in keys:
+                written += out.write(view[start:end])
         end = written + 2 * tarfile.BLOCKSIZE  # two zero blocks, then up to a whole record, as tarfile ends one
         out.write(bytes(end - written + (-end % tarfile.RECORDSIZE)))
 

@@ -5,6 +5,7 @@ one unit (its --retry-failed shards) are rewritten by one task, which alone rewr
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -53,6 +54,33 @@ def written(input_row: int, unit: int, phash: int, side: int, sha256: str | None
 def statuses(out: Path) -> dict[str, str]:
     table = status_table(out)
     return dict(zip(table["input_row"].to_pylist(), table["status"].to_pylist()))
+
+
+def a_tar(members: dict[str, bytes], format: int = tarfile.USTAR_FORMAT) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=format) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_tar_members_are_where_tarfile_finds_them_and_anything_else_is_refused() -> None:
+    long_name = "d" * 120 + "/0000000001.jpg"  # USTAR keeps the part before the last "/" in its prefix field
+    data = a_tar({"0000000001.jpg": photo(1), "0000000001.txt": b"", long_name: b"x" * 513, "0000000002.json": b"{}"})
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [(m.name, m.offset, m.offset_data + dedupe._padded(m.size)) for m in tar]
+    assert dedupe.tar_members(data, "s.tar") == expected
+    assert expected[2][0] == long_name
+    corrupt = bytearray(data)
+    corrupt[expected[1][1] + 5] ^= 1  # one bit of the second member's name: its checksum no longer matches
+    with pytest.raises(ValueError, match="s.tar: member 1 is not"):
+        dedupe.tar_members(bytes(corrupt), "s.tar")
+    with pytest.raises(ValueError, match="member 0"):  # cut inside the first member's data
+        dedupe.tar_members(data[:expected[0][1] + 1024], "s.tar")
+    with pytest.raises(ValueError, match="member 0"):  # a pax header first: not what write_tar makes
+        dedupe.tar_members(a_tar({"\u00e9.jpg": b"x"}, tarfile.PAX_FORMAT), "s.tar")
 
 
 def test_a_removal_plan_a_kill_left_is_finished_before_deciding_again(tmp_path: Path,
