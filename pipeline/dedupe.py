@@ -176,12 +176,16 @@ def tar_members(data: bytes, name: str) -> list[tuple[str, int, int]]:
     anything else, a corrupt header included."""
     members, offset, block = [], 0, tarfile.BLOCKSIZE
     while offset + block <= len(data) and (header := data[offset:offset + block]) != tarfile.NUL * block:
-        checksum = sum(header) - sum(header[148:156]) + 8 * ord(" ")
-        end = offset + block + _padded(int(header[124:136].strip(b"\0 ") or b"0", 8))
-        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0") or end > len(data) or \
-                checksum != int(header[148:156].strip(b"\0 ") or b"-1", 8):
+        try:  # octal fields and UTF-8 names: garbage in them raises ValueError too
+            checksum = sum(header) - sum(header[148:156]) + 8 * ord(" ")
+            end = offset + block + _padded(int(header[124:136].strip(b"\0 ") or b"0", 8))
+            whole = header[257:262] == b"ustar" and header[156:157] in (b"0", b"\0") and end <= len(data) and \
+                checksum == int(header[148:156].strip(b"\0 ") or b"-1", 8)
+            member, prefix = (header[a:b].split(b"\0", 1)[0].decode() for a, b in ((0, 100), (345, 500)))
+        except ValueError:
+            whole = False
+        if not whole:
             raise ValueError(f"{name}: member {len(members)} is not a whole plain USTAR file, or its header is corrupt")
-        member, prefix = (header[a:b].split(b"\0", 1)[0].decode() for a, b in ((0, 100), (345, 500)))
         members.append((f"{prefix}/{member}" if prefix else member, offset, end))
         offset = end
     return members

@@ -77,6 +77,10 @@ def test_tar_members_are_where_tarfile_finds_them_and_anything_else_is_refused()
     corrupt[expected[1][1] + 5] ^= 1  # one bit of the second member's name: its checksum no longer matches
     with pytest.raises(ValueError, match="s.tar: member 1 is not"):
         dedupe.tar_members(bytes(corrupt), "s.tar")
+    corrupt = bytearray(data)
+    corrupt[expected[2][1] + 124] = ord("9")  # not an octal digit: the third member's size is garbage
+    with pytest.raises(ValueError, match="s.tar: member 2 is not"):
+        dedupe.tar_members(bytes(corrupt), "s.tar")
     with pytest.raises(ValueError, match="member 0"):  # cut inside the first member's data
         dedupe.tar_members(data[:expected[0][1] + 1024], "s.tar")
     with pytest.raises(ValueError, match="member 0"):  # a pax header first: not what write_tar makes
