@@ -47,10 +47,10 @@ from pipeline.storage import Output
 # KB each, and pieces under 100 KB in full: the naming shuffles, after passes that leave many small
 # blocks, held 6.8 GB in a 10M-image driver. So their inputs and partitions are ~64 MB each.
 NAMING_BYTES = 64 << 20
-# In the driver, a pass's band rows (1.8M at most): their columns stay under glibc's 32 MB mmap
-# ceiling, so that a pass reuses the memory the last one freed instead of faulting in fresh pages
-# (100,000 images: 30 s and 1.2 GB in one pass, 11 s and 0.27 GB in ten; 14,000 web images in a
-# build: 4.3-5.0 s in one, 1.7-2.9 s in two)
+# In the driver, a pass's band rows (1.8M at most): the driver's memory stays flat, and a pass
+# reuses much of what the last one freed instead of faulting in fresh pages, which are slow to touch
+# on some VMs (100,000 images: 30 s and 1.2 GB in one pass, 11 s and 0.27 GB in ten; 14,000 web
+# images in a build: 4.3-5.0 s in one, 1.7-2.9 s in two)
 LOCAL_PASS_BYTES = 64 << 20
 
 ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("phash", pa.int64()), ("crops", pa.list_(pa.int64())),
