@@ -47,7 +47,7 @@ from pipeline.storage import Output
 # KB each, and pieces under 100 KB in full: the naming shuffles, after passes that leave many small
 # blocks, held 6.8 GB in a 10M-image driver. So their inputs and partitions are ~64 MB each.
 NAMING_BYTES = 64 << 20
-# In the driver, a pass's band rows (1.8M at most): the driver's memory stays flat, and a pass
+# In the driver, a pass's band rows (1.8M at most), not all of them at once; and a pass
 # reuses much of what the last one freed instead of faulting in fresh pages, which are slow to touch
 # on some VMs (100,000 images: 30 s and 1.2 GB in one pass, 11 s and 0.27 GB in ten; 14,000 web
 # images in a build: 4.3-5.0 s in one, 1.7-2.9 s in two)
